@@ -1,0 +1,276 @@
+"""TurboKVCache: an mlx-lm layer cache that holds only packed codes.
+
+Keys and values are encoded as they arrive; the cache keeps the codec's packed uint32
+codes and per-vector fp16 scalars in buffers that grow in steps of 256 tokens, like
+mlx-lm's own caches. ``update_and_fetch`` returns the packed views; the patched
+``scaled_dot_product_attention`` reads them (fused kernel or pure-MLX reference).
+"""
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, create_attention_mask
+
+from . import __version__, codecs
+
+
+@dataclass(frozen=True)
+class TurboConfig:
+    """What the flags ask for. ``layer_bits`` (RateQuant) overrides bits per layer as
+    a list of (key_bits, value_bits)."""
+
+    key_method: str = "turboquant_mse"
+    key_bits: int = 4
+    value_method: str = "turboquant_mse"
+    value_bits: int = 4
+    seed: int = 0
+    quantized_kv_start: int = 0
+    layer_bits: Optional[tuple] = None
+
+    def __post_init__(self):
+        key_method = codecs.canonical_name(self.key_method)
+        value_method = codecs.canonical_name(self.value_method)
+        if value_method not in codecs.VALUE_METHODS:
+            raise ValueError(
+                f"{value_method} is a key-only method (an inner-product estimator); values "
+                f"need one of {', '.join(codecs.VALUE_METHODS)}"
+            )
+        object.__setattr__(self, "key_method", key_method)
+        object.__setattr__(self, "value_method", value_method)
+        for method, bits in ((key_method, self.key_bits), (value_method, self.value_bits)):
+            if bits not in codecs.bits_range(method):
+                r = codecs.bits_range(method)
+                raise ValueError(
+                    f"bits={bits} is out of range for {method}: allowed {r.start}..{r.stop - 1}"
+                )
+
+    def bits_for_layer(self, layer: int) -> tuple[int, int]:
+        if self.layer_bits is not None and layer < len(self.layer_bits):
+            return tuple(self.layer_bits[layer])
+        return self.key_bits, self.value_bits
+
+    def describe(self) -> str:
+        if self.key_method == self.value_method and self.key_bits == self.value_bits:
+            return f"{self.key_method} {self.key_bits}-bit"
+        return f"K {self.key_method} {self.key_bits}-bit / V {self.value_method} {self.value_bits}-bit"
+
+
+def layer_seed(seed: int, layer: int, is_value: bool) -> int:
+    """Per-layer, per-K/V seed: files store the global seed, never matrices."""
+    return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
+
+
+def _slice_tokens(packed: dict, start: int, stop: int) -> dict:
+    return {k: v[:, :, start:stop] for k, v in packed.items()}
+
+
+class TurboKVCache(_BaseCache):
+    step = 256
+
+    def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
+                 value_method: Optional[str] = None, value_bits: Optional[int] = None,
+                 seed: int = 0, layer: int = 0):
+        self.key_method = codecs.canonical_name(key_method)
+        self.value_method = codecs.canonical_name(value_method or key_method)
+        self.key_bits = key_bits
+        self.value_bits = key_bits if value_bits is None else value_bits
+        self.seed = seed
+        self.layer = layer
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.dtype = None
+        self.key_codec = None
+        self.value_codec = None
+
+    @classmethod
+    def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
+        kb, vb = config.bits_for_layer(layer)
+        return cls(config.key_method, kb, config.value_method, vb, config.seed, layer)
+
+    def _make_codecs(self, k_dim: int, v_dim: int) -> None:
+        self.key_codec = codecs.make(self.key_method, self.key_bits, k_dim,
+                                     layer_seed(self.seed, self.layer, False))
+        self.value_codec = codecs.make(self.value_method, self.value_bits, v_dim,
+                                       layer_seed(self.seed, self.layer, True))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.key_codec is None:
+            self._make_codecs(keys.shape[-1], values.shape[-1])
+            self.dtype = keys.dtype
+        k = self.key_codec.encode(keys)
+        v = self.value_codec.encode(values)
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.capacity:
+            new = (self.step + n - 1) // self.step * self.step
+
+            def grow(old: Optional[dict], fresh: dict) -> dict:
+                out = {}
+                for name, a in fresh.items():
+                    shape = (a.shape[0], a.shape[1], new, *a.shape[3:])
+                    z = mx.zeros(shape, a.dtype)
+                    out[name] = z if old is None else mx.concatenate(
+                        [old[name][:, :, :prev], z], axis=2)
+                return out
+
+            self.keys, self.values = grow(self.keys, k), grow(self.values, v)
+        self.offset += n
+        for store, fresh in ((self.keys, k), (self.values, v)):
+            for name, a in fresh.items():
+                store[name][:, :, prev:self.offset] = a
+        return self.keys_and_values()
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else next(iter(self.keys.values())).shape[2]
+
+    def keys_and_values(self):
+        if self.offset == self.capacity:
+            return self.keys, self.values
+        return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)
+
+    def size(self) -> int:
+        return self.offset
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, *args, **kwargs):
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (codes and scalars, allocated capacity)."""
+        if self.keys is None:
+            return 0
+        return codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values)
+
+    @property
+    def bits_per_element(self) -> float:
+        if self.key_codec is None:
+            return float("nan")
+        k, v = self.key_codec, self.value_codec
+        return (k.bits_per_vector + v.bits_per_vector) / (k.dim + v.dim)
+
+    def fp16_nbytes(self) -> int:
+        """What mlx-lm's fp16 KVCache holds for the same tokens (same 256-token steps)."""
+        if self.key_codec is None:
+            return 0
+        b, h = next(iter(self.keys.values())).shape[:2]
+        return 2 * b * h * self.capacity * (self.key_codec.dim + self.value_codec.dim)
+
+    def meta(self) -> dict:
+        return {
+            "format": "mlx_lm_turbo", "version": __version__,
+            "key_method": self.key_method, "key_bits": self.key_bits,
+            "value_method": self.value_method, "value_bits": self.value_bits,
+            "seed": self.seed, "layer": self.layer,
+            "key_dim": self.key_codec.dim if self.key_codec else 0,
+            "value_dim": self.value_codec.dim if self.value_codec else 0,
+            "dtype": str(self.dtype).split(".")[-1] if self.dtype is not None else "",
+        }
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return None, None, 0, json.dumps(self.meta())
+        k, v = self.keys_and_values()
+        return k, v, self.offset, json.dumps(self.meta())
+
+    @state.setter
+    def state(self, v):
+        keys, values, offset, meta = v
+        meta = json.loads(meta)
+        if meta.get("format") != "mlx_lm_turbo":
+            raise ValueError("not an mlx_lm_turbo cache state")
+        self.__init__(meta["key_method"], meta["key_bits"], meta["value_method"],
+                      meta["value_bits"], meta["seed"], meta["layer"])
+        self.keys, self.values, self.offset = keys, values, offset
+        if keys is not None:
+            self._make_codecs(meta["key_dim"], meta["value_dim"])
+            self.dtype = getattr(mx, meta["dtype"]) if meta["dtype"] else mx.float16
+
+    @classmethod
+    def from_kv_cache(cls, kv: KVCache, config: TurboConfig, layer: int) -> "TurboKVCache":
+        """Compress an fp16 KVCache (the --quantized-kv-start hand-over)."""
+        c = cls.from_config(config, layer)
+        if kv.keys is not None and kv.offset > 0:
+            c.update_and_fetch(kv.keys[:, :, :kv.offset], kv.values[:, :, :kv.offset])
+        return c
+
+    def to_fp16(self) -> KVCache:
+        """Decode into a plain mlx-lm KVCache (what an unpatched mlx-lm can load)."""
+        kv = KVCache()
+        if self.keys is not None and self.offset:
+            k, v = self.keys_and_values()
+            kv.update_and_fetch(self.key_codec.decode(k, self.dtype),
+                                self.value_codec.decode(v, self.dtype))
+        return kv
+
+
+_warned_rotating = False
+
+
+def _warn_rotating_once() -> None:
+    global _warned_rotating
+    if not _warned_rotating:
+        _warned_rotating = True
+        warnings.warn(
+            "mlx_lm_turbo: sliding-window layers (RotatingKVCache) stay in fp16; only "
+            "full-attention KVCache layers are compressed.", stacklevel=3)
+
+
+def make_prompt_cache(model: Any, config: TurboConfig, max_kv_size: Optional[int] = None,
+                      make_base=None) -> list:
+    """mlx-lm's cache for ``model`` with every plain ``KVCache`` layer replaced by a
+    TurboKVCache (or left fp16 until ``config.quantized_kv_start`` tokens)."""
+    make_base = make_base or mlx_cache.make_prompt_cache
+    caches = make_base(model, max_kv_size)
+    for i, c in enumerate(caches):
+        if type(c) is KVCache and config.quantized_kv_start == 0:
+            caches[i] = TurboKVCache.from_config(config, i)
+        elif isinstance(c, RotatingKVCache):
+            _warn_rotating_once()
+    return caches
+
+
+def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -> None:
+    """Convert fp16 KVCache layers in place once their offset reaches the start."""
+    for i, c in enumerate(caches):
+        if type(c) is KVCache and c.offset >= quantized_kv_start:
+            caches[i] = TurboKVCache.from_kv_cache(c, config, i)
+
+
+def cache_summary(caches: list) -> str:
+    """One line: method, bits/element, KV bytes held vs what fp16 would hold."""
+    turbo = [c for c in caches if isinstance(c, TurboKVCache) and not c.empty()]
+    if not turbo:
+        return "KV cache: fp16 (no layer compressed yet; see --quantized-kv-start)"
+    held = sum(c.nbytes for c in turbo)
+    fp16 = sum(c.fp16_nbytes() for c in turbo)
+    elts = sum(c.offset * (c.key_codec.dim + c.value_codec.dim) for c in turbo)
+    bits = sum(c.bits_per_element * c.offset * (c.key_codec.dim + c.value_codec.dim)
+               for c in turbo) / max(elts, 1)
+    c0 = turbo[0]
+    if c0.key_method == c0.value_method and c0.key_bits == c0.value_bits:
+        method = f"{c0.key_method} {c0.key_bits}-bit"
+    else:
+        method = f"K {c0.key_method} {c0.key_bits}-bit / V {c0.value_method} {c0.value_bits}-bit"
+    if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
+        method += " (per-layer bits)"
+    tokens = max(c.offset for c in turbo)
+    return (f"KV cache: {method}, {bits:.3f} bits/element, {tokens} tokens, "
+            f"{held / 2**20:.2f} MiB held vs {fp16 / 2**20:.2f} MiB as fp16 "
+            f"({fp16 / max(held, 1):.2f}x smaller), {len(turbo)}/{len(caches)} layers compressed")

@@ -1,0 +1,33 @@
+"""TurboQuant-MSE (arXiv 2504.19874): Lloyd-Max codes of each rotated coordinate.
+
+x̂ = ρ Πᵀ c[idx], with c the optimal b-bit quantizer of one coordinate of a uniform
+unit vector in R^d. Unit-vector distortion at d=128: 0.361, 0.116, 0.034, 0.0093 for
+b = 1..4.
+"""
+
+import mlx.core as mx
+
+from ..codebooks import lloyd_max, quantize
+from ..packing import pack, unpack, words_per_vector
+from .common import NORM_BITS, RotatedCodec, check_input, normalize
+
+
+class MSECodec(RotatedCodec):
+    METHOD = "turboquant_mse"
+    BITS = range(1, 9)
+
+    def __init__(self, bits: int, dim: int, seed: int):
+        super().__init__(bits, dim, seed)
+        c, b, self.unit_mse = lloyd_max("sphere", bits, dim)
+        self.centroids, self.boundaries = mx.array(c), mx.array(b)
+        self.bits_per_vector = 32 * words_per_vector(dim, bits) + NORM_BITS
+
+    def encode(self, x: mx.array) -> dict:
+        check_input(x, self.dim)
+        unit, norm = normalize(x)
+        idx = quantize(self.rotation.forward(unit), self.boundaries, self.bits)
+        return {"codes": pack(idx, self.bits), "norm": norm}
+
+    def decode_rotated(self, packed: dict) -> mx.array:
+        idx = unpack(packed["codes"], self.bits, self.dim)
+        return self.centroids[idx] * packed["norm"].astype(mx.float32)[..., None]

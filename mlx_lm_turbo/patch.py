@@ -1,0 +1,191 @@
+"""Runtime patch of mlx-lm: attention, cache factory, prompt-cache loader, CLI flags.
+
+``apply()`` is idempotent. Without ``--kv-method`` (or a config set by code) every
+patched function calls mlx-lm's original, so mlx-lm behaves exactly as before.
+"""
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from . import codecs
+from .cache import TurboConfig, TurboKVCache, cache_summary, maybe_compress
+from .cache import make_prompt_cache as make_turbo_cache
+
+SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
+DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
+                "polar": 4, "qjl": 1}
+
+_config: Optional[TurboConfig] = None
+_last_caches: Optional[list] = None
+_originals: dict = {}
+
+
+def set_config(config: Optional[TurboConfig]) -> None:
+    """Make every cache that mlx-lm builds from now on a turbo cache (None: plain)."""
+    global _config
+    _config = config
+
+
+def get_config() -> Optional[TurboConfig]:
+    return _config
+
+
+def check_mlx_lm_version() -> None:
+    import mlx_lm
+
+    version = tuple(int(p) for p in mlx_lm.__version__.split(".")[:3] if p.isdigit())
+    lo, hi = SUPPORTED_MLX_LM
+    if not lo <= version < hi:
+        raise RuntimeError(
+            f"mlx_lm_turbo supports mlx-lm >= {'.'.join(map(str, lo))}, < "
+            f"{'.'.join(map(str, hi))}; found {mlx_lm.__version__}. Install a supported "
+            "mlx-lm (pip install 'mlx-lm>=0.32.2,<0.33') or upgrade mlx-lm-turbo."
+        )
+
+
+def _rebind(old, new, name: str) -> None:
+    """Point every loaded mlx_lm module that imported ``old`` by name at ``new``."""
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("mlx_lm") and getattr(mod, name, None) is old:
+            setattr(mod, name, new)
+
+
+def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    if isinstance(cache, TurboKVCache):
+        from .attention import turbo_attention
+
+        return turbo_attention(queries, keys, values, cache, scale, mask, sinks)
+    return _originals["sdpa"](queries, keys, values, cache, scale=scale, mask=mask,
+                              sinks=sinks)
+
+
+def make_prompt_cache(model, max_kv_size=None):
+    global _last_caches
+    if _config is None:
+        return _originals["make_prompt_cache"](model, max_kv_size)
+    _last_caches = make_turbo_cache(model, _config, max_kv_size,
+                                    make_base=_originals["make_prompt_cache"])
+    return _last_caches
+
+
+def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
+    if _config is not None and kv_bits is None:
+        return maybe_compress(prompt_cache, _config, quantized_kv_start)
+    return _originals["maybe_quantize_kv_cache"](prompt_cache, quantized_kv_start,
+                                                 kv_group_size, kv_bits)
+
+
+def generate(model, tokenizer, prompt, verbose=False, **kwargs):
+    global _last_caches
+    _last_caches = None
+    text = _originals["generate"](model, tokenizer, prompt, verbose=verbose, **kwargs)
+    caches = _last_caches or kwargs.get("prompt_cache")
+    if verbose and caches and (_config is not None
+                               or any(isinstance(c, TurboKVCache) for c in caches)):
+        print(cache_summary(caches))
+    return text
+
+
+# ---------------------------------------------------------------- CLI flags
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = list(codecs.METHODS) + list(codecs.ALIASES)
+    g = parser.add_argument_group("mlx-lm-turbo KV cache compression")
+    g.add_argument("--kv-method", choices=names, default=None,
+                   help="Compress the KV cache with this method; --kv-bits then sets its "
+                        "bits (per stage for turboquant_rvq) instead of mlx-lm's affine "
+                        "quantization.")
+    g.add_argument("--kv-key-bits", type=int, default=None, help="Bits for keys (overrides --kv-bits).")
+    g.add_argument("--kv-value-bits", type=int, default=None, help="Bits for values (overrides --kv-bits).")
+    g.add_argument("--kv-value-method", choices=names, default=None,
+                   help="Method for values (default: --kv-method, or turboquant_mse for "
+                        "the key-only methods turboquant_prod and qjl).")
+    g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
+
+
+def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
+    """Read our flags; raise ValueError with a user-facing message on bad input."""
+    method = getattr(args, "kv_method", None)
+    if method is None:
+        for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --kv-method")
+        return None
+    key_method = codecs.canonical_name(method)
+    if args.kv_value_method is not None:
+        value_method = codecs.canonical_name(args.kv_value_method)
+    else:
+        value_method = key_method if key_method in codecs.VALUE_METHODS else "turboquant_mse"
+    bits = getattr(args, "kv_bits", None)
+    key_bits = args.kv_key_bits if args.kv_key_bits is not None else bits
+    value_bits = args.kv_value_bits if args.kv_value_bits is not None else bits
+    key_bits = DEFAULT_BITS[key_method] if key_bits is None else key_bits
+    if value_bits is None:
+        value_bits = DEFAULT_BITS[value_method]
+    elif value_bits not in codecs.bits_range(value_method) and bits == value_bits \
+            and args.kv_value_bits is None and value_method != key_method:
+        value_bits = DEFAULT_BITS[value_method]  # e.g. qjl 1-bit keys, default values
+    if getattr(args, "kv_group_size", 64) != 64 and "--kv-group-size" in sys.argv:
+        raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
+    return TurboConfig(key_method, key_bits, value_method, value_bits,
+                       seed=args.kv_seed,
+                       quantized_kv_start=getattr(args, "quantized_kv_start", 0) or 0)
+
+
+def _patch_parser_factory(module) -> None:
+    original = module.setup_arg_parser
+    if getattr(original, "_turbo", False):
+        return
+
+    def setup_arg_parser():
+        parser = original()
+        add_arguments(parser)
+        parse_args = parser.parse_args
+
+        def parse_and_configure(*a, **kw):
+            args = parse_args(*a, **kw)
+            try:
+                config = config_from_args(args)
+            except ValueError as e:
+                parser.error(str(e))
+            set_config(config)
+            if config is not None:
+                args.kv_bits = None  # our bits; keep mlx-lm's affine path off
+            return args
+
+        parser.parse_args = parse_and_configure
+        return parser
+
+    setup_arg_parser._turbo = True
+    module.setup_arg_parser = setup_arg_parser
+
+
+def apply() -> None:
+    """Patch mlx-lm in this process (idempotent)."""
+    import mlx_lm.models.base as base
+    import mlx_lm.models.cache as mlx_cache
+
+    if getattr(base, "_mlx_lm_turbo_patched", False):
+        return
+    check_mlx_lm_version()
+    # mlx_lm/__init__ rebinds the name `generate` to the function: go through sys.modules.
+    gen = importlib.import_module("mlx_lm.generate")
+    cache_prompt = importlib.import_module("mlx_lm.cache_prompt")
+
+    _originals["sdpa"] = base.scaled_dot_product_attention
+    _originals["make_prompt_cache"] = mlx_cache.make_prompt_cache
+    _originals["maybe_quantize_kv_cache"] = gen.maybe_quantize_kv_cache
+    _originals["generate"] = gen.generate
+
+    base.scaled_dot_product_attention = scaled_dot_product_attention
+    _rebind(_originals["sdpa"], scaled_dot_product_attention, "scaled_dot_product_attention")
+    mlx_cache.make_prompt_cache = make_prompt_cache
+    _rebind(_originals["make_prompt_cache"], make_prompt_cache, "make_prompt_cache")
+    # load_prompt_cache rebuilds caches with globals()[class_name] in mlx_lm.models.cache.
+    mlx_cache.TurboKVCache = TurboKVCache
+    gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
+    gen.generate = generate
+    _patch_parser_factory(gen)
+    _patch_parser_factory(cache_prompt)
+    base._mlx_lm_turbo_patched = True
