@@ -20,20 +20,27 @@ from . import __version__, codecs
 
 @dataclass(frozen=True)
 class TurboConfig:
-    """What the flags ask for. ``layer_bits`` (RateQuant) overrides bits per layer as
-    a list of (key_bits, value_bits)."""
+    """What the flags ask for. Values default to the key method and bits (to
+    turboquant_mse for the key-only methods). ``layer_bits`` (RateQuant) overrides bits
+    per layer as a list of (key_bits, value_bits)."""
 
     key_method: str = "turboquant_mse"
     key_bits: int = 4
-    value_method: str = "turboquant_mse"
-    value_bits: int = 4
+    value_method: Optional[str] = None
+    value_bits: Optional[int] = None
     seed: int = 0
     quantized_kv_start: int = 0
     layer_bits: Optional[tuple] = None
 
     def __post_init__(self):
         key_method = codecs.canonical_name(self.key_method)
+        if self.value_method is None:
+            default = key_method if key_method in codecs.VALUE_METHODS else "turboquant_mse"
+            object.__setattr__(self, "value_method", default)
         value_method = codecs.canonical_name(self.value_method)
+        if self.value_bits is None:
+            bits = self.key_bits if self.key_bits in codecs.bits_range(value_method) else 4
+            object.__setattr__(self, "value_bits", bits)
         if value_method not in codecs.VALUE_METHODS:
             raise ValueError(
                 f"{value_method} is a key-only method (an inner-product estimator); values "
