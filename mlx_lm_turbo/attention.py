@@ -2,7 +2,9 @@
 
 The reference path works in the rotated domain: ⟨q, x̂⟩ = ⟨Π_K q, decode_rotated(k)⟩,
 so keys are never inverse-rotated; the value sum is accumulated in the value rotation's
-domain and rotated back once. The fused kernels (``kernels``) take over where they run.
+domain and rotated back once. Keys are stored centred (k - μ, see cache.py): scores
+differ from ⟨q, k⟩ by q·μ, the same for every key of a query, which softmax ignores.
+The fused kernels (``kernels``) take over where they run.
 """
 
 from typing import Optional
@@ -22,6 +24,8 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
         mask = mask.astype(mx.float32)
     if sinks is not None:
+        # The sink logit does not move with q·μ: put the key mean back.
+        k = k + kc.rotate(cache.key_mean.astype(mx.float32))
         sinks = sinks.astype(mx.float32)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     return vc.unrotate(out).astype(queries.dtype)

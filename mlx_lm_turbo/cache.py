@@ -4,6 +4,12 @@ Keys and values are encoded as they arrive; the cache keeps the codec's packed u
 codes and per-vector fp16 scalars in buffers that grow in steps of 256 tokens, like
 mlx-lm's own caches. ``update_and_fetch`` returns the packed views; the patched
 ``scaled_dot_product_attention`` reads them (fused kernel or pure-MLX reference).
+
+Keys are centred before coding: μ, the per-head mean key of the first block, is
+subtracted (one fp16 vector per head, counted in ``nbytes``). Softmax is invariant to
+adding q·μ to every score of a query, so attention needs no correction (except with
+attention sinks, where μ is added back); post-RoPE keys carry a large common component
+whose removal leaves the codec less to code (WikiText-2, SmolLM2, 3-bit: ppl 19.5 -> 18.6).
 """
 
 import json
@@ -93,6 +99,7 @@ class TurboKVCache(_BaseCache):
         self.dtype = None
         self.key_codec = None
         self.value_codec = None
+        self.key_mean = None
 
     @classmethod
     def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
@@ -109,7 +116,8 @@ class TurboKVCache(_BaseCache):
         if self.key_codec is None:
             self._make_codecs(keys.shape[-1], values.shape[-1])
             self.dtype = keys.dtype
-        k = self.key_codec.encode(keys)
+            self.key_mean = keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        k = self.key_codec.encode(keys - self.key_mean)
         v = self.value_codec.encode(values)
         prev, n = self.offset, keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
@@ -162,7 +170,8 @@ class TurboKVCache(_BaseCache):
         """Bytes held by the buffers (codes and scalars, allocated capacity)."""
         if self.keys is None:
             return 0
-        return codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values)
+        return (codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values)
+                + self.key_mean.nbytes)
 
     @property
     def bits_per_element(self) -> float:
@@ -192,19 +201,20 @@ class TurboKVCache(_BaseCache):
     @property
     def state(self):
         if self.keys is None:
-            return None, None, 0, json.dumps(self.meta())
+            return None, None, 0, json.dumps(self.meta()), None
         k, v = self.keys_and_values()
-        return k, v, self.offset, json.dumps(self.meta())
+        return k, v, self.offset, json.dumps(self.meta()), self.key_mean
 
     @state.setter
     def state(self, v):
-        keys, values, offset, meta = v
+        keys, values, offset, meta, key_mean = v
         meta = json.loads(meta)
         if meta.get("format") != "mlx_lm_turbo":
             raise ValueError("not an mlx_lm_turbo cache state")
         self.__init__(meta["key_method"], meta["key_bits"], meta["value_method"],
                       meta["value_bits"], meta["seed"], meta["layer"])
         self.keys, self.values, self.offset = keys, values, offset
+        self.key_mean = key_mean
         if keys is not None:
             self._make_codecs(meta["key_dim"], meta["value_dim"])
             self.dtype = getattr(mx, meta["dtype"]) if meta["dtype"] else mx.float16
@@ -222,8 +232,8 @@ class TurboKVCache(_BaseCache):
         kv = KVCache()
         if self.keys is not None and self.offset:
             k, v = self.keys_and_values()
-            kv.update_and_fetch(self.key_codec.decode(k, self.dtype),
-                                self.value_codec.decode(v, self.dtype))
+            keys = self.key_codec.decode(k) + self.key_mean.astype(mx.float32)
+            kv.update_and_fetch(keys.astype(self.dtype), self.value_codec.decode(v, self.dtype))
         return kv
 
 

@@ -57,6 +57,20 @@ def test_bytes_held_after_4k_prefill(tiny_model, method, bits):
                 a.ndim == 3 or a.shape[-1] <= head_dim // 16)), (a.dtype, a.shape)
 
 
+def test_centred_keys_leave_attention_unchanged():
+    """Scores shift by q·μ for every key alike: attention over centred keys equals
+    attention over the same decoded keys with μ added back."""
+    c = TurboKVCache("turboquant_mse", 3)
+    k = mx.random.normal((1, 2, 50, 64)) + 5 * mx.random.normal((1, 2, 1, 64))
+    kp, vp = c.update_and_fetch(k, mx.random.normal((1, 2, 50, 64)))
+    assert float(mx.abs(c.key_mean.astype(mx.float32) - k.mean(axis=2, keepdims=True)).max()) < 1e-2
+    q = mx.random.normal((1, 2, 1, 64))
+    out = reference_attention(q, kp, vp, c, 0.125)
+    kh = c.key_codec.decode(kp) + c.key_mean
+    ref = mx.softmax(0.125 * q @ kh.swapaxes(-1, -2), -1) @ c.value_codec.decode(vp)
+    assert mx.allclose(out, ref, atol=1e-4)
+
+
 def test_config_rejects_key_only_value_method():
     with pytest.raises(ValueError, match="key-only"):
         TurboConfig("turboquant_mse", 4, "qjl", 1)
@@ -140,7 +154,7 @@ def test_reference_attention_masks_gqa_batch_sinks(batch, n_q, n_kv, length):
     sinks = mx.random.normal((n_q,))
     out = reference_attention(q, kp, vp, c, 0.125, mask, sinks)
     # Explicit softmax over the decoded vectors (original domain), sink in the denominator.
-    kh = mx.repeat(c.key_codec.decode(kp), n_q // n_kv, axis=1)
+    kh = mx.repeat(c.key_codec.decode(kp) + c.key_mean, n_q // n_kv, axis=1)
     vh = mx.repeat(c.value_codec.decode(vp), n_q // n_kv, axis=1)
     scores = mx.where(mask, 0.125 * q @ kh.swapaxes(-1, -2), -mx.inf)
     full = mx.concatenate([mx.broadcast_to(sinks[None, :, None, None], (*scores.shape[:-1], 1)),
