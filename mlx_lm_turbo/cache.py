@@ -37,6 +37,12 @@ class TurboConfig:
     seed: int = 0
     quantized_kv_start: int = 0
     layer_bits: Optional[tuple] = None
+    # RateQuant request (resolved into layer_bits once the model is loaded).
+    ratequant_target: Optional[float] = None
+    ratequant_solver: str = "greedy"
+    ratequant_save: Optional[str] = None
+    ratequant_load: Optional[str] = None
+    ratequant_calibration: Optional[str] = None
 
     def __post_init__(self):
         key_method = codecs.canonical_name(self.key_method)
@@ -62,7 +68,8 @@ class TurboConfig:
                 )
 
     def bits_for_layer(self, layer: int) -> tuple[int, int]:
-        if self.layer_bits is not None and layer < len(self.layer_bits):
+        if self.layer_bits is not None and layer < len(self.layer_bits) \
+                and self.layer_bits[layer] is not None:
             return tuple(self.layer_bits[layer])
         return self.key_bits, self.value_bits
 
@@ -161,6 +168,13 @@ class TurboKVCache(_BaseCache):
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    @classmethod
+    def merge(cls, caches: list):
+        """Batch per-request caches for mlx-lm's BatchGenerator (server batching)."""
+        from .batch_cache import BatchTurboKVCache
+
+        return BatchTurboKVCache.merge(caches)
 
     def empty(self) -> bool:
         return self.keys is None
@@ -286,7 +300,7 @@ def cache_summary(caches: list) -> str:
     else:
         method = f"K {c0.key_method} {c0.key_bits}-bit / V {c0.value_method} {c0.value_bits}-bit"
     if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
-        method += " (per-layer bits)"
+        method = f"K {c0.key_method} / V {c0.value_method} with per-layer bits (RateQuant)"
     tokens = max(c.offset for c in turbo)
     return (f"KV cache: {method}, {bits:.3f} bits/element, {tokens} tokens, "
             f"{held / 2**20:.2f} MiB held vs {fp16 / 2**20:.2f} MiB as fp16 "

@@ -57,6 +57,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
         from .attention import turbo_attention
 
         return turbo_attention(queries, keys, values, cache, scale, mask, sinks)
+    recorded = getattr(cache, "calibration_queries", None)  # ratequant.CalibrationCache
+    if recorded is not None:
+        recorded.append(queries)
     return _originals["sdpa"](queries, keys, values, cache, scale=scale, mask=mask,
                               sinks=sinks)
 
@@ -75,6 +78,21 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         return maybe_compress(prompt_cache, _config, quantized_kv_start)
     return _originals["maybe_quantize_kv_cache"](prompt_cache, quantized_kv_start,
                                                  kv_group_size, kv_bits)
+
+
+def load(*args, **kwargs):
+    """mlx-lm's ``load``, then the RateQuant allocation when one is asked for (it needs
+    the model and its tokenizer)."""
+    result = _originals["load"](*args, **kwargs)
+    if _config is not None and _config.ratequant_target is not None \
+            and _config.layer_bits is None:
+        from . import ratequant
+
+        try:
+            set_config(ratequant.resolve(result[0], result[1], _config))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    return result
 
 
 def generate(model, tokenizer, prompt, verbose=False, **kwargs):
@@ -102,13 +120,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Method for values (default: --kv-method, or turboquant_mse for "
                         "the key-only methods turboquant_prod and qjl).")
     g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
+    g.add_argument("--ratequant-target", type=float, default=None,
+                   help="RateQuant: average bits/element (metadata counted) to spend, "
+                        "allocated per layer and K/V after a short calibration.")
+    g.add_argument("--ratequant-solver", choices=("greedy", "waterfill"), default="greedy",
+                   help="greedy: marginal gains on measured attention errors; waterfill: "
+                        "closed form on the key/value norm proxy.")
+    g.add_argument("--ratequant-calibration", default=None, metavar="FILE",
+                   help="Text file to calibrate on (default: a built-in ~500-token text).")
+    g.add_argument("--ratequant-save", default=None, metavar="FILE",
+                   help="Save the allocation as JSON (a restart can --ratequant-load it).")
+    g.add_argument("--ratequant-load", default=None, metavar="FILE",
+                   help="Use a saved allocation instead of calibrating.")
 
 
 def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     """Read our flags; raise ValueError with a user-facing message on bad input."""
     method = getattr(args, "kv_method", None)
     if method is None:
-        for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method"):
+        for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
+                     "ratequant_load", "ratequant_save", "ratequant_calibration"):
             if getattr(args, flag, None) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --kv-method")
         return None
@@ -128,9 +159,19 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
         value_bits = DEFAULT_BITS[value_method]  # e.g. qjl 1-bit keys, default values
     if getattr(args, "kv_group_size", 64) != 64 and "--kv-group-size" in sys.argv:
         raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
+    target = getattr(args, "ratequant_target", None)
+    if target is not None and target <= 0:
+        raise ValueError(f"--ratequant-target must be > 0, got {target}")
+    if (args.ratequant_save or args.ratequant_calibration) and target is None:
+        raise ValueError("--ratequant-save/--ratequant-calibration need --ratequant-target")
+    if args.ratequant_load and target is None:
+        target = -1.0  # the saved allocation decides
     return TurboConfig(key_method, key_bits, value_method, value_bits,
                        seed=args.kv_seed,
-                       quantized_kv_start=getattr(args, "quantized_kv_start", 0) or 0)
+                       quantized_kv_start=getattr(args, "quantized_kv_start", 0) or 0,
+                       ratequant_target=target, ratequant_solver=args.ratequant_solver,
+                       ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
+                       ratequant_calibration=args.ratequant_calibration)
 
 
 def _patch_parser_factory(module) -> None:
@@ -177,6 +218,7 @@ def apply() -> None:
     _originals["make_prompt_cache"] = mlx_cache.make_prompt_cache
     _originals["maybe_quantize_kv_cache"] = gen.maybe_quantize_kv_cache
     _originals["generate"] = gen.generate
+    _originals["load"] = gen.load
 
     base.scaled_dot_product_attention = scaled_dot_product_attention
     _rebind(_originals["sdpa"], scaled_dot_product_attention, "scaled_dot_product_attention")
@@ -186,6 +228,77 @@ def apply() -> None:
     mlx_cache.TurboKVCache = TurboKVCache
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
+    gen.load = load
+    cache_prompt.load = load
     _patch_parser_factory(gen)
     _patch_parser_factory(cache_prompt)
     base._mlx_lm_turbo_patched = True
+    if "mlx_lm.server" in sys.modules:
+        apply_server()
+
+
+# ---------------------------------------------------------------- mlx_lm.server
+_UNSET = object()
+
+
+class _ServerArgumentParser(argparse.ArgumentParser):
+    """The ArgumentParser that ``mlx_lm.server.main`` builds once ``apply_server()`` ran
+    (the server makes its parser inline): our flags, and the config set after parsing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        add_arguments(self)
+
+    def parse_args(self, args=None, namespace=None):
+        has_start = any(a.dest == "quantized_kv_start" for a in self._actions)
+        default_start = self.get_default("quantized_kv_start") if has_start else 0
+        if has_start:
+            self.set_defaults(quantized_kv_start=_UNSET)
+        ns = super().parse_args(args, namespace)
+        start = getattr(ns, "quantized_kv_start", _UNSET)
+        try:
+            if getattr(ns, "kv_method", None) is None:
+                if start is _UNSET:
+                    ns.quantized_kv_start = default_start
+            else:
+                if start is not _UNSET and start:
+                    raise ValueError(
+                        f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
+                        "--kv-method: every request's cache is compressed from its first "
+                        "token (batched caches cannot change format mid-batch); leave it "
+                        "out or pass 0")
+                ns.quantized_kv_start = 0
+            config = config_from_args(ns)
+        except ValueError as e:
+            self.error(str(e))
+        set_config(config)
+        if config is not None:
+            ns.kv_bits = None  # our bits; mlx-lm's affine cache (and its no-batching) off
+            print(f"mlx-lm-turbo: KV cache {config.describe()} for every request "
+                  "(batched; prompt cache holds packed codes)", file=sys.stderr)
+        return ns
+
+
+def apply_server() -> None:
+    """Patch ``mlx_lm.server`` (idempotent; imports it): its parser gains our flags, and
+    with ``--kv-method`` every request gets turbo caches (the patched
+    ``make_prompt_cache``). They have ``merge``, so the server batches them
+    (``BatchTurboKVCache``); its LRU prompt cache deep-copies, trims and counts their
+    real ``nbytes``."""
+    import types
+
+    apply()
+    server = importlib.import_module("mlx_lm.server")
+    if getattr(server, "_mlx_lm_turbo_patched", False):
+        return
+    proxy = types.ModuleType("argparse")
+    proxy.__dict__.update(vars(argparse))
+    proxy.ArgumentParser = _ServerArgumentParser
+    server.argparse = proxy
+    if getattr(server, "make_prompt_cache", None) is _originals["make_prompt_cache"]:
+        server.make_prompt_cache = make_prompt_cache
+    patched_load = globals().get("load")
+    if patched_load is not None and _originals.get("load") is not None \
+            and getattr(server, "load", None) is _originals["load"]:
+        server.load = patched_load  # RateQuant resolves its allocation in load
+    server._mlx_lm_turbo_patched = True

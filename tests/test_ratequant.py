@@ -1,0 +1,76 @@
+"""RateQuant allocation: budget, monotonicity, save/load, calibration time."""
+
+import time
+
+import numpy as np
+import pytest
+
+from mlx_lm_turbo import ratequant
+from mlx_lm_turbo.cache import TurboConfig
+
+
+def synthetic(n_layers: int = 12, seed: int = 0) -> ratequant.Calibration:
+    rng = np.random.default_rng(seed)
+    proxy = rng.lognormal(0, 1, (n_layers, 2))
+    # Measured curves: sensitivity times the MSE codec's distortion decay.
+    decay = {1: 0.36, 2: 0.116, 3: 0.034, 4: 0.0093, 8: 4e-5}
+    measured = {b: proxy * d for b, d in decay.items()}
+    return ratequant.Calibration(list(range(n_layers)), [(64, 64)] * n_layers, [3] * n_layers,
+                                 n_layers, proxy, measured, 0.0)
+
+
+@pytest.mark.parametrize("solver", ["greedy", "waterfill"])
+@pytest.mark.parametrize("target", [1.5, 2.5, 3.5, 5.0])
+def test_allocation_spends_the_target(solver, target):
+    cal = synthetic()
+    bits = ratequant.allocate(cal, "turboquant_mse", target, solver=solver)
+    bpe = ratequant.mean_bits_per_element(cal, "turboquant_mse", "turboquant_mse", bits)
+    # Integer choices: never above the target, and below it by less than one slot's
+    # largest upgrade (4 -> 8 bits) spread over all slots.
+    step = 4 / (2 * len(bits))
+    assert target - step - 1e-9 <= bpe <= target + 1e-9, bpe
+
+
+def test_proxy_solver_is_monotone_in_sensitivity():
+    cal = synthetic(16, seed=3)
+    bits = ratequant.allocate(cal, "turboquant_mse", 2.5, solver="waterfill")
+    for kv in (0, 1):
+        order = np.argsort(cal.proxy[:, kv])
+        allotted = [bits[i][kv] for i in order]
+        assert allotted == sorted(allotted), (kv, allotted)
+
+
+def test_target_outside_choices_is_a_clear_error():
+    with pytest.raises(ValueError, match="outside what the bit choices allow"):
+        ratequant.allocate(synthetic(), "turboquant_mse", 9.5)
+    with pytest.raises(ValueError, match="outside what the bit choices allow"):
+        ratequant.allocate(synthetic(), "turboquant_mse", 1.0)
+
+
+def test_save_load_round_trip_and_mismatch(tmp_path):
+    cal = synthetic()
+    cfg = TurboConfig("turboquant_mse", 4)
+    bits = ratequant.allocate(cal, "turboquant_mse", 2.5)
+    path = str(tmp_path / "alloc.json")
+    ratequant.save(path, cal, cfg, 2.5, bits)
+    sig = ratequant.model_signature(cal.n_cache_layers, cal.layers, cal.kv_heads, cal.head_dims)
+    assert ratequant.load(path, sig, cfg) == bits
+    other = dict(sig, kv_heads=[4] * len(cal.layers))
+    with pytest.raises(ValueError, match="another model"):
+        ratequant.load(path, other, cfg)
+    with pytest.raises(ValueError, match="made for turboquant_mse"):
+        ratequant.load(path, sig, TurboConfig("turboquant_rvq", 2))
+
+
+@pytest.mark.slow
+def test_calibration_on_the_real_model_is_fast(real_model):
+    model, tok = real_model
+    ratequant.calibrate(model, tok, "turboquant_mse")  # warm-up: codebooks, kernels
+    t = time.perf_counter()
+    cal = ratequant.calibrate(model, tok, "turboquant_mse")
+    seconds = time.perf_counter() - t
+    print(f"calibration: {seconds:.2f} s")
+    assert seconds <= 5.0, seconds
+    assert cal.measured[1].shape == (30, 2) and np.all(cal.measured[1] > cal.measured[4])
+    bits = ratequant.allocate(cal, "turboquant_mse", 2.5)
+    assert abs(ratequant.mean_bits_per_element(cal, "turboquant_mse", "turboquant_mse", bits) - 2.5) < 0.02
