@@ -95,9 +95,31 @@ def load(*args, **kwargs):
     return result
 
 
+def check_loaded_cache(caches: list, config: TurboConfig) -> None:
+    """A prompt-cache file's turbo layers must match the flags given with it."""
+    for i, c in enumerate(caches):
+        if not isinstance(c, TurboKVCache):
+            continue
+        kb, vb = config.bits_for_layer(i)
+        want = (config.key_method, kb, config.value_method, vb, config.seed)
+        have = (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
+        if want != have:
+            raise ValueError(
+                f"--prompt-cache-file layer {i} was compressed with {have[0]} K{have[1]} / "
+                f"{have[2]} V{have[3]} seed {have[4]}, but the flags ask for {want[0]} "
+                f"K{want[1]} / {want[2]} V{want[3]} seed {want[4]}; drop the --kv-* flags "
+                "to continue with the file's settings")
+
+
 def generate(model, tokenizer, prompt, verbose=False, **kwargs):
     global _last_caches
     _last_caches = None
+    loaded = kwargs.get("prompt_cache")
+    if loaded and _config is not None and _config.ratequant_target is None:
+        try:
+            check_loaded_cache(loaded, _config)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     text = _originals["generate"](model, tokenizer, prompt, verbose=verbose, **kwargs)
     caches = _last_caches or kwargs.get("prompt_cache")
     if verbose and caches and (_config is not None
@@ -288,6 +310,8 @@ def apply_server() -> None:
     import types
 
     apply()
+    from . import batch_cache  # noqa: F401  (also makes TurboKVCache deep-copyable)
+
     server = importlib.import_module("mlx_lm.server")
     if getattr(server, "_mlx_lm_turbo_patched", False):
         return
