@@ -1,0 +1,3 @@
+import sys
+from mlx_lm_turbo.convert_cache import main
+sys.exit(main())

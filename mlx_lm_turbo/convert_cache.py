@@ -1,0 +1,733 @@
+"""Compress, inspect and restore mlx-lm prompt-cache files.
+
+    python -m mlx_lm_turbo.convert-cache IN OUT --kv-method turboquant_mse --kv-bits 3
+    python -m mlx_lm_turbo.convert-cache OUT RESTORED --to fp16
+    python -m mlx_lm_turbo.convert-cache --info FILE
+
+IN is a prompt-cache safetensors file written by ``mlx_lm.cache_prompt`` (fp16/bf16/fp32
+``KVCache`` layers, or mlx-lm's affine ``QuantizedKVCache``) or by mlx_lm_turbo
+(``TurboKVCache``). OUT holds ``TurboKVCache`` layers that a patched ``mlx_lm.generate
+--prompt-cache-file OUT`` (``python -m mlx_lm_turbo generate``) continues from; with
+``--to fp16`` it holds plain ``KVCache`` layers that an unpatched mlx-lm loads. The user
+metadata of IN ("model", "tokenizer_config", ...) is carried over.
+
+Safety: OUT is written to a temporary file ``.OUT.tmp-<pid>-<random>.safetensors`` in
+OUT's folder, fsynced and renamed over OUT only when complete (an error, Ctrl-C or
+SIGTERM removes the temporary file; one left by a killed process is removed by the next
+run). OUT is never overwritten without ``--force``; IN is only read; OUT == IN is refused.
+Bad input gives one ``error:`` line on stderr and exit status 1 (2 for bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import secrets
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+PROG = "python -m mlx_lm_turbo.convert-cache"
+FORMAT = "mlx_lm_turbo"
+META_PREFIX = "mlx_lm_turbo_"  # our keys in the file's user metadata (no dots: mlx-lm
+# unflattens metadata keys on ".")
+SLOW_WRITE_ENV = "MLX_LM_TURBO_TEST_SLOW_WRITE"  # test hook: sleep with the temp file open
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
+                      "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
+                      "U64": 8, "I64": 8, "F64": 8, "C64": 8}
+MAX_HEADER = 100 * 2**20
+
+
+class CacheFileError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+# ------------------------------------------------------------------ reading
+def check_safetensors(path: Path) -> dict:
+    """Validate the safetensors framing of ``path`` without loading tensors: the header
+    parses and every tensor lies inside the file, which ends where the last one ends.
+    Returns the header's ``__metadata__`` (a dict of strings)."""
+    if not path.exists():
+        raise CacheFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise CacheFileError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CacheFileError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CacheFileError(f"{path}: truncated or not a safetensors file "
+                                     f"(header of {n} bytes, file of {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CacheFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = (int(x) for x in info["data_offsets"])
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            if not 0 <= start <= stop or stop - start != count * SAFETENSORS_DTYPES[info["dtype"]]:
+                raise ValueError(f"tensor {name!r} has inconsistent offsets")
+            end = max(end, stop)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CacheFileError(f"{path}: truncated or not a safetensors file ({e})") from None
+    if 8 + n + end != size:
+        raise CacheFileError(f"{path}: truncated or corrupt safetensors file (tensor data "
+                             f"ends at byte {8 + n + end}, file has {size} bytes)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CacheFileError(f"{path}: not a prompt-cache file (bad metadata)")
+    return meta
+
+
+@dataclass
+class CacheFile:
+    path: Path
+    layers: list  # cache objects (KVCache, QuantizedKVCache, TurboKVCache, others as loaded)
+    classes: list  # class names as stored
+    metadata: dict  # the user metadata ("model", "tokenizer_config", ours)
+    size: int = 0
+    layer_bytes: list = field(default_factory=list)  # bytes of each layer's arrays in the file
+
+
+def _not_a_cache(path: Path, why: str) -> CacheFileError:
+    return CacheFileError(f"{path}: not an mlx-lm prompt-cache file ({why})")
+
+
+def _check_version(path: Path, where: str, version: Any) -> None:
+    from . import __version__
+
+    def parse(v: str) -> tuple:
+        return tuple(int(p) for p in str(v).split(".")[:3])
+
+    try:
+        file_v = parse(version)
+    except ValueError:
+        raise CacheFileError(f"{path}: {where}: bad mlx_lm_turbo version {version!r}") from None
+    if file_v[:1] != parse(__version__)[:1] or file_v > parse(__version__):
+        raise CacheFileError(
+            f"{path}: written by mlx_lm_turbo {version}, which this mlx_lm_turbo "
+            f"{__version__} cannot read; upgrade mlx-lm-turbo")
+
+
+def _turbo_from_state(path: Path, layer: int, state: Any):
+    from . import codecs
+    from .cache import TurboKVCache
+
+    if not isinstance(state, list) or len(state) != 5 or not isinstance(state[3], str):
+        raise _not_a_cache(path, f"layer {layer}: malformed TurboKVCache state")
+    try:
+        meta = json.loads(state[3])
+        if meta.get("format") != FORMAT:
+            raise CacheFileError(f"{path}: layer {layer}: format {meta.get('format')!r}, "
+                                 f"expected {FORMAT!r}")
+        _check_version(path, f"layer {layer}", meta.get("version"))
+        for m, b in ((meta["key_method"], meta["key_bits"]),
+                     (meta["value_method"], meta["value_bits"])):
+            if b not in codecs.bits_range(m):
+                raise ValueError(f"bits {b} out of range for {m}")
+        c = TurboKVCache.from_state(tuple(state))
+    except CacheFileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise _not_a_cache(path, f"layer {layer}: bad TurboKVCache state: {e}") from None
+    if c.keys is not None:
+        n = next(iter(c.keys.values())).shape
+        if n[2] < c.offset:
+            raise _not_a_cache(path, f"layer {layer}: offset {c.offset} > {n[2]} stored tokens")
+    return c
+
+
+def load_cache_file(path: str | os.PathLike) -> CacheFile:
+    """Read a prompt-cache file; raise CacheFileError with a one-line reason if it is
+    missing, truncated, not a prompt cache, or from an mlx_lm_turbo it cannot read."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models import cache as mlx_cache
+
+    path = Path(path)
+    check_safetensors(path)
+    try:
+        arrays, raw_meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CacheFileError(f"{path}: cannot load: {str(e).splitlines()[0]}") from None
+    try:
+        tree = tree_unflatten(list(raw_meta.items())) if raw_meta else None
+        if not (isinstance(tree, list) and len(tree) == 3 and isinstance(tree[0], dict)
+                and isinstance(tree[1], list) and isinstance(tree[2], list)):
+            raise _not_a_cache(path, "no cache metadata")
+        metadata, classes, scalars = tree
+        if not classes or not all(isinstance(c, str) for c in classes):
+            raise _not_a_cache(path, "no layer classes")
+        for entry in scalars[1:]:
+            pos, kind = entry
+            a = arrays[pos]
+            if kind == "scalar":
+                arrays[pos] = a.item()
+            elif kind == "string":
+                arrays[pos] = "".join(chr(i) for i in a.tolist())
+            elif kind == "none":
+                arrays[pos] = None
+            else:
+                raise ValueError(f"unknown scalar type {kind!r}")
+        states = tree_unflatten(list(arrays.items())) if arrays else []
+    except CacheFileError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise _not_a_cache(path, f"bad cache metadata: {e}") from None
+    if not isinstance(states, list) or len(states) != len(classes):
+        raise _not_a_cache(path, f"{len(classes)} layer classes but "
+                                 f"{len(states) if isinstance(states, list) else 0} layer states")
+    if (META_PREFIX + "format") in metadata:
+        if metadata[META_PREFIX + "format"] != FORMAT:
+            raise CacheFileError(f"{path}: unknown format {metadata[META_PREFIX + 'format']!r}")
+        _check_version(path, "file", metadata.get(META_PREFIX + "version"))
+
+    layers, layer_bytes = [], []
+    for i, (cls, state) in enumerate(zip(classes, states)):
+        if cls == "TurboKVCache":
+            c = _turbo_from_state(path, i, state)
+        else:
+            klass = getattr(mlx_cache, cls, None)
+            if not (isinstance(klass, type) and issubclass(klass, mlx_cache._BaseCache)):
+                raise _not_a_cache(path, f"layer {i}: unknown cache class {cls!r}")
+            try:
+                c = klass.from_state(tuple(state) if isinstance(state, list) else state)
+            except (ValueError, TypeError) as e:
+                raise _not_a_cache(path, f"layer {i}: bad {cls} state: {e}") from None
+            if cls in ("KVCache", "QuantizedKVCache"):
+                _check_plain_layer(path, i, c)
+        layers.append(c)
+        layer_bytes.append(_state_nbytes(state))
+    return CacheFile(path, layers, list(classes), dict(metadata), path.stat().st_size,
+                     layer_bytes)
+
+
+def _check_plain_layer(path: Path, i: int, c: Any) -> None:
+    import mlx.core as mx
+
+    if not isinstance(c.offset, int) or c.offset < 0:
+        raise _not_a_cache(path, f"layer {i}: bad offset {c.offset!r}")
+    if c.keys is None:
+        return
+    keys = c.keys[0] if isinstance(c.keys, (list, tuple)) else c.keys
+    if not isinstance(keys, mx.array) or keys.ndim != 4 or keys.shape[2] < c.offset:
+        raise _not_a_cache(path, f"layer {i}: keys do not hold {c.offset} tokens")
+
+
+def _state_nbytes(state: Any) -> int:
+    import mlx.core as mx
+
+    if isinstance(state, mx.array):
+        return state.nbytes
+    if isinstance(state, (list, tuple)):
+        return sum(_state_nbytes(s) for s in state)
+    if isinstance(state, dict):
+        return sum(_state_nbytes(s) for s in state.values())
+    return 0
+
+
+# ------------------------------------------------------------------ layers
+def layer_shape(c: Any) -> Optional[tuple[int, int, int, int, int]]:
+    """(batch, kv_heads, tokens, key_dim, value_dim) of a KV layer; None if empty or not
+    a KV layer we know."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    from .cache import TurboKVCache
+
+    if isinstance(c, TurboKVCache):
+        if c.keys is None:
+            return None
+        b, h = next(iter(c.keys.values())).shape[:2]
+        return b, h, c.offset, c.key_codec.dim, c.value_codec.dim
+    if type(c) is KVCache and c.keys is not None:
+        return (*c.keys.shape[:2], c.offset, c.keys.shape[-1], c.values.shape[-1])
+    if type(c) is QuantizedKVCache and c.keys is not None:
+        return (*c.keys[0].shape[:2], c.offset, c.keys[0].shape[-1] * 32 // c.bits,
+                c.values[0].shape[-1] * 32 // c.bits)
+    return None
+
+
+def to_kv_cache(c: Any) -> Any:
+    """A plain KVCache holding exactly ``offset`` tokens (model dtype) for a KVCache,
+    QuantizedKVCache or TurboKVCache layer; other layers are returned unchanged."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    from .cache import TurboKVCache
+
+    if isinstance(c, TurboKVCache):
+        if c.keys is None or not c.offset:
+            return KVCache()
+        kv = c.to_fp16()
+    elif type(c) is QuantizedKVCache:
+        kv = KVCache()
+        if c.keys is not None and c.offset:
+            def deq(q):
+                w, s, b = (x[..., :c.offset, :] for x in q)
+                return mx.dequantize(w, s, b, group_size=c.group_size, bits=c.bits)
+            kv.keys, kv.values, kv.offset = deq(c.keys), deq(c.values), c.offset
+        return kv
+    elif type(c) is KVCache:
+        kv = c
+    else:
+        return c
+    out = KVCache()
+    if kv.keys is not None and kv.offset:
+        out.keys = kv.keys[..., :kv.offset, :]
+        out.values = kv.values[..., :kv.offset, :]
+        out.offset = kv.offset
+    return out
+
+
+def is_kv_layer(c: Any) -> bool:
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    from .cache import TurboKVCache
+
+    return isinstance(c, TurboKVCache) or type(c) in (KVCache, QuantizedKVCache)
+
+
+def same_settings(c: Any, config: Any, layer: int) -> bool:
+    from .cache import TurboKVCache
+
+    kb, vb = config.bits_for_layer(layer)
+    return (isinstance(c, TurboKVCache) and c.layer == layer
+            and (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
+            == (config.key_method, kb, config.value_method, vb, config.seed))
+
+
+def convert_layer(c: Any, layer: int, to: str, config: Any = None, dtype: Any = None) -> Any:
+    """One layer of OUT: a TurboKVCache (``to == 'turbo'``, kept as is when it already
+    has these settings) or a plain KVCache (``to == 'fp16'``, cast to ``dtype``)."""
+    import mlx.core as mx
+
+    from .cache import TurboKVCache
+
+    if not is_kv_layer(c):
+        return c  # sliding-window and other layers pass through unchanged
+    if to == "turbo":
+        if same_settings(c, config, layer):
+            return c
+        kv = to_kv_cache(c)
+        out = TurboKVCache.from_kv_cache(kv, config, layer)
+        if out.keys is not None:
+            mx.eval(out.keys, out.values, out.key_mean)
+        return out
+    kv = to_kv_cache(c)
+    if kv.keys is not None and dtype is not None:
+        kv.keys, kv.values = kv.keys.astype(dtype), kv.values.astype(dtype)
+    if kv.keys is not None:
+        mx.eval(kv.keys, kv.values)
+    return kv
+
+
+def layer_elements(c: Any) -> int:
+    s = layer_shape(c)
+    return 0 if s is None else s[0] * s[1] * s[2] * (s[3] + s[4])
+
+
+def describe_layer(c: Any) -> str:
+    from .cache import TurboKVCache
+
+    if isinstance(c, TurboKVCache):
+        if c.key_method == c.value_method and c.key_bits == c.value_bits:
+            return f"{c.key_method} {c.key_bits}-bit (seed {c.seed})"
+        return (f"K {c.key_method} {c.key_bits}-bit / V {c.value_method} {c.value_bits}-bit "
+                f"(seed {c.seed})")
+    if type(c).__name__ == "QuantizedKVCache":
+        return f"affine {c.bits}-bit, group {c.group_size}"
+    keys = getattr(c, "keys", None)
+    if type(c).__name__ == "KVCache" and keys is not None:
+        return str(keys.dtype).split(".")[-1]
+    return "-"
+
+
+# ------------------------------------------------------------------ checks
+def model_dims(model_path: str) -> tuple[int, int, int]:
+    """(layers, kv heads, head_dim) from a model folder's config.json."""
+    cfg_path = Path(model_path) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CacheFileError(f"--model {model_path}: no config.json there") from None
+    except (OSError, ValueError) as e:
+        raise CacheFileError(f"--model {model_path}: cannot read config.json: {e}") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CacheFileError(f"--model {model_path}: config.json lacks {e}") from None
+    return layers, kv_heads, head_dim
+
+
+def check_model(cf: CacheFile, model_path: str) -> None:
+    layers, kv_heads, head_dim = model_dims(model_path)
+    if len(cf.layers) != layers:
+        raise CacheFileError(f"{cf.path} does not match --model {model_path}: the cache has "
+                             f"{len(cf.layers)} layers, the model {layers}")
+    for i, c in enumerate(cf.layers):
+        s = layer_shape(c)
+        if s is None:
+            continue
+        if s[1] != kv_heads or s[3] != head_dim:
+            raise CacheFileError(
+                f"{cf.path} does not match --model {model_path}: layer {i} holds {s[1]} KV "
+                f"heads of dim {s[3]}, the model has {kv_heads} KV heads of dim {head_dim}")
+
+
+def _load_model(model_path: str):
+    """(model, tokenizer) for RateQuant's calibration (a function so tests can swap it)."""
+    from mlx_lm.utils import load
+
+    return load(model_path)[:2]
+
+
+def ratequant_config(config: Any, model_path: str) -> Any:
+    """``config`` with RateQuant's per-layer bits (``--ratequant-target``/``-load``),
+    calibrated on the model at ``model_path``."""
+    try:
+        from . import ratequant
+    except ImportError:
+        ratequant = None
+    if ratequant is None or not hasattr(ratequant, "resolve") \
+            or getattr(config, "ratequant_target", None) is None:
+        raise CacheFileError("--ratequant-target is not available yet in this mlx_lm_turbo; "
+                             "use --kv-bits / --kv-key-bits / --kv-value-bits")
+    from . import patch
+
+    patch.apply()  # calibration records queries through the patched attention
+    try:
+        model, tokenizer = _load_model(model_path)
+    except Exception as e:  # noqa: BLE001 - any load failure is a user-facing error
+        raise CacheFileError(f"--model {model_path}: cannot load the model for RateQuant: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        return ratequant.resolve(model, tokenizer, config, verbose=False)
+    except ValueError as e:
+        raise CacheFileError(f"RateQuant: {e}") from None
+
+
+# ------------------------------------------------------------------ writing
+def clean_stale_temps(out: Path) -> list[str]:
+    """Remove ``.OUT.tmp-<pid>-*`` files whose writer process is gone."""
+    removed = []
+    for p in glob.glob(glob.escape(str(out.parent / f".{out.name}.tmp-")) + "*"):
+        try:
+            pid = int(Path(p).name[len(out.name) + 6:].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running (another conversion)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def atomic_save(out: Path, layers: list, metadata: dict) -> None:
+    """save_prompt_cache into a temp file beside ``out``, fsync, rename over ``out``."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
+    try:
+        save_prompt_cache(str(tmp), layers, metadata)
+        delay = os.environ.get(SLOW_WRITE_ENV)
+        if delay:
+            time.sleep(float(delay))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def output_path(out: str) -> Path:
+    p = Path(out)
+    if p.suffix != ".safetensors":  # mlx's save_safetensors (and mlx-lm's loader) expect it
+        p = p.with_name(p.name + ".safetensors")
+    return p
+
+
+# ------------------------------------------------------------------ commands
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def kv_stats(layers: list, layer_bytes: Optional[list] = None) -> tuple[int, int, int]:
+    """(bytes of the KV layers' arrays, elements they hold, fp16 bytes for them)."""
+    held = elements = 0
+    for i, c in enumerate(layers):
+        if layer_shape(c) is None:
+            continue
+        elements += layer_elements(c)
+        held += layer_bytes[i] if layer_bytes is not None else _state_nbytes(c.state)
+    return held, elements, 2 * elements
+
+
+def info_text(cf: CacheFile) -> str:
+    md = cf.metadata
+    tokens = max((c.offset for c in cf.layers if getattr(c, "offset", None) is not None
+                  and isinstance(c.offset, int)), default=0)
+    lines = [f"file: {cf.path} ({fmt_bytes(cf.size)}, {cf.size} bytes)",
+             f"model: {md.get('model', '(not recorded)')}",
+             f"tokens: {tokens}",
+             f"layers: {len(cf.layers)}"]
+    if md.get(META_PREFIX + "format"):
+        lines.append(f"written by: mlx_lm_turbo {md.get(META_PREFIX + 'version', '?')} "
+                     f"(method {md.get(META_PREFIX + 'method', '?')}, bits "
+                     f"{md.get(META_PREFIX + 'bits', '?')}, "
+                     f"seed {md.get(META_PREFIX + 'seed', '?')})")
+    other = {k: v for k, v in md.items() if k != "model" and not k.startswith(META_PREFIX)}
+    for k, v in other.items():
+        lines.append(f"{k}: {v}")
+    lines.append(f"{'layer':>5}  {'class':<17} {'method / bits':<52} {'tokens':>7} "
+                 f"{'bytes':>11} {'bits/elt':>8}")
+    for i, c in enumerate(cf.layers):
+        e = layer_elements(c)
+        b = cf.layer_bytes[i]
+        bpe = f"{8 * b / e:.3f}" if e else "-"
+        offset = getattr(c, "offset", None)
+        n = offset if isinstance(offset, int) else "-"
+        lines.append(f"{i:>5}  {cf.classes[i]:<17} {describe_layer(c):<52} {n:>7} "
+                     f"{b:>11} {bpe:>8}")
+    held, elements, fp16 = kv_stats(cf.layers, cf.layer_bytes)
+    if elements:
+        lines.append(f"total: {held} bytes of KV data for {elements} elements: "
+                     f"{8 * held / elements:.3f} bits/element; fp16 would be {fp16} bytes "
+                     f"({fp16 / held:.2f}x)")
+    else:
+        lines.append("total: no KV data")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import patch
+
+    p = _Parser(
+        prog=PROG,
+        description="Compress an mlx-lm prompt-cache file (from mlx_lm.cache_prompt) into "
+                    "an mlx_lm_turbo one, restore one to plain fp16 (--to fp16), or "
+                    "describe one (--info).",
+        epilog="examples:\n"
+               f"  {PROG} doc.safetensors doc-3bit.safetensors --kv-method turboquant_mse "
+               "--kv-bits 3\n"
+               f"  {PROG} doc-3bit.safetensors doc-fp16.safetensors --to fp16\n"
+               f"  {PROG} --info doc-3bit.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", metavar="IN", help="prompt-cache file to read")
+    p.add_argument("output", nargs="?", metavar="OUT",
+                   help="file to write (.safetensors is appended if missing)")
+    p.add_argument("--info", metavar="FILE", help="describe FILE and exit")
+    p.add_argument("--to", choices=("turbo", "fp16"), default="turbo",
+                   help="turbo: compressed TurboKVCache layers (default); fp16: plain "
+                        "mlx-lm KVCache layers that an unpatched mlx-lm loads")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32", "original"),
+                   default="float16",
+                   help="dtype of the keys/values written by --to fp16 (default float16; "
+                        "original: the dtype the cache was made with)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits per coordinate (per stage for turboquant_rvq)")
+    patch.add_arguments(p)
+    p.add_argument("--model", metavar="PATH",
+                   help="model folder: check that the cache matches it (layers, KV heads, "
+                        "head_dim)")
+    if "--ratequant-target" not in p._option_string_actions:  # older patch.add_arguments
+        p.add_argument("--ratequant-target", type=float, default=None, metavar="T",
+                       help="RateQuant: average bits/element to spend per layer (needs --model)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    return p
+
+
+def _install_sigterm() -> Any:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from . import __version__, patch
+
+    if args.info:
+        if args.input or args.output:
+            parser.error("--info FILE takes no IN/OUT")
+        cf = load_cache_file(args.info)
+        if args.model:
+            check_model(cf, args.model)
+        print(info_text(cf))
+        return 0
+    if not args.input or not args.output:
+        parser.error("IN and OUT are required (or --info FILE)")
+    config = None
+    if args.to == "turbo":
+        if args.kv_method is None:
+            parser.error("--kv-method is required (or --to fp16)")
+        try:
+            config = patch.config_from_args(args)
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        flags = [f for f in ("kv_method", "kv_bits", "kv_key_bits", "kv_value_bits",
+                             "kv_value_method", "ratequant_target")
+                 if getattr(args, f, None) is not None]
+        if flags:
+            parser.error(f"--to fp16 takes no --{flags[0].replace('_', '-')}")
+    rq_target = getattr(args, "ratequant_target", None)
+    rq = rq_target is not None or getattr(args, "ratequant_load", None) is not None
+    if rq and not args.model:
+        parser.error("--ratequant-target/--ratequant-load need --model (RateQuant "
+                     "calibrates on the model)")
+
+    src, out = Path(args.input), output_path(args.output)
+    if not src.exists():
+        raise CacheFileError(f"{src}: no such file")
+    if (out.exists() and os.path.samefile(src, out)) or src.resolve() == out.resolve():
+        raise CacheFileError("OUT is IN: write to another file (IN is never modified)")
+    if not out.parent.is_dir():
+        raise CacheFileError(f"{out.parent}: no such folder for OUT")
+    if out.exists() and not args.force:
+        raise CacheFileError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not out.is_file():
+        raise CacheFileError(f"{out} exists and is not a regular file")
+
+    cf = load_cache_file(src)
+    if args.model:
+        check_model(cf, args.model)
+    if not any(layer_shape(c) for c in cf.layers):
+        raise CacheFileError(f"{src}: holds no KV layers with tokens; nothing to convert")
+    if rq:
+        config = ratequant_config(config, args.model)
+
+    dtype = None if args.dtype == "original" else getattr(mx, args.dtype)
+    layers, kept = [], 0
+    for i, c in enumerate(tqdm(cf.layers, desc="layers", unit="layer", disable=None,
+                               file=sys.stderr)):
+        new = convert_layer(c, i, args.to, config, dtype)
+        kept += new is c and is_kv_layer(c)
+        layers.append(new)
+
+    metadata = {k: v for k, v in cf.metadata.items() if not k.startswith(META_PREFIX)}
+    if args.to == "turbo":
+        kbits = sorted({config.bits_for_layer(i)[0] for i in range(len(layers))})
+        vbits = sorted({config.bits_for_layer(i)[1] for i in range(len(layers))})
+        metadata.update({
+            META_PREFIX + "format": FORMAT,
+            META_PREFIX + "version": __version__,
+            META_PREFIX + "method": (config.key_method if config.key_method == config.value_method
+                                     else f"{config.key_method}/{config.value_method}"),
+            META_PREFIX + "bits": (
+                str(kbits[0]) if kbits == vbits and len(kbits) == 1
+                else f"K{','.join(map(str, kbits))}/V{','.join(map(str, vbits))}"),
+            META_PREFIX + "seed": str(config.seed),
+        })
+    metadata = {str(k): str(v) for k, v in metadata.items()}
+
+    clean_stale_temps(out)
+    atomic_save(out, layers, metadata)
+
+    held, elements, fp16 = kv_stats(layers)
+    before, after = cf.size, out.stat().st_size
+    in_held, _, _ = kv_stats(cf.layers, cf.layer_bytes)
+    in_bpe = 8 * in_held / elements if elements else float("nan")
+    if args.to == "fp16":
+        what = f"KVCache {args.dtype if dtype is not None else '(original dtype)'}"
+    elif config.layer_bits:
+        what = (f"{metadata[META_PREFIX + 'method']}, RateQuant per-layer bits "
+                f"{metadata[META_PREFIX + 'bits']}")
+    else:
+        what = config.describe()
+    tokens = max(layer_shape(c)[2] for c in layers if layer_shape(c))
+    vs_in = (f"{before / after:.2f}x smaller than IN" if before >= after
+             else f"{after / before:.2f}x larger than IN")
+    note = f" ({kept} layers kept as they were)" if kept and args.to == "turbo" else ""
+    print(f"{src} -> {out}: {what}{note}, {tokens} tokens, {len(layers)} layers; "
+          f"{fmt_bytes(before)} ({in_bpe:.2f} bits/element) -> {fmt_bytes(after)} "
+          f"({8 * held / max(elements, 1):.3f} bits/element); "
+          f"{vs_in}, {fp16 / after:.2f}x smaller than fp16 "
+          f"({fmt_bytes(fp16)} of fp16 KV)")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    old = _install_sigterm()
+    try:
+        return run(args, parser)
+    except CacheFileError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; OUT was not written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:  # never a traceback; MLX_LM_TURBO_DEBUG=1 shows one
+        if os.environ.get("MLX_LM_TURBO_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"{PROG}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
