@@ -183,19 +183,19 @@ def test_bad_flags_exit_with_argparse_error(flags, message):
 
 
 @pytest.mark.slow
-# Sensible bits per method on SmolLM2-135M: the inner-product estimator prod adds
-# variance that softmax amplifies, so it needs more bits than mse for keys. Plain qjl
+# Every method at its sensible bits answers like fp16 ("Paris.") on the raw prompt (the
+# chat-templated prompt makes even the fp16 cache of this 135M model ramble). Plain qjl
 # keys do not give coherent text on this model even at 8 bits (m = 8d): measured and
 # stated in the README, so qjl is not in this list.
 @pytest.mark.parametrize("method,bits", [("turboquant_mse", 4), ("turboquant_rvq", 2),
-                                         ("polar", 4), ("turboquant_prod", 6)])
+                                         ("polar", 4), ("turboquant_prod", 4)])
 def test_cli_generates_coherent_text(method, bits):
     r = run_cli("--model", str(MODEL_DIR), "--kv-method", method, "--kv-bits", str(bits),
                 "--prompt", "The capital of France is", "--max-tokens", "20",
-                "--quantized-kv-start", "0")
+                "--quantized-kv-start", "0", "--ignore-chat-template")
     assert r.returncode == 0, r.stderr[-2000:]
     answer = r.stdout.split("==========")[1]
-    assert any(w in answer for w in ("Paris", "France", "capital")), answer
+    assert answer.strip().startswith("Paris"), answer
     assert "KV cache: " in r.stdout and "30/30 layers compressed" in r.stdout
 
 

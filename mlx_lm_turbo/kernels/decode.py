@@ -1,0 +1,342 @@
+"""Fused decode attention over packed codes: dispatcher, kernel builder, first-use check.
+
+Pipeline (rotation is linear, so it never touches the keys or values):
+  1. MLX: q~ = scale * Π_K q (and for prod keys q' = scale * gain * S q~), rows grouped
+     per KV head as (G query heads x L positions), padded to whole row groups.
+  2. Kernel 1 (split-K): per (batch, KV head, row group, split) block, scores from packed
+     key words, online softmax, value sums in Π_V's domain -> partial (o, m, l).
+  3. Kernel 2: combine the splits.
+  4. MLX: Π_Vᵀ once, cast to the queries' dtype.
+"""
+
+import math
+import os
+import warnings
+from typing import Optional
+
+import mlx.core as mx
+
+from . import source
+
+MAX_QUERY_LEN = 8
+NT = 128                      # threads per block = keys per tile
+TARGET_BLOCKS = int(os.environ.get("MLX_LM_TURBO_BLOCKS", "528"))  # ~4 blocks per H100 SM
+ENV = "MLX_LM_TURBO_KERNELS"
+# Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
+SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
+
+KEY_MODES = {"turboquant_mse": 0, "turboquant_rvq": 1, "turboquant_prod": 2}
+VALUE_MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
+
+_kernels: dict = {}           # (backend, name) -> compiled kernel object
+_checked: dict = {}           # shape key -> True (kernel agreed) / False (use the reference)
+
+
+def backend() -> Optional[str]:
+    """'cuda', 'metal' or None (no GPU backend: the reference path runs)."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def env_mode() -> Optional[bool]:
+    """MLX_LM_TURBO_KERNELS: '0' forces the reference, '1' forces the kernel, else auto."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("0", "false", "off", "no"):
+        return False
+    if v in ("1", "true", "on", "yes"):
+        return True
+    return None
+
+
+# --------------------------------------------------------------------------- sources
+
+def full_source(body: str, backend_name: str) -> tuple[str, str]:
+    """(header, source) for mx.fast.*_kernel: the shared body behind the backend prelude."""
+    if backend_name == "metal":
+        return source.METAL_HEADER, source.METAL_PRELUDE + body
+    return source.CUDA_HEADER, source.CUDA_PRELUDE + body
+
+
+DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
+                 "cbk1", "cbk2", "cbv1", "cbv2"]
+DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
+REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
+REDUCE_OUTPUTS = ["out"]
+
+
+def _kernel(backend_name: str, name: str):
+    key = (backend_name, name)
+    if key not in _kernels:
+        body = source.DECODE_BODY if name == "decode" else source.REDUCE_BODY
+        inputs, outputs = ((DECODE_INPUTS, DECODE_OUTPUTS) if name == "decode"
+                           else (REDUCE_INPUTS, REDUCE_OUTPUTS))
+        header, src = full_source(body, backend_name)
+        make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
+        # Codes arrive as slices of the cache buffers along the token axis: no copy, the
+        # body indexes with the strides.
+        _kernels[key] = make(name=f"turbo_{name}", input_names=inputs, output_names=outputs,
+                             source=src, header=header, ensure_row_contiguous=False)
+    return _kernels[key]
+
+
+# --------------------------------------------------------------------------- plan
+
+def _streams(codec, packed: dict, is_key: bool):
+    """(mode, [(bits, words, codes array, codebook)], extra) for a codec, or None."""
+    method = codec.METHOD
+    if is_key and method == "turboquant_mse":
+        return [(codec.bits, packed["codes"], codec.centroids)]
+    if method == "turboquant_rvq":
+        s = codec.scale
+        return [(codec.bits, packed["codes1"], codec.centroids1 * s),
+                (codec.bits, packed["codes2"], codec.centroids2 * s)]
+    if not is_key and method == "turboquant_mse":
+        return [(codec.bits, packed["codes"], codec.centroids)]
+    if is_key and method == "turboquant_prod" and codec.mse_bits >= 1:
+        return [(codec.mse_bits, packed["codes"], codec.centroids),
+                (1, packed["signs"], mx.array([-1.0, 1.0]))]
+    return None
+
+
+def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
+         backend_name: str) -> Optional[dict]:
+    """Static description of the launch, or None when the fused path does not apply."""
+    kc, vc = cache.key_codec, cache.value_codec
+    if kc is None or vc is None or sinks is not None:
+        return None
+    if kc.METHOD not in KEY_MODES or vc.METHOD not in VALUE_MODES:
+        return None
+    if queries.ndim != 4 or queries.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        return None
+    B, Hq, L, D = queries.shape
+    norm = keys["norm"]
+    Bk, Hkv, S = norm.shape
+    DV = vc.dim
+    if L > MAX_QUERY_LEN or S == 0 or Bk != B or Hq % Hkv or D != kc.dim:
+        return None
+    if DV % 32 or DV < 32:
+        return None
+    ks = _streams(kc, keys, True)
+    vs = _streams(vc, values, False)
+    if ks is None or vs is None:
+        return None
+    vb = vs[0][0]
+    if (DV // 32) * vb > 32:
+        return None   # a lane's value window must fit one 32-bit word
+    if isinstance(mask, str) and mask != "causal":
+        return None
+    if mask is not None and not isinstance(mask, (str, mx.array)):
+        return None
+    mask_mode = 0
+    if isinstance(mask, str):
+        mask_mode = 1 if L > 1 else 0
+    elif isinstance(mask, mx.array):
+        mask_mode = 2
+    G = Hq // Hkv
+    R = G * L
+    nc = sum(1 << b for b, _, _ in ks)
+    wv = vs[0][1].shape[-1]
+    nv = len(vs)
+    budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
+    rb = 0
+    for cand in (8, 4, 2, 1):
+        if cand > 1 and cand > max(1, 4 * math.ceil(R / 4)):
+            continue
+        tabn = 4 * math.ceil(D * nc * cand / 4)
+        sh = max(tabn + max(cand * D, NT * wv * nv), (NT // 32) * cand * DV)
+        sh = 4 * math.ceil(sh / 4)
+        total = 4 * (sh + 2 * (1 << vb) + (NT // 32) * cand + 4 * math.ceil(NT * cand / 4))
+        if total <= budget:
+            rb = cand
+            break
+    if rb == 0:
+        return None
+    nrg = math.ceil(R / rb)
+    kmode = KEY_MODES[kc.METHOD]
+    return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, DV=DV, S=S, G=G, R=R, RB=rb, NRG=nrg, SH=sh,
+                TABN=tabn, KMODE=kmode, VMODE=VALUE_MODES[vc.METHOD], MASK=mask_mode,
+                kstreams=ks, vstreams=vs)
+
+
+def n_splits(S: int, blocks_per_split: int) -> int:
+    """Splits of the sequence (whole tiles each) so the grid has ~TARGET_BLOCKS blocks."""
+    tiles = math.ceil(S / NT)
+    want = max(1, TARGET_BLOCKS // max(1, blocks_per_split))
+    per = max(1, math.ceil(tiles / want))
+    return math.ceil(tiles / per)
+
+
+# --------------------------------------------------------------------------- launch
+
+def _consts(cache, scale: float, p: dict) -> dict:
+    """Per-(codecs, scale) kernel constants, built and evaluated once, so that a call adds
+    no small MLX ops besides the two kernels: padded codebooks, dummies for absent
+    streams, and the rotation signs (x scale / sqrt(D)) the kernels apply themselves."""
+    kc, vc = cache.key_codec, cache.value_codec
+    ent = getattr(cache, "_fused_consts", None)
+    if ent is not None and ent[0] is kc and ent[1] is vc and ent[2] == scale:
+        return ent[3]
+
+    def pad8(a):
+        a = a.astype(mx.float32).reshape(-1)
+        return mx.pad(a, (0, max(0, 8 - a.size)))
+
+    ks, vs = p["kstreams"], p["vstreams"]
+    rotq = kc.rotation.signs is not None and p["KMODE"] != 2
+    rotv = vc.rotation.signs is not None
+    D, DV = kc.dim, vc.dim
+    cbk2 = ks[1][2] if len(ks) > 1 else mx.zeros((8,))
+    if p["KMODE"] == 2:
+        cbk2 = cbk2 * kc.gain
+    c = dict(
+        rotq=rotq, rotv=rotv,
+        qmul=(kc.rotation.signs * (scale / math.sqrt(D))) if rotq else mx.ones((D,)),
+        vmul=(vc.rotation.signs / math.sqrt(DV)) if rotv else mx.ones((DV,)),
+        cbk1=pad8(ks[0][2]), cbk2=pad8(cbk2),
+        cbv1=pad8(vs[0][2]), cbv2=pad8(vs[1][2] if len(vs) > 1 else mx.zeros((8,))),
+        codes_dummy=mx.zeros((1, 1, 1, 8), mx.uint32),
+        norm_dummy=mx.zeros((1, 1, 8), mx.float16),
+        f32_dummy=mx.zeros((1, 1, 1, 8), mx.float32),
+    )
+    mx.eval(c)
+    cache._fused_consts = (kc, vc, scale, c)
+    return c
+
+
+def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: float, mask,
+                 p: dict) -> tuple[list, list, int]:
+    """MLX-side preparation: (kernel inputs, template constants, number of splits). On the
+    common path (Hadamard rotations, no array mask) this adds no MLX op at all."""
+    kc = cache.key_codec
+    c = _consts(cache, scale, p)
+    B, Hkv, L, D, DV, S, RB, NRG = (p[k] for k in ("B", "Hkv", "L", "D", "DV", "S", "RB", "NRG"))
+    if c["rotq"]:
+        q = queries
+        q2 = c["f32_dummy"]
+    else:
+        q = kc.rotate(queries) * scale
+        q2 = (q @ kc.sketch.T) if p["KMODE"] == 2 else c["f32_dummy"]
+    (kb1, kc1, _), *rest = p["kstreams"]
+    kb2, kc2 = (rest[0][0], rest[0][1]) if rest else (0, c["codes_dummy"])
+    krn = keys["residual_norm"] if p["KMODE"] == 2 else c["norm_dummy"]
+    (vb, vc1, _), *vrest = p["vstreams"]
+    vc2 = vrest[0][1] if vrest else c["codes_dummy"]
+    if p["MASK"] == 2:
+        m = mask
+        if m.dtype == mx.bool_:
+            m = mx.where(m, 0.0, -math.inf)
+        m = mx.broadcast_to(m.astype(mx.float32), (B, p["Hq"], L, S))
+        m = m.reshape(B, Hkv, p["G"] * L, S)
+        pad = NRG * RB - p["G"] * L
+        if pad:
+            m = mx.pad(m, [(0, 0), (0, 0), (0, pad), (0, 0)])
+        m = mx.contiguous(m)
+    else:
+        m = c["f32_dummy"]
+    rows = B * Hkv * NRG
+    nsp = n_splits(S, rows)
+    template = [("D", D), ("DV", DV), ("KB1", kb1), ("WK1", kc1.shape[-1]), ("KB2", kb2),
+                ("WK2", kc2.shape[-1] if rest else 0), ("KMODE", p["KMODE"]), ("VB", vb),
+                ("WV", vc1.shape[-1]), ("VMODE", p["VMODE"]), ("GQ", p["G"]), ("QL", L),
+                ("RB", RB), ("NRG", NRG), ("MASK", p["MASK"]), ("ROTQ", int(c["rotq"])),
+                ("NT", NT), ("TABN", p["TABN"]), ("SH", p["SH"]), ("QT", q.dtype)]
+    inputs = [q, c["qmul"], q2, kc1, kc2, keys["norm"], krn, vc1, vc2, values["norm"], m,
+              c["cbk1"], c["cbk2"], c["cbv1"], c["cbv2"]]
+    return inputs, template, nsp
+
+
+def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,
+           vmul: mx.array, rotv: bool, out_dtype) -> mx.array:
+    """The two kernels: split-K partials, then their combination (+ Π_Vᵀ when rotv)
+    -> (B, Hq, L, DV) in out_dtype."""
+    B, Hkv, NRG, RB, DV = p["B"], p["Hkv"], p["NRG"], p["RB"], p["DV"]
+    rows = B * Hkv * NRG
+    opart, mpart, lpart = _kernel(backend_name, "decode")(
+        inputs=inputs, template=template,
+        grid=(nsp * NT, rows, 1), threadgroup=(NT, 1, 1),
+        output_shapes=[(B, Hkv, NRG, nsp, RB, DV), (B, Hkv, NRG, nsp, RB),
+                       (B, Hkv, NRG, nsp, RB)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32])
+    (out,) = _kernel(backend_name, "reduce")(
+        inputs=[opart, mpart, lpart, vmul],
+        template=[("RB", RB), ("DV", DV), ("GQ", p["G"]), ("QL", p["L"]),
+                  ("ROTV", int(rotv)), ("OT", out_dtype)],
+        grid=(rows * RB * DV, 1, 1), threadgroup=(DV, 1, 1),
+        output_shapes=[(B, p["Hq"], p["L"], DV)], output_dtypes=[out_dtype])
+    return out
+
+
+def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, mask,
+              p: dict, backend_name: str) -> mx.array:
+    inputs, template, nsp = fused_inputs(queries, keys, values, cache, scale, mask, p)
+    c = _consts(cache, scale, p)
+    if c["rotv"]:
+        return launch(inputs, template, nsp, p, backend_name, c["vmul"], True, queries.dtype)
+    out = launch(inputs, template, nsp, p, backend_name, c["vmul"], False, mx.float32)
+    return cache.value_codec.unrotate(out).astype(queries.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def _shape_key(p: dict, queries: mx.array, cache, backend_name: str) -> tuple:
+    kc, vc = cache.key_codec, cache.value_codec
+    return (backend_name, p["B"], p["Hq"], p["Hkv"], p["L"], p["D"], p["DV"], p["MASK"],
+            str(queries.dtype), kc.METHOD, kc.bits, vc.METHOD, vc.bits)
+
+
+def _agrees(out: mx.array, ref: mx.array) -> tuple[bool, float]:
+    out32, ref32 = out.astype(mx.float32), ref.astype(mx.float32)
+    err = mx.max(mx.abs(out32 - ref32)).item()
+    tol = 2e-2 * max(mx.max(mx.abs(ref32)).item(), 1e-3) + 1e-3
+    return bool(err <= tol), err
+
+
+def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: float,
+                     mask=None, sinks: Optional[mx.array] = None) -> Optional[mx.array]:
+    """Fused attention, or None where it does not apply (the caller runs the reference)."""
+    mode = env_mode()
+    if mode is False:
+        return None
+    be = backend()
+    if be is None:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but no Metal or CUDA GPU backend is active")
+        return None
+    p = plan(queries, keys, values, cache, mask, sinks, be)
+    if p is None:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the fused kernel does not cover this call "
+                               f"(methods, head dim, query length, mask or sinks)")
+        return None
+    key = _shape_key(p, queries, cache, be)
+    state = _checked.get(key)
+    if state is False:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the fused kernel failed its check for {key}")
+        return None
+    if state is None:
+        # First use for this backend and shape: compare with the reference once.
+        from ..attention import reference_attention
+        try:
+            out = run_fused(queries, keys, values, cache, scale, mask, p, be)
+            ref = reference_attention(queries, keys, values, cache, scale, mask, sinks)
+            ok, err = _agrees(out, ref)
+            why = f"max abs error {err:.3g} vs the reference"
+        except Exception as e:  # compile or launch failure
+            if mode:
+                raise
+            ok, why = False, f"{type(e).__name__}: {e}"
+        _checked[key] = ok
+        if not ok:
+            if mode:
+                raise RuntimeError(f"fused decode kernel disagrees with the reference: {why}")
+            warnings.warn(f"mlx_lm_turbo: fused decode attention kernel disabled for {key} "
+                          f"({why}); using the reference path", stacklevel=3)
+            return None
+        return out
+    return run_fused(queries, keys, values, cache, scale, mask, p, be)

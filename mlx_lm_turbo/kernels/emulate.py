@@ -1,0 +1,210 @@
+"""Run the kernel bodies on the CPU, for tests: a third backend header maps the macros to
+C++ threads (one std::thread per GPU thread, std::barrier for the block barrier, a
+per-warp barrier plus scratch for the SIMD reductions). Blocks run one after another, so
+block-shared arrays can be ``static``. Slow, but it executes the very text the GPUs
+compile, so layout, masking and split logic are checked without a GPU.
+
+Needs g++ (C++20). ``run_fused_emulated`` mirrors ``decode.run_fused``.
+"""
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+
+import mlx.core as mx
+import numpy as np
+
+from . import decode, source
+
+CPU_HEADER = r"""
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+struct uint4 { uint32_t x, y, z, w; };
+struct float4 { float x, y, z, w; };
+#define KV_SHARED static
+#define KV_TG
+#define KV_DEV
+thread_local int emu_tid, emu_bx, emu_by;
+static int emu_nbx;
+static std::barrier<>* emu_block;
+static std::barrier<>* emu_warps[32];
+static float emu_scratch[32][32];
+#define KV_BARRIER() emu_block->arrive_and_wait()
+static float emu_warp_reduce(float x, bool is_max) {
+  const int w = emu_tid >> 5, l = emu_tid & 31;
+  emu_scratch[w][l] = x;
+  emu_warps[w]->arrive_and_wait();
+  float r = emu_scratch[w][0];
+  for (int i = 1; i < 32; ++i) r = is_max ? std::fmax(r, emu_scratch[w][i]) : r + emu_scratch[w][i];
+  emu_warps[w]->arrive_and_wait();
+  return r;
+}
+#define KV_WARP_MAX(x) emu_warp_reduce(x, true)
+#define KV_WARP_SUM(x) emu_warp_reduce(x, false)
+#define KV_EXP(x) std::exp(x)
+#define KV_MAX(a, b) std::fmax(a, b)
+#define KV_MIN(a, b) std::min(a, b)
+static float emu_h2f(uint16_t h) {
+  const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+  float v = e == 0 ? std::ldexp(float(m), -24)
+          : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 1024), e - 25);
+  return s ? -v : v;
+}
+#define KV_H2F(x) emu_h2f(x)
+#define KV_NEG_INF (-INFINITY)
+"""
+
+CPU_PRELUDE = """
+  const int kv_tid = emu_tid;
+  const int kv_bx = emu_bx;
+  const int kv_by = emu_by;
+  const int kv_nbx = emu_nbx;
+  const int kv_lane = emu_tid & 31;
+  const int kv_warp = emu_tid >> 5;
+"""
+
+_libs: dict = {}
+
+
+def _ctype(dt) -> str:
+    return {np.float32: "float", np.uint16: "uint16_t", np.uint32: "uint32_t"}[dt]
+
+
+def compile_kernel(body: str, names: list, dtypes: list, outs: list, template: list):
+    """Compile ``body`` for the CPU; returns a callable(inputs, outputs, grid_blocks, nt)."""
+    args, uses = [], []
+    for n, dt in zip(names, dtypes):
+        args.append(f"const {_ctype(dt)}* {n}")
+        u = (f"{n}_shape" in body, f"{n}_strides" in body)
+        uses.append(u)
+        if u[0]:
+            args.append(f"const int32_t* {n}_shape")
+        if u[1]:
+            args.append(f"const int64_t* {n}_strides")
+    args += [f"float* {n}" for n in outs]
+    consts = "".join(f"  using {k} = {v};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
+                     for k, v in template)
+    call = ", ".join(f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args))
+    src = (CPU_HEADER + "static void kern(" + ", ".join(args) + ") {\n" + consts + CPU_PRELUDE
+           + body + "\n}\n" + r"""
+extern "C" void launch(void** p, int gx, int gy, int nt) {
+  emu_nbx = gx;
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) {
+      std::barrier<> blk(nt);
+      std::vector<std::barrier<>*> ws;
+      for (int w = 0; w < nt / 32; ++w) { ws.push_back(new std::barrier<>(32)); emu_warps[w] = ws.back(); }
+      emu_block = &blk;
+      std::vector<std::thread> th;
+      for (int t = 0; t < nt; ++t)
+        th.emplace_back([=] { emu_tid = t; emu_bx = bx; emu_by = by; kern(""" + call + r"""); });
+      for (auto& x : th) x.join();
+      for (auto* w : ws) delete w;
+    }
+}
+""")
+    key = hashlib.sha1(src.encode()).hexdigest()[:16]
+    if key not in _libs:
+        d = os.path.join(tempfile.gettempdir(), "mlx_lm_turbo_emu")
+        os.makedirs(d, exist_ok=True)
+        cpp, so = os.path.join(d, f"{key}.cpp"), os.path.join(d, f"{key}.so")
+        if not os.path.exists(so):
+            with open(cpp, "w") as f:
+                f.write(src)
+            cxx = shutil.which("g++") or shutil.which("clang++")
+            subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                            "-Wno-unknown-pragmas", "-o", so, cpp], check=True,
+                           capture_output=True, text=True)
+        _libs[key] = (ctypes.CDLL(so), uses)
+    lib, uses = _libs[key]
+
+    def run(inputs, outputs, grid, nt):
+        keep, ptrs = [], []
+        for (arr, shape, strides), u in zip(inputs, uses):
+            keep.append(arr)
+            ptrs.append(arr.ctypes.data)
+            if u[0]:
+                s = np.array(list(shape) + [0] * 10, np.int32)
+                keep.append(s)
+                ptrs.append(s.ctypes.data)
+            if u[1]:
+                s = np.array(list(strides) + [0] * 10, np.int64)
+                keep.append(s)
+                ptrs.append(s.ctypes.data)
+        for o in outputs:
+            ptrs.append(o.ctypes.data)
+        arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        lib.launch(arr, ctypes.c_int(grid[0]), ctypes.c_int(grid[1]), ctypes.c_int(nt))
+    return run
+
+
+def _np(a: mx.array, full: mx.array = None):
+    """(contiguous numpy buffer, logical shape, element strides). With ``full`` given, ``a``
+    is a token-axis slice of it: the buffer is ``full`` and strides are full's."""
+    src = a if full is None else full
+    x = np.array(src)
+    if x.dtype == np.float16:
+        x = x.view(np.uint16)
+    x = np.ascontiguousarray(x)
+    strides = [s // x.itemsize for s in x.strides]
+    return x, list(a.shape), strides
+
+
+def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
+    """decode.run_fused with both kernels executed on the CPU. ``full`` (optional):
+    (keys_full, values_full), the buffers the packed views were sliced from, so that the
+    kernels see them as MLX hands them over (whole buffer + strides)."""
+    captured = {}
+
+    def fake_kernel(backend_name, name):
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            captured[name] = (inputs, template, grid, threadgroup, output_shapes)
+            return [mx.zeros(s, mx.float32) for s in output_shapes]
+        return call
+
+    orig = decode._kernel
+    decode._kernel = fake_kernel
+    try:
+        decode.run_fused(queries, keys, values, cache, scale, mask, p, "cuda")
+    finally:
+        decode._kernel = orig
+    views = {}
+    if full is not None:
+        for view, buf in ((keys, full[0]), (values, full[1])):
+            for k, v in view.items():
+                views[id(v)] = buf[k]
+
+    def host(a):
+        if a.dtype in (mx.bfloat16,) or (a.dtype == mx.float16 and id(a) == id(queries)):
+            a = a.astype(mx.float32)  # the kernels read queries through static_cast<float>
+        return _np(a, views.get(id(a)))
+
+    def tpl(t):
+        return [(k, "float" if isinstance(v, mx.Dtype) else v) for k, v in t]
+
+    inputs, template, grid, tg, oshapes = captured["decode"]
+    nt = tg[0]
+    arrs = [host(a) for a in inputs]
+    outs = [np.zeros(s, np.float32) for s in oshapes]
+    run = compile_kernel(source.DECODE_BODY, decode.DECODE_INPUTS, [x.dtype.type for x, _, _ in arrs],
+                         decode.DECODE_OUTPUTS, tpl(template))
+    run(arrs, outs, (grid[0] // nt, grid[1]), nt)
+    rin, rtpl, rgrid, rtg, rshapes = captured["reduce"]
+    vmul = _np(rin[3])
+    out = np.zeros(rshapes[0], np.float32)
+    run2 = compile_kernel(source.REDUCE_BODY, decode.REDUCE_INPUTS, [np.float32] * 4,
+                          decode.REDUCE_OUTPUTS, tpl(rtpl))
+    run2([(o, list(o.shape), [s // 4 for s in o.strides]) for o in outs] + [vmul], [out],
+         (rgrid[0] // rtg[0], 1), rtg[0])
+    o = mx.array(out)
+    if dict(rtpl)["ROTV"] == 0:
+        o = cache.value_codec.unrotate(o)
+    return o.astype(queries.dtype)

@@ -1,0 +1,456 @@
+"""Kernel sources: each body written once, plus a small header per backend.
+
+The bodies use only the macros and names below, so the same text compiles as Metal
+(``mx.fast.metal_kernel``) and CUDA (``mx.fast.cuda_kernel``):
+
+    KV_SHARED        declares block-shared memory (threadgroup / __shared__)
+    KV_TG, KV_DEV    address spaces for pointer casts (threadgroup / device; empty in CUDA)
+    KV_BARRIER()     block-wide barrier
+    KV_WARP_MAX/SUM  reductions over the 32 lanes of a SIMD group / warp
+    KV_EXP, KV_MAX, KV_H2F, KV_NEG_INF
+    kv_tid, kv_lane, kv_warp, kv_bx, kv_by, kv_nbx   thread / group indices (set by the prelude)
+
+MLX builds the kernel signature from the input names, and on Metal it adds a thread
+attribute only when the *source* mentions it, so the index variables are defined by a
+per-backend prelude prepended to the body rather than by header macros.
+
+Layout facts the bodies rely on (see ``packing.py``): code i of a vector sits in bits
+[i*b, (i+1)*b) of its little-endian word stream; codes/norms of token j of head h are at
+``h*stride[1] + j*W`` (the cache hands over slices along the token axis, so only the
+two outer strides vary).
+"""
+
+METAL_HEADER = """
+#define KV_SHARED threadgroup
+#define KV_TG threadgroup
+#define KV_DEV device
+#define KV_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define KV_WARP_MAX(x) simd_max(x)
+#define KV_WARP_SUM(x) simd_sum(x)
+#define KV_EXP(x) metal::exp(x)
+#define KV_MAX(a, b) metal::max(a, b)
+#define KV_MIN(a, b) metal::min(a, b)
+#define KV_H2F(x) float(x)
+#define KV_NEG_INF (-INFINITY)
+"""
+
+METAL_PRELUDE = """
+  const int kv_tid = int(thread_position_in_threadgroup.x);
+  const int kv_bx = int(threadgroup_position_in_grid.x);
+  const int kv_by = int(threadgroup_position_in_grid.y);
+  const int kv_nbx = int(threadgroups_per_grid.x);
+  const int kv_lane = int(thread_index_in_simdgroup);
+  const int kv_warp = int(simdgroup_index_in_threadgroup);
+"""
+
+CUDA_HEADER = """
+#include <cuda_fp16.h>
+#define KV_SHARED __shared__
+#define KV_TG
+#define KV_DEV
+#define KV_BARRIER() __syncthreads()
+#define KV_EXP(x) __expf(x)
+#define KV_MAX(a, b) fmaxf(a, b)
+#define KV_MIN(a, b) min(a, b)
+#define KV_H2F(x) __half2float(x)
+#define KV_NEG_INF (__int_as_float(0xff800000))
+__device__ __forceinline__ float kv_warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float kv_warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+#define KV_WARP_MAX(x) kv_warp_max(x)
+#define KV_WARP_SUM(x) kv_warp_sum(x)
+"""
+
+CUDA_PRELUDE = """
+  const int kv_tid = int(threadIdx.x);
+  const int kv_bx = int(blockIdx.x);
+  const int kv_by = int(blockIdx.y);
+  const int kv_nbx = int(gridDim.x);
+  const int kv_lane = int(threadIdx.x) & 31;
+  const int kv_warp = int(threadIdx.x) >> 5;
+"""
+
+# Split-K decode attention over packed codes. One block = one (batch, KV head, row group,
+# split of the sequence). Rows are the G*L query rows (G query heads of this KV head x L
+# positions) of the row group, so the codes of a KV head are read once for all its query
+# heads. Template constants (set by the dispatcher):
+#   D, DV       key / value head dims (DV multiple of 32)
+#   KB1, WK1    bits / words of key stream 1; KB2, WK2 of stream 2 (0 when absent)
+#   KMODE       0 mse, 1 rvq (two codebooks summed), 2 prod (stream 2 = QJL signs)
+#   VB, WV, VMODE   value bits / words; 0 mse, 1 rvq
+#   GQ, QL      query heads per KV head, query length L; RB rows per block, NRG row groups
+#   MASK        0 none, 1 causal, 2 additive array
+#   ROTQ        1: q is raw, the block applies Π_K (random signs + Hadamard) itself;
+#               0: q arrives rotated and scaled (dense rotations, prod keys)
+#   NT          threads per block (= keys per tile); TABN table floats; SH shared floats
+#   QT          the queries' dtype (only to key MLX's kernel cache)
+#
+# Score of key j for row r: s = rho_j * (sum_i T1[i][code1_i][r] + rn_j * sum_i T2[i][code2_i][r])
+# where the tables T[i][c][r] = q~_r[i] * codebook[c] are built once per block: one shared
+# load and one add per code and row, no multiply and no separate codebook lookup.
+DECODE_BODY = """
+  constexpr int NW = NT / 32;
+  constexpr int NC1 = 1 << KB1;
+  constexpr int NC2 = (KB2 > 0) ? (1 << KB2) : 1;
+  constexpr int T2OFF = D * NC1 * RB;
+  constexpr int DPL = DV / 32;
+  constexpr int NCV = 1 << VB;
+  constexpr uint32_t KM1 = (1u << KB1) - 1u;
+  constexpr uint32_t KM2 = (KB2 > 0) ? ((1u << KB2) - 1u) : 0u;
+  constexpr uint32_t VM = (1u << VB) - 1u;
+  constexpr int RPAD = NRG * RB;
+  constexpr int NV = VMODE == 1 ? 2 : 1;
+
+  // sm: [score tables (TABN) | q rows, later the tile's value codes]; at the end the
+  // per-warp partial sums reuse it from the start.
+  KV_SHARED float4 sm4[SH / 4];
+  KV_SHARED float cbv_s[2 * NCV];
+  KV_SHARED float red_s[NW * RB];
+  KV_SHARED float4 ws4[(NT * RB + 3) / 4];
+  KV_TG float* tab = (KV_TG float*)sm4;
+  KV_TG float* qs = tab + TABN;
+  KV_TG uint32_t* vst = (KV_TG uint32_t*)(tab + TABN);
+  KV_TG float* ws_s = (KV_TG float*)ws4;
+
+  const int split = kv_bx;
+  const int nsp = kv_nbx;
+  const int S = int(kn_shape[2]);
+  const int bh = kv_by / NRG;
+  const int rg = kv_by - bh * NRG;
+  const int H = int(kn_shape[1]);
+  const int b = bh / H;
+  const int h = bh - b * H;
+
+  // Which tokens this split owns: chunks are whole tiles.
+  int chunk = (S + nsp - 1) / nsp;
+  chunk = ((chunk + NT - 1) / NT) * NT;
+  const int start = split * chunk;
+  const int end = KV_MIN(S, start + chunk);
+
+  // ---- query rows -> shared (row rr = g*QL + l; rows past GQ*QL are zero) ----
+  for (int e = kv_tid; e < RB * D; e += NT) {
+    const int r = e / D;
+    const int i = e - r * D;
+    const int rr = rg * RB + r;
+    float v = 0.0f;
+    if (rr < GQ * QL) {
+      const int g = rr / QL;
+      const int l = rr - g * QL;
+      v = static_cast<float>(q[long(b) * q_strides[0] + long(h * GQ + g) * q_strides[1]
+                               + long(l) * q_strides[2] + i]) * qmul[i];
+    }
+    qs[e] = v;
+  }
+  KV_BARRIER();
+  if (ROTQ == 1) {
+    // Unnormalised fast Walsh-Hadamard transform of each row (qmul holds signs*scale/sqrt(D)).
+    for (int hh = 1; hh < D; hh <<= 1) {
+      for (int e = kv_tid; e < RB * D / 2; e += NT) {
+        const int r = e / (D / 2);
+        const int k = e - r * (D / 2);
+        const int i = r * D + (k / hh) * 2 * hh + (k % hh);
+        const float x0 = qs[i];
+        const float x1 = qs[i + hh];
+        qs[i] = x0 + x1;
+        qs[i + hh] = x0 - x1;
+      }
+      KV_BARRIER();
+    }
+  }
+
+  // ---- score tables and value codebooks ----
+  for (int e = kv_tid; e < D * NC1 * RB; e += NT) {
+    const int r = e % RB;
+    const int c = (e / RB) % NC1;
+    const int i = e / (RB * NC1);
+    tab[e] = qs[r * D + i] * cbk1[c];
+  }
+  if (KB2 > 0) {
+    for (int e = kv_tid; e < D * NC2 * RB; e += NT) {
+      const int r = e % RB;
+      const int c = (e / RB) % NC2;
+      const int i = e / (RB * NC2);
+      float qv = qs[r * D + i];
+      if (KMODE == 2) {
+        const int rr = rg * RB + r;
+        qv = 0.0f;
+        if (rr < GQ * QL) {
+          const int g = rr / QL;
+          const int l = rr - g * QL;
+          qv = q2[long(b) * q2_strides[0] + long(h * GQ + g) * q2_strides[1]
+                  + long(l) * q2_strides[2] + i];
+        }
+      }
+      tab[T2OFF + e] = qv * cbk2[c];
+    }
+  }
+  for (int e = kv_tid; e < 2 * NCV; e += NT) {
+    cbv_s[e] = (e < NCV) ? cbv1[e] : ((VMODE == 1) ? cbv2[e - NCV] : 0.0f);
+  }
+
+  const long kbase1 = long(b) * kc1_strides[0] + long(h) * kc1_strides[1];
+  const long kbase2 = long(b) * kc2_strides[0] + long(h) * kc2_strides[1];
+  const long knb = long(b) * kn_strides[0] + long(h) * kn_strides[1];
+  const long krb = long(b) * krn_strides[0] + long(h) * krn_strides[1];
+  const long vbase1 = long(b) * vc1_strides[0] + long(h) * vc1_strides[1];
+  const long vbase2 = long(b) * vc2_strides[0] + long(h) * vc2_strides[1];
+  const long vnb = long(b) * vn_strides[0] + long(h) * vn_strides[1];
+  const long mrow = long(bh * RPAD + rg * RB) * long(S);
+
+  // This lane's value dims are [kv_lane*DPL, (kv_lane+1)*DPL): one window of DPL*VB <= 32
+  // bits starting at vbit0, read from at most two words.
+  const int vbit0 = kv_lane * DPL * VB;
+  const int vw0 = vbit0 >> 5;
+  const int voff = vbit0 & 31;
+  const int vw1 = KV_MIN(vw0 + 1, WV - 1);
+
+  float m_run[RB];
+  float l_run[RB];
+  float acc[DPL * RB];
+  for (int r = 0; r < RB; ++r) { m_run[r] = KV_NEG_INF; l_run[r] = 0.0f; }
+  for (int k = 0; k < DPL * RB; ++k) acc[k] = 0.0f;
+
+  KV_BARRIER();
+
+  for (int tile = start; tile < end; tile += NT) {
+    // The tile's value codes are one contiguous run: issue those loads (coalesced) first,
+    // so they are in flight during the scores; they reach shared memory after barrier 1.
+    const int vcnt = KV_MIN(NT, end - tile) * WV;
+    uint32_t vreg[WV];
+    uint32_t vreg2[NV == 2 ? WV : 1];
+#pragma unroll
+    for (int k = 0; k < WV; ++k) {
+      const int e = kv_tid + k * NT;
+      vreg[k] = e < vcnt ? vc1[vbase1 + long(tile) * WV + e] : 0u;
+      if (NV == 2) vreg2[k] = e < vcnt ? vc2[vbase2 + long(tile) * WV + e] : 0u;
+    }
+
+    // ---- scores: one thread per key ----
+    const int j = tile + kv_tid;
+    const bool valid = j < end;
+    float s[RB];
+    float s2[RB];
+    for (int r = 0; r < RB; ++r) { s[r] = 0.0f; s2[r] = 0.0f; }
+    float vnorm = 0.0f;
+    if (valid) {
+      uint32_t kw[WK1];
+      const KV_DEV uint32_t* kp = kc1 + kbase1 + long(j) * WK1;
+      if (WK1 % 4 == 0) {
+#pragma unroll
+        for (int w = 0; w < WK1 / 4; ++w) {
+          const uint4 v = ((const KV_DEV uint4*)kp)[w];
+          kw[4 * w] = v.x; kw[4 * w + 1] = v.y; kw[4 * w + 2] = v.z; kw[4 * w + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < WK1; ++w) kw[w] = kp[w];
+      }
+      const float rho = KV_H2F(kn[knb + j]);
+      const float rn = (KMODE == 2) ? KV_H2F(krn[krb + j]) : 1.0f;
+      vnorm = KV_H2F(vn[vnb + j]);
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        const int bit = i * KB1;
+        const int wi = bit >> 5;
+        const int off = bit & 31;
+        uint32_t code = kw[wi] >> off;
+        if (off + KB1 > 32) code |= kw[wi + 1] << (32 - off);
+        code &= KM1;
+        const int t = (i * NC1 + int(code)) * RB;
+        if (RB % 4 == 0) {
+#pragma unroll
+          for (int r4 = 0; r4 < RB / 4; ++r4) {
+            const float4 tv = sm4[t / 4 + r4];
+            s[4 * r4] += tv.x; s[4 * r4 + 1] += tv.y; s[4 * r4 + 2] += tv.z; s[4 * r4 + 3] += tv.w;
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < RB; ++r) s[r] += tab[t + r];
+        }
+      }
+      if (KB2 > 0) {
+        uint32_t kw2[WK2 > 0 ? WK2 : 1];
+        const KV_DEV uint32_t* kp2 = kc2 + kbase2 + long(j) * WK2;
+        if (WK2 % 4 == 0) {
+#pragma unroll
+          for (int w = 0; w < WK2 / 4; ++w) {
+            const uint4 v = ((const KV_DEV uint4*)kp2)[w];
+            kw2[4 * w] = v.x; kw2[4 * w + 1] = v.y; kw2[4 * w + 2] = v.z; kw2[4 * w + 3] = v.w;
+          }
+        } else {
+#pragma unroll
+          for (int w = 0; w < WK2; ++w) kw2[w] = kp2[w];
+        }
+#pragma unroll
+        for (int i = 0; i < D; ++i) {
+          const int bit = i * KB2;
+          const int wi = bit >> 5;
+          const int off = bit & 31;
+          uint32_t code = kw2[wi] >> off;
+          if (off + KB2 > 32) code |= kw2[wi + 1] << (32 - off);
+          code &= KM2;
+          const int t = T2OFF + (i * NC2 + int(code)) * RB;
+          if (RB % 4 == 0) {
+#pragma unroll
+            for (int r4 = 0; r4 < RB / 4; ++r4) {
+              const float4 tv = sm4[t / 4 + r4];
+              s2[4 * r4] += tv.x; s2[4 * r4 + 1] += tv.y;
+              s2[4 * r4 + 2] += tv.z; s2[4 * r4 + 3] += tv.w;
+            }
+          } else {
+#pragma unroll
+            for (int r = 0; r < RB; ++r) s2[r] += tab[t + r];
+          }
+        }
+      }
+      for (int r = 0; r < RB; ++r) s[r] = rho * (s[r] + rn * s2[r]);
+      if (MASK == 1) {
+        for (int r = 0; r < RB; ++r) {
+          const int l = (rg * RB + r) % QL;
+          if (j > S - QL + l) s[r] = KV_NEG_INF;
+        }
+      } else if (MASK == 2) {
+        for (int r = 0; r < RB; ++r) s[r] += mask[mrow + long(r) * S + j];
+      }
+    } else {
+      for (int r = 0; r < RB; ++r) s[r] = KV_NEG_INF;
+    }
+
+    // ---- online softmax: the tile max is block-uniform ----
+    for (int r = 0; r < RB; ++r) {
+      const float mw = KV_WARP_MAX(s[r]);
+      if (kv_lane == 0) red_s[kv_warp * RB + r] = mw;
+    }
+    KV_BARRIER();
+    // Every warp is past the previous tile's value phase: the stage can be overwritten.
+#pragma unroll
+    for (int k = 0; k < WV; ++k) {
+      vst[kv_tid + k * NT] = vreg[k];
+      if (NV == 2) vst[NT * WV + kv_tid + k * NT] = vreg2[k];
+    }
+    float alpha[RB];
+    for (int r = 0; r < RB; ++r) {
+      float mn = m_run[r];
+      for (int w = 0; w < NW; ++w) mn = KV_MAX(mn, red_s[w * RB + r]);
+      alpha[r] = (m_run[r] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[r] - mn);
+      m_run[r] = mn;
+      const float p = (s[r] == KV_NEG_INF) ? 0.0f : KV_EXP(s[r] - mn);
+      l_run[r] = l_run[r] * alpha[r] + p;
+      ws_s[kv_tid * RB + r] = p * vnorm;
+    }
+    for (int k = 0; k < DPL; ++k)
+      for (int r = 0; r < RB; ++r) acc[k * RB + r] *= alpha[r];
+    KV_BARRIER();
+
+    // ---- values: warp w takes keys w, w+NW, ...; lane owns DPL consecutive dims ----
+    const int nk = KV_MIN(NT, end - tile);
+    for (int t = kv_warp; t < nk; t += NW) {
+      float wr[RB];
+      if (RB % 4 == 0) {
+        for (int r4 = 0; r4 < RB / 4; ++r4) {
+          const float4 wv = ws4[(t * RB) / 4 + r4];
+          wr[4 * r4] = wv.x; wr[4 * r4 + 1] = wv.y; wr[4 * r4 + 2] = wv.z; wr[4 * r4 + 3] = wv.w;
+        }
+      } else {
+        for (int r = 0; r < RB; ++r) wr[r] = ws_s[t * RB + r];
+      }
+      uint32_t x = vst[t * WV + vw0] >> voff;
+      if (voff + DPL * VB > 32) x |= vst[t * WV + vw1] << (32 - voff);
+      uint32_t x2 = 0u;
+      if (NV == 2) {
+        x2 = vst[NT * WV + t * WV + vw0] >> voff;
+        if (voff + DPL * VB > 32) x2 |= vst[NT * WV + t * WV + vw1] << (32 - voff);
+      }
+#pragma unroll
+      for (int k = 0; k < DPL; ++k) {
+        float c = cbv_s[(x >> (k * VB)) & VM];
+        if (NV == 2) c += cbv_s[NCV + ((x2 >> (k * VB)) & VM)];
+#pragma unroll
+        for (int r = 0; r < RB; ++r) acc[k * RB + r] += wr[r] * c;
+      }
+    }
+  }
+
+  // ---- block partials: sum l over threads and acc over warps (reusing shared memory) ----
+  KV_BARRIER();
+  for (int r = 0; r < RB; ++r) {
+    const float lw = KV_WARP_SUM(l_run[r]);
+    if (kv_lane == 0) red_s[kv_warp * RB + r] = lw;
+  }
+  for (int k = 0; k < DPL; ++k)
+    for (int r = 0; r < RB; ++r)
+      tab[(kv_warp * DV + kv_lane * DPL + k) * RB + r] = acc[k * RB + r];
+  KV_BARRIER();
+  const long pidx = long(kv_by) * nsp + split;
+  for (int e = kv_tid; e < RB * DV; e += NT) {
+    const int r = e / DV;
+    const int d = e - r * DV;
+    float o = 0.0f;
+    for (int w = 0; w < NW; ++w) o += tab[(w * DV + d) * RB + r];
+    opart[pidx * RB * DV + e] = o;
+  }
+  if (kv_tid < RB) {
+    float lt = 0.0f;
+    for (int w = 0; w < NW; ++w) lt += red_s[w * RB + kv_tid];
+    mpart[pidx * RB + kv_tid] = m_run[kv_tid];
+    lpart[pidx * RB + kv_tid] = lt;
+  }
+"""
+
+# Combines the splits of one output row: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,
+# then (ROTV) Π_Vᵀ = Hadamard + random signs in shared memory, written straight into the
+# (B, Hq, L, DV) output in the queries' dtype OT. One block of DV threads per row;
+# partials are [B, Hkv, NRG, split, RB, DV].
+REDUCE_BODY = """
+  KV_SHARED float buf[DV];
+  const int Hkv = int(opart_shape[1]);
+  const int nrg = int(opart_shape[2]);
+  const int nsp = int(opart_shape[3]);
+  const int row = kv_bx;                 // (b, h, rg, r)
+  const int r = row % RB;
+  const int rb = row / RB;               // (b, h, rg)
+  const int rg = rb % nrg;
+  const int bh = rb / nrg;
+  const int d = kv_tid;
+  float mx_ = KV_NEG_INF;
+  for (int s = 0; s < nsp; ++s) mx_ = KV_MAX(mx_, mpart[(rb * nsp + s) * RB + r]);
+  float num = 0.0f;
+  float den = 0.0f;
+  if (mx_ != KV_NEG_INF) {
+    for (int s = 0; s < nsp; ++s) {
+      const float m = mpart[(rb * nsp + s) * RB + r];
+      if (m == KV_NEG_INF) continue;
+      const float w = KV_EXP(m - mx_);
+      num += w * opart[((rb * nsp + s) * RB + r) * DV + d];
+      den += w * lpart[(rb * nsp + s) * RB + r];
+    }
+  }
+  buf[d] = den > 0.0f ? num / den : 0.0f;
+  KV_BARRIER();
+  if (ROTV == 1) {
+    for (int hh = 1; hh < DV; hh <<= 1) {
+      if (d < DV / 2) {
+        const int i = (d / hh) * 2 * hh + (d % hh);
+        const float x0 = buf[i];
+        const float x1 = buf[i + hh];
+        buf[i] = x0 + x1;
+        buf[i + hh] = x0 - x1;
+      }
+      KV_BARRIER();
+    }
+  }
+  const int rr = rg * RB + r;
+  if (rr < GQ * QL) {
+    const int b = bh / Hkv;
+    const int h = bh - b * Hkv;
+    const int g = rr / QL;
+    const int l = rr - g * QL;
+    const long o = (long(b * Hkv * GQ + h * GQ + g) * QL + l) * DV + d;
+    out[o] = static_cast<OT>(buf[d] * vmul[d]);
+  }
+"""
