@@ -160,6 +160,7 @@ def test_to_fp16_loads_in_unpatched_mlx_lm(tiny_model, tiny_ids, fp_file, tmp_pa
               " sorted(m))\n")
     e = dict(os.environ)
     e.pop("PYTHONPATH", None)
+    e["MLX_LM_TURBO_DISABLE"] = "1"  # the installed start-up hook would patch mlx-lm
     r = subprocess.run([sys.executable, "-c", script, str(plain)], capture_output=True,
                        text=True, env=e, cwd="/", timeout=300)
     assert r.returncode == 0, r.stderr
@@ -478,6 +479,7 @@ def test_real_model_round_trip(tmp_path):
     back = tmp_path / "alice-back.safetensors"
     run_ok([py, "-m", "mlx_lm_turbo.convert-cache", small, back, "--to", "fp16"], env=e, cwd=ROOT)
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain["MLX_LM_TURBO_DISABLE"] = "1"  # the installed start-up hook would patch mlx-lm
     r = run_ok([py, "-c", "import sys\nfrom mlx_lm.models import cache as C\n"
                 "assert not hasattr(C, 'TurboKVCache')\n"
                 "c = C.load_prompt_cache(sys.argv[1])\n"
