@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-COMMANDS = ("generate", "cache_prompt")
+COMMANDS = ("generate", "cache_prompt", "server")
 
 
 def main() -> None:
@@ -15,6 +15,8 @@ def main() -> None:
 
     patch.apply()
     command = sys.argv.pop(1)
+    if command == "server":
+        patch.apply_server()
     sys.argv[0] = f"mlx_lm.{command}"
     importlib.import_module(f"mlx_lm.{command}").main()
 

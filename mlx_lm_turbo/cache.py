@@ -14,6 +14,7 @@ depend on how the prompt was split into blocks (prefill would no longer equal a
 token-by-token decode). Without it ``key_mean`` is a zero vector.
 """
 
+import copy
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -151,6 +152,15 @@ class TurboKVCache(_BaseCache):
             for name, a in fresh.items():
                 store[name][:, :, prev:self.offset] = a
         return self.keys_and_values()
+
+    def __deepcopy__(self, memo):
+        """Copies the buffers (they are written in place) but shares the codecs: mlx-lm's
+        LRUPromptCache deep-copies every cache it hands out."""
+        new = self.__class__.__new__(self.__class__)
+        for name, value in self.__dict__.items():
+            shared = name in ("key_codec", "value_codec", "dtype")
+            setattr(new, name, value if shared else copy.deepcopy(value, memo))
+        return new
 
     @property
     def capacity(self) -> int:

@@ -71,6 +71,19 @@ def test_centred_keys_leave_attention_unchanged():
     assert mx.allclose(out, ref, atol=1e-4)
 
 
+def test_deepcopy_is_independent():
+    import copy
+
+    c = TurboKVCache("turboquant_mse", 3)
+    c.update_and_fetch(mx.random.normal((1, 2, 10, 64)), mx.random.normal((1, 2, 10, 64)))
+    d = copy.deepcopy(c)
+    before = mx.array(c.keys["codes"])
+    d.trim(5)
+    d.update_and_fetch(mx.random.normal((1, 2, 5, 64)), mx.random.normal((1, 2, 5, 64)))
+    assert c.offset == 10 and mx.array_equal(c.keys["codes"], before)
+    assert d.key_codec is c.key_codec
+
+
 def test_config_rejects_key_only_value_method():
     with pytest.raises(ValueError, match="key-only"):
         TurboConfig("turboquant_mse", 4, "qjl", 1)
