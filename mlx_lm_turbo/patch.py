@@ -142,6 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Method for values (default: --kv-method, or turboquant_mse for "
                         "the key-only methods turboquant_prod and qjl).")
     g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
+    g.add_argument("--kv-center-keys", action="store_true",
+                   help="Subtract each head's mean key of the first block before coding "
+                        "(exact for attention; ~3%% lower perplexity at 3-4 bits on "
+                        "SmolLM2, but the codes then depend on how the prompt is split).")
     g.add_argument("--ratequant-target", type=float, default=None,
                    help="RateQuant: average bits/element (metadata counted) to spend, "
                         "allocated per layer and K/V after a short calibration.")
@@ -193,7 +197,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        quantized_kv_start=getattr(args, "quantized_kv_start", 0) or 0,
                        ratequant_target=target, ratequant_solver=args.ratequant_solver,
                        ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
-                       ratequant_calibration=args.ratequant_calibration)
+                       ratequant_calibration=args.ratequant_calibration,
+                       center_keys=getattr(args, "kv_center_keys", False))
 
 
 def _patch_parser_factory(module) -> None:
