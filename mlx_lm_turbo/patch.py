@@ -183,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     elif value_bits not in codecs.bits_range(value_method) and bits == value_bits \
             and args.kv_value_bits is None and value_method != key_method:
         value_bits = DEFAULT_BITS[value_method]  # e.g. qjl 1-bit keys, default values
-    if getattr(args, "kv_group_size", 64) != 64 and "--kv-group-size" in sys.argv:
+    if getattr(args, "kv_group_size", 64) != 64:
         raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
     target = getattr(args, "ratequant_target", None)
     if target is not None and target <= 0:

@@ -240,3 +240,11 @@ def test_cache_prompt_file_then_generate(tmp_path):
     assert r.returncode == 0 and "30/30 layers compressed" in r.stdout, r.stderr[-2000:]
     r = run_cli("--prompt-cache-file", path, "--prompt", "x", "--kv-method", "turboquant_mse")
     assert r.returncode != 0 and "was compressed with turboquant_rvq" in r.stderr, r.stderr[-800:]
+
+
+def test_unsupported_mlx_lm_version_fails_loudly(monkeypatch):
+    import mlx_lm
+
+    monkeypatch.setattr(mlx_lm, "__version__", "0.40.1")
+    with pytest.raises(RuntimeError, match="supports mlx-lm >= 0.32.0, < 0.33.0; found 0.40.1"):
+        patch.check_mlx_lm_version()
