@@ -1,0 +1,58 @@
+"""End-to-end run of the quality evaluator on a tiny slice (a few hundred tokens)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mlx_lm_turbo import eval as ev
+
+MODEL = Path(ev.DEFAULT_MODEL)
+DATA = Path(ev.DEFAULT_DATA)
+
+pytestmark = pytest.mark.skipif(
+    not (MODEL / "config.json").exists() or not (DATA / "wikitext2_test.raw").exists(),
+    reason="needs ../shared/models and ../shared/data")
+
+
+def test_parse_spec():
+    s = ev.parse_spec("affine4g32")
+    assert (s.kind, s.bits, s.group_size) == ("affine", 4, 32)
+    s = ev.parse_spec("k4v2-mse")
+    assert (s.turbo.key_bits, s.turbo.value_bits) == (4, 2)
+    assert s.turbo.key_method == s.turbo.value_method == "turboquant_mse"
+    s = ev.parse_spec("prod3")
+    assert (s.turbo.key_method, s.turbo.value_method) == ("turboquant_prod", "turboquant_mse")
+    s = ev.parse_spec("rvq1")
+    assert s.turbo.key_method == "turboquant_rvq" and s.turbo.key_bits == 1
+    with pytest.raises(ValueError):
+        ev.parse_spec("nonsense")
+
+
+def test_quick_end_to_end(tmp_path):
+    results = ev.main(["--quick", "--configs", "fp16,affine8g64,mse8", "--check", "mse8",
+                       "--out-dir", str(tmp_path)])
+    rows = {r["name"]: r for r in results["configs"]}
+    fp16, mse8, aff8 = rows["fp16"], rows["mse8"], rows["affine8g64"]
+    assert math.isfinite(fp16["ppl"]) and 1.0 < fp16["ppl"] < 1000
+    assert abs(mse8["ppl"] / fp16["ppl"] - 1) < 0.02
+    assert abs(aff8["ppl"] / fp16["ppl"] - 1) < 0.02
+    # bytes come from the caches: fp16 holds 16 bits/elt, ours far less
+    assert fp16["kv"]["bits_per_element"] == pytest.approx(16.0)
+    assert aff8["kv"]["bits_per_element"] == pytest.approx(8.5)
+    assert mse8["kv"]["bits_per_element"] < 8.5
+    assert mse8["kv"]["kv_bytes"] < fp16["kv"]["kv_bytes"] / 1.9
+    assert fp16["greedy"]["agreement"] == 1.0
+    assert 0.0 <= mse8["greedy"]["agreement"] <= 1.0
+    assert 0.0 <= fp16["needle"]["rate"] <= 1.0
+    check = results["prefill_vs_decode"][0]
+    # identical inputs: equal up to float noise (at 8 bits a 1-ulp difference can move
+    # a coordinate to the neighbouring centroid, a ~1% change of one output)
+    assert check["layer0_attention_max_abs_diff"] < 0.05 * check["layer0_attention_max_abs_output"]
+    assert abs(check["ppl_block"] / check["ppl_token"] - 1) < 0.05
+    for name in ("quality.md", "quality.json"):
+        assert (tmp_path / name).exists()
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["settings"]["ppl_windows"] == 1
+    assert "| fp16 |" in (tmp_path / "quality.md").read_text()
