@@ -115,7 +115,9 @@ def generate(model, tokenizer, prompt, verbose=False, **kwargs):
     global _last_caches
     _last_caches = None
     loaded = kwargs.get("prompt_cache")
-    if loaded and _config is not None and _config.ratequant_target is None:
+    unresolved = _config is not None and _config.ratequant_target is not None \
+        and _config.layer_bits is None
+    if loaded and _config is not None and not unresolved:
         try:
             check_loaded_cache(loaded, _config)
         except ValueError as e:

@@ -74,3 +74,20 @@ def test_calibration_on_the_real_model_is_fast(real_model):
     assert cal.measured[1].shape == (30, 2) and np.all(cal.measured[1] > cal.measured[4])
     bits = ratequant.allocate(cal, "turboquant_mse", 2.5)
     assert abs(ratequant.mean_bits_per_element(cal, "turboquant_mse", "turboquant_mse", bits) - 2.5) < 0.02
+
+
+def test_prompt_cache_file_is_checked_against_the_allocation():
+    import mlx.core as mx
+
+    from mlx_lm_turbo import patch
+    from mlx_lm_turbo.cache import TurboKVCache
+
+    caches = [TurboKVCache("turboquant_mse", kb, "turboquant_mse", vb, layer=i)
+              for i, (kb, vb) in enumerate([(4, 2), (3, 3)])]
+    for c in caches:
+        c.update_and_fetch(mx.zeros((1, 1, 2, 64)) + 1, mx.zeros((1, 1, 2, 64)) + 1)
+    same = TurboConfig("turboquant_mse", 4, layer_bits=((4, 2), (3, 3)))
+    patch.check_loaded_cache(caches, same)
+    other = TurboConfig("turboquant_mse", 4, layer_bits=((4, 2), (4, 3)))
+    with pytest.raises(ValueError, match="layer 1 was compressed with turboquant_mse K3"):
+        patch.check_loaded_cache(caches, other)
