@@ -328,6 +328,19 @@ def apply_server() -> None:
     server.argparse = proxy
     if getattr(server, "make_prompt_cache", None) is _originals["make_prompt_cache"]:
         server.make_prompt_cache = make_prompt_cache
+    run_http = server._run_http_server
+    base_class = run_http.__defaults__[0]
+
+    class ServerWithBacklog(base_class):
+        # socketserver listens with a backlog of 5: the 6th simultaneous client is reset.
+        request_queue_size = 128
+
+    def _run_http_server(host, port, response_generator, server_class=base_class, *args):
+        if _config is not None and server_class is base_class:
+            server_class = ServerWithBacklog
+        return run_http(host, port, response_generator, server_class, *args)
+
+    server._run_http_server = _run_http_server
     patched_load = globals().get("load")
     if patched_load is not None and _originals.get("load") is not None \
             and getattr(server, "load", None) is _originals["load"]:

@@ -279,7 +279,17 @@ JOBS = [("text", "One, two, three, four,", False),
         ("text", "The quick brown fox jumps over the lazy dog. The dog", True),
         ("chat", "List the days of the week, starting with Monday.", False),
         ("text", "Paris is the capital of", False),
-        ("chat", "Hi!", False)]
+        ("chat", "Hi!", False),
+        ("text", "Once upon a time, in a small village by the river, there lived", True),
+        ("chat", "What is the boiling point of water in Celsius?", False),
+        ("text", "1, 1, 2, 3, 5, 8,", False),
+        ("chat", "Give me a synonym for happy.", True),
+        ("text", "The first president of the United States was", False),
+        ("chat", "Translate 'good morning' into French.", False),
+        ("text", "A B C D E F", True),
+        ("chat", "Name a planet in the solar system that has rings.", False),
+        ("text", "Photosynthesis is the process by which plants", False),
+        ("chat", "Say something nice.", True)]  # 16 concurrent requests, lengths 2..16 words
 # the first reuses the cache of the same prompt sent before; the others share no prefix
 JOBS_WITH_REUSE = [("text", "A list of fruits: apple, banana,", False),
                    ("text", "Seven days make a", False),
