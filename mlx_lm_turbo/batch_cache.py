@@ -333,9 +333,6 @@ class BatchTurboKVCache(TurboKVCache):
     def size(self) -> int:
         return self._idx
 
-    def is_trimmable(self) -> bool:
-        return True
-
     def trim(self, n: int) -> int:
         n = min(self._idx, n)
         self._idx -= n

@@ -73,8 +73,7 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
         method if method in codecs.VALUE_METHODS else "turboquant_mse"))
     text = text if text is not None else CALIBRATION_TEXT.read_text()
     tokens = mx.array(tokenizer.encode(text)[:max_tokens])
-    base = patch._originals.get("make_prompt_cache")
-    caches = base(model) if base else None
+    caches = patch._originals["make_prompt_cache"](model)  # mlx-lm's own, never turbo
     layers = [i for i, c in enumerate(caches) if type(c) is KVCache]
     for i in layers:
         caches[i] = CalibrationCache()
