@@ -26,7 +26,6 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import create_causal_mask, dynamic_roll
 
-from . import codecs
 from .cache import TurboKVCache
 
 log = logging.getLogger("mlx_lm_turbo")
@@ -305,7 +304,7 @@ class BatchTurboKVCache(TurboKVCache):
                 _decode_batch = keys.shape[0]
                 log.info("mlx-lm-turbo: decoding a batch of %d sequences", _decode_batch)
         self._update_means(keys, prev)
-        k = self.key_codec.encode(keys - self.key_mean)
+        k = self.key_codec.encode(keys - self.key_mean if self.center_keys else keys)
         v = self.value_codec.encode(values)
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step
@@ -341,16 +340,6 @@ class BatchTurboKVCache(TurboKVCache):
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
         return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, **kwargs)
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    @property
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        mean = self.key_mean.nbytes if self.key_mean is not None else 0
-        return codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values) + mean
 
     @property
     def state(self):

@@ -131,7 +131,8 @@ class TurboKVCache(_BaseCache):
             self.dtype = keys.dtype
             mean = keys.astype(mx.float32).mean(axis=2, keepdims=True)
             self.key_mean = (mean if self.center_keys else mx.zeros_like(mean)).astype(mx.float16)
-        k = self.key_codec.encode(keys - self.key_mean)
+        # Without centring key_mean is zero: skip the subtraction on the per-token path.
+        k = self.key_codec.encode(keys - self.key_mean if self.center_keys else keys)
         v = self.value_codec.encode(values)
         prev, n = self.offset, keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
@@ -200,8 +201,8 @@ class TurboKVCache(_BaseCache):
         """Bytes held by the buffers (codes and scalars, allocated capacity)."""
         if self.keys is None:
             return 0
-        return (codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values)
-                + self.key_mean.nbytes)
+        mean = 0 if self.key_mean is None else self.key_mean.nbytes
+        return codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values) + mean
 
     @property
     def bits_per_element(self) -> float:
