@@ -25,6 +25,12 @@ def normalize(x: mx.array) -> tuple[mx.array, mx.array]:
     return unit, norm[..., 0].astype(NORM_DTYPE)
 
 
+def corrected_norm(norm: mx.array, recon_unit: mx.array) -> mx.array:
+    """‖x‖ / ‖x̂_unit‖ in the stored fp16, so that ρ·x̂_unit has x's norm."""
+    recon_norm = mx.sqrt((recon_unit * recon_unit).sum(axis=-1))
+    return (norm.astype(mx.float32) / mx.maximum(recon_norm, 1e-30)).astype(NORM_DTYPE)
+
+
 class RotatedCodec:
     """Shared front end: ρ = ‖x‖ stored in fp16, y = Π x/ρ coded by the subclass."""
 

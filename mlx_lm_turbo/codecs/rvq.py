@@ -3,7 +3,8 @@
 t = √d·y is close to N(0, 1). Stage 1 codes t with the b-bit Gaussian Lloyd-Max
 codebook; stage 2 codes the residual with the b-bit Laplacian (heavier tails)
 Lloyd-Max codebook scaled to the residual's standard deviation, which is known in
-closed form from stage 1 (its distortion), so no per-vector scale is stored.
+closed form from stage 1 (its distortion), so no per-vector scale is stored. The norm is
+stored corrected as in the MSE codec (x̂ keeps x's norm).
 """
 
 import math
@@ -12,7 +13,7 @@ import mlx.core as mx
 
 from ..codebooks import lloyd_max, quantize
 from ..packing import pack, unpack, words_per_vector
-from .common import NORM_BITS, RotatedCodec, check_input, normalize
+from .common import NORM_BITS, RotatedCodec, check_input, corrected_norm, normalize
 
 
 class RVQCodec(RotatedCodec):
@@ -36,7 +37,9 @@ class RVQCodec(RotatedCodec):
         t = self.rotation.forward(unit) / self.scale
         idx1 = quantize(t, self.boundaries1, self.bits)
         idx2 = quantize(t - self.centroids1[idx1], self.boundaries2, self.bits)
-        return {"codes1": pack(idx1, self.bits), "codes2": pack(idx2, self.bits), "norm": norm}
+        recon = (self.centroids1[idx1] + self.centroids2[idx2]) * self.scale
+        return {"codes1": pack(idx1, self.bits), "codes2": pack(idx2, self.bits),
+                "norm": corrected_norm(norm, recon)}
 
     def decode_rotated(self, packed: dict) -> mx.array:
         idx1 = unpack(packed["codes1"], self.bits, self.dim)
