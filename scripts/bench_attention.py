@@ -1,8 +1,11 @@
 """Decode attention: fused kernels over packed codes vs fp16 SDPA, mlx-lm's quantized
 attention and dequantize+SDPA (our reference), plus a correctness sweep and an end-to-end
-decode of a Llama-3.2-3B-shaped model with random weights.
+decode of a Llama-3.2-3B-shaped model with random weights. The ``encode`` section checks
+the fused encode kernel (cache append) against the codecs and times it against their MLX
+encode.
 
-    python scripts/bench_attention.py --out DIR [--sections correctness,micro,e2e]
+    python scripts/bench_attention.py --out DIR [--sections correctness,encode,micro,e2e]
+    python scripts/bench_attention.py --out DIR --sections encode,append   # the encode alone
 
 Timings are reported under two protocols: ``queued`` (20 calls built then one eval, as
 inside a decode step) and ``synced`` (one eval per call, including the fixed launch and
@@ -29,6 +32,7 @@ from mlx_lm_turbo import kernels  # noqa: E402
 from mlx_lm_turbo.attention import reference_attention, turbo_attention  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
 from mlx_lm_turbo.kernels import decode  # noqa: E402
+from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
 
 RESULTS: dict = {}
 OUT = "."
@@ -46,6 +50,20 @@ def log(*a) -> None:
 def filled_cache(km, kb, vm, vb, k, v, seed=0):
     c = TurboKVCache(km, kb, vm, vb, seed=seed)
     keys, values = c.update_and_fetch(k, v)
+    mx.eval(keys, values)
+    return c, keys, values
+
+
+def windowed_cache(km, kb, vm, vb, k, v, W, L=1, seed=0, center=False, trim=0):
+    """A cache with an fp16 window of W tokens: all but the last L tokens (plus ``trim``
+    more, trimmed off again: their copies go, fewer than W remain), then the last L
+    appended, so keys/values are what that step's attention gets (with "recent")."""
+    c = TurboKVCache(km, kb, vm, vb, seed=seed, center_keys=center, fp16_window=W)
+    S = k.shape[2] - trim
+    c.update_and_fetch(k[:, :, :S - L + trim], v[:, :, :S - L + trim])
+    if trim:
+        c.trim(trim)
+    keys, values = c.update_and_fetch(k[:, :, S - L:S], v[:, :, S - L:S])
     mx.eval(keys, values)
     return c, keys, values
 
@@ -99,6 +117,7 @@ def correctness(quick: bool) -> None:
                     row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
                 log("correctness", row)
+    rows += window_correctness()
     # Array masks (bool and additive) at L=4, GQA 4.
     D, Hkv, G, L, S = 128, 2, 4, 4, 777
     k = mx.random.normal((1, Hkv, S, D)).astype(mx.float16)
@@ -137,6 +156,191 @@ def correctness(quick: bool) -> None:
     errs = [r["max_abs_err"] for r in rows if "max_abs_err" in r]
     log(f"correctness: {len(rows)} cases, {len(bad)} errors, max abs err "
         f"{max(errs) if errs else float('nan'):.3g}")
+    save()
+
+
+# (key, value, D, G, L, W, centred, trimmed, dtype): W=2000 > S reads no codes at all; a
+# trim leaves fewer than W copies; L=4 blocks read codes inside the span for later rows.
+WINDOW_CASES = [("mse3", "mse3", 128, 4, 1, 64, False, 0, mx.float16),
+                ("mse3", "mse3", 64, 1, 1, 2000, False, 0, mx.float16),
+                ("mse3", "mse3", 128, 4, 4, 16, False, 0, mx.float16),
+                ("mse3", "mse3", 128, 4, 1, 64, True, 0, mx.float16),
+                ("mse3", "mse3", 128, 4, 1, 64, False, 20, mx.float16),
+                ("mse3", "mse3", 128, 4, 1, 64, True, 0, mx.bfloat16),
+                ("mse3", "mse3", 96, 4, 2, 16, True, 0, mx.float16),     # dense rotations
+                ("rvq1", "mse2", 128, 4, 1, 64, False, 0, mx.float16),
+                ("rvq1", "mse2", 64, 1, 4, 16, True, 0, mx.float16),
+                ("prod3", "mse3", 128, 4, 1, 64, False, 0, mx.float16)]
+
+
+def window_correctness() -> list:
+    """The fused path with an fp16 window (cache.py) against reference_attention, which
+    applies the window rule; then the dispatcher's first-use check on a windowed cache."""
+    rows = []
+    Hkv, S = 2, 1037
+    for key, val, D, G, L, W, center, trim, dt in WINDOW_CASES:
+        mx.random.seed(D + G + L + W)
+        k = (mx.random.normal((1, Hkv, S + trim, D)) + (2.0 if center else 0.0)).astype(dt)
+        v = mx.random.normal((1, Hkv, S + trim, D)).astype(dt)
+        c, keys, values = windowed_cache(key[:-1], int(key[-1]), val[:-1], int(val[-1]), k, v,
+                                         W, L=L, center=center, trim=trim)
+        q = mx.random.normal((1, Hkv * G, L, D)).astype(dt)
+        mask = "causal" if L > 1 else None
+        row = dict(key=key, value=val, D=D, G=G, L=L, S=S, dtype=str(dt).split(".")[-1],
+                   window=W, copies=keys["recent"].shape[2], centred=center, trimmed=trim)
+        try:
+            p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+            if p is None:
+                row["status"] = "reference (no fused path)"
+            else:
+                out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
+                ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
+                err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)))
+                row["max_abs_err"] = err.item()
+                row["ref_max"] = mx.max(mx.abs(ref.astype(mx.float32))).item()
+                row["status"] = "ok"
+        except Exception as e:  # report and go on
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        log("correctness window", row)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        mx.eval(turbo_attention(q, keys, values, c, D ** -0.5, mask))
+        RESULTS["dispatcher_window_warnings"] = [str(x.message) for x in w]
+    return rows
+
+
+# ----------------------------------------------------------------- encode
+
+class forced_env:
+    """Set MLX_LM_TURBO_KERNELS for a block (restored after)."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __enter__(self):
+        self.old = os.environ.get(decode.ENV)
+        os.environ[decode.ENV] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(decode.ENV, None)
+        else:
+            os.environ[decode.ENV] = self.old
+
+
+ENCODE_METHODS = [("mse", b) for b in (1, 2, 3, 4, 8)] + [("rvq", b) for b in (1, 2, 3, 4)]
+
+
+def encode_section(quick: bool) -> None:
+    """The fused encode kernel vs the codec's MLX encode: agreement (encode.compare: codes
+    equal but for rare ±1 boundary ties, norms within 2e-3) over methods, bits, head dims,
+    dtypes and lengths, including transposed (B, L, H, D) views; then time per call for one
+    decode token (B=1, 8 KV heads) and a 2048-token prefill block."""
+    from mlx_lm_turbo import codecs
+    be = decode.backend()
+    if be is None:
+        log("encode: no GPU backend, nothing to check")
+        return
+    # Every method and bits at d=128 (fp16, one token and a prefill block); head dims and
+    # dtypes on two of them (each (method, bits, dim, dtype) is a separate JIT compile).
+    cases = [(km, kb, 128, mx.float16, L) for km, kb in ENCODE_METHODS for L in (1, 2048)]
+    for km, kb in (("mse", 3), ("rvq", 2)):
+        for D in (64, 128, 256):
+            for dt in (mx.bfloat16, mx.float32):
+                if not quick or D == 128:
+                    cases.append((km, kb, D, dt, 37))
+    rows = RESULTS.setdefault("encode_correctness", [])
+    for km, kb, D, dt, L in cases:
+        c = codecs.make(km, kb, D, seed=7)
+        mx.random.seed(D + L)
+        x = (4 * mx.random.normal((1, L, 8, D))).astype(dt).transpose(0, 2, 1, 3)
+        row = dict(method=f"{km}{kb}", D=D, L=L, dtype=str(dt).split(".")[-1])
+        try:
+            out = fused_encode.run_kernel(c, x, be)
+            ok, why = fused_encode.compare(c, out, c.encode(x))
+            row.update(status="ok" if ok else "disagrees", detail=why)
+        except Exception as e:
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        log("encode", row)
+    bad = [r for r in rows if r["status"] != "ok"]
+    log(f"encode correctness: {len(rows)} cases, {len(bad)} not ok")
+    save()
+
+    timing = RESULTS.setdefault("encode_timing", [])
+    for km, kb in (("mse", 2), ("mse", 3), ("mse", 4), ("rvq", 1), ("rvq", 2)):
+        c = codecs.make(km, kb, 128, seed=7)
+        for L in (1, 2048):
+            for dt in (mx.float16, mx.bfloat16):
+                x = mx.random.normal((1, L, 8, 128)).astype(dt).transpose(0, 2, 1, 3)
+                mx.eval(x)
+                row = dict(method=f"{km}{kb}", D=128, L=L, dtype=str(dt).split(".")[-1])
+                for name, fn in (("kernel", lambda: fused_encode.run_kernel(c, x, be)),
+                                 ("mlx", lambda: c.encode(x))):
+                    try:
+                        q, y = bench(fn)
+                        row[f"{name}_queued_us"] = round(q, 2)
+                        row[f"{name}_synced_us"] = round(y, 2)
+                    except Exception as e:
+                        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                if "kernel_queued_us" in row and "mlx_queued_us" in row:
+                    row["speedup_queued"] = round(row["mlx_queued_us"]
+                                                  / row["kernel_queued_us"], 2)
+                timing.append(row)
+                log("encode timing", row)
+    save()
+
+
+def append_rows(c, k1, tag: str, add) -> None:
+    """Time appending one token to the filled cache ``c`` (encode K and V + cache writes):
+    fused encode kernel where it runs (GPU), then the codecs' MLX encode forced by the env
+    var, side by side."""
+
+    def append():
+        c.update_and_fetch(k1, k1)
+        c.trim(1)
+        # The buffers themselves, not the returned views: views kept alive across the
+        # queued calls share the buffers' memory, so MLX cannot write the next token in
+        # place and copies the whole cache per call, which a real decode step (its views
+        # die with the step) does not pay.
+        return list(c.keys.values()) + list(c.values.values())
+    add(f"append_1_token {tag}", append)
+    with forced_env("0"):
+        add(f"append_1_token mlx_encode {tag}", append)
+
+
+def append_section(lengths) -> None:
+    """append_1_token alone (fused encode vs MLX encode) for B=1, 8 KV heads, d=128."""
+    rows = RESULTS.setdefault("append", [])
+    for dt in (mx.float16, mx.bfloat16):
+        for S in lengths:
+            for km, kb, vm, vb in (("mse", 3, "mse", 3), ("mse", 4, "mse", 4),
+                                   ("rvq", 1, "mse", 2)):
+                mx.random.seed(S)
+                k = mx.random.normal((1, 8, S, 128)).astype(dt)
+                c, _, _ = filled_cache(km, kb, vm, vb, k, k)
+                k1 = mx.random.normal((1, 8, 1, 128)).astype(dt)
+                mx.eval(k1)
+                res = {}
+
+                def add(name, fn):
+                    try:
+                        res[name] = bench(fn)
+                    except Exception as e:
+                        res[name] = f"{type(e).__name__}: {str(e)[:300]}"
+                append_rows(c, k1, f"{km}{kb}/{vm}{vb}", add)
+                for name, t in res.items():
+                    row = dict(dtype=str(dt).split(".")[-1], S=S, method=name)
+                    if isinstance(t, str):
+                        row["status"] = t
+                    else:
+                        row.update(queued_us=round(t[0], 2), synced_us=round(t[1], 2))
+                    rows.append(row)
+                    log("append", row)
+                del c, k
+                gc.collect()
+                mx.clear_cache()
     save()
 
 
@@ -210,6 +414,17 @@ def micro(quick: bool, lengths) -> None:
                     lambda: decode.run_fused(q, keys, values, c, scale, None, p,
                                              decode.backend()))
                 if (km, kb) == ("mse", 3):
+                    # The same with a 64-token fp16 window: the window block's cost.
+                    cw, kw, vw = windowed_cache(km, kb, vm, vb, k, v, 64)
+                    pw = decode.plan(q, kw, vw, cw, None, None, decode.backend())
+                    if pw is None:
+                        log(f"  {tag} w64: no fused path")
+                    else:
+                        add(f"fused {tag} w64",
+                            lambda: decode.run_fused(q, kw, vw, cw, scale, None, pw,
+                                                     decode.backend()))
+                    del cw, kw, vw
+                if (km, kb) == ("mse", 3):
                     # The two kernels alone (inputs prepared once): the rest is MLX glue.
                     ins, tpl, nsp = decode.fused_inputs(q, keys, values, c, scale, None, p)
                     mx.eval(ins)
@@ -230,15 +445,10 @@ def micro(quick: bool, lengths) -> None:
                                 lambda i2=i2, t2=t2, n2=n2: decode.launch(
                                     i2, t2, n2, p, decode.backend(), cst["vmul"], cst["rotv"],
                                     q.dtype if cst["rotv"] else mx.float32))
-                    # Appending one token (encode + cache write): not fused yet.
+                    # Appending one token: fused encode vs the MLX encode, side by side.
                     k1 = mx.random.normal((B, Hkv, 1, D)).astype(dt)
                     mx.eval(k1)
-
-                    def append():
-                        kk, vv = c.update_and_fetch(k1, k1)
-                        c.trim(1)
-                        return [kk, vv]
-                    add(f"append_1_token {tag}", append)
+                    append_rows(c, k1, tag, add)
                 del c, keys, values
             base = res.get("sdpa")
             for name, t in res.items():
@@ -263,7 +473,7 @@ def micro(quick: bool, lengths) -> None:
 
 # ----------------------------------------------------------------- end to end
 
-def e2e(contexts, steps: int = 20) -> None:
+def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4")) -> None:
     import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
@@ -279,8 +489,13 @@ def e2e(contexts, steps: int = 20) -> None:
     mx.eval(model.parameters())
     rows = RESULTS.setdefault("e2e", [])
     for S in contexts:
-        for kind in ("bf16", "mse3", "mse4"):
+        for kind in kinds:
             caches = []
+            # "_mlx_encode": the cache append runs the codecs' MLX encode (fused attention
+            # kept), to show what the fused encode kernel buys end to end.
+            orig_encode = fused_encode.encode
+            if kind.endswith("_mlx_encode"):
+                fused_encode.encode = lambda codec, x: None
             try:
                 for layer in range(args.num_hidden_layers):
                     k = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
@@ -288,8 +503,10 @@ def e2e(contexts, steps: int = 20) -> None:
                     if kind == "bf16":
                         c = KVCache()
                     else:
-                        b = int(kind[-1])
-                        c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer)
+                        b = int(kind[3])
+                        W = int(kind.split("_w")[1]) if "_w" in kind else 0
+                        c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer,
+                                         fp16_window=W)
                     c.update_and_fetch(k, v)
                     mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
                     caches.append(c)
@@ -306,6 +523,8 @@ def e2e(contexts, steps: int = 20) -> None:
             except Exception as e:
                 row = dict(context=S, cache=kind, status=f"error: {type(e).__name__}: {e}"[:300])
                 traceback.print_exc()
+            finally:
+                fused_encode.encode = orig_encode
             rows.append(row)
             log("e2e", row)
             save()
@@ -323,9 +542,12 @@ def main() -> None:
     global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--sections", default="correctness,micro,e2e")
+    ap.add_argument("--sections", default="correctness,encode,micro,e2e")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
+                    help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_w<W> "
+                         "(with a W-token fp16 window)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     OUT = a.out
@@ -347,14 +569,21 @@ def main() -> None:
         try:
             if name == "correctness":
                 correctness(a.quick)
+            elif name == "encode":
+                encode_section(a.quick)
+            elif name == "append":
+                append_section([int(x) for x in a.lengths.split(",")])
             elif name == "micro":
                 micro(a.quick, [int(x) for x in a.lengths.split(",")])
             elif name == "e2e":
-                e2e([int(x) for x in a.contexts.split(",")])
+                e2e([int(x) for x in a.contexts.split(",")], kinds=a.kinds.split(","))
         except Exception as e:
             RESULTS.setdefault("section_errors", {})[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         log(f"[{name} done at {time.time() - t0:.0f}s]")
+        # Which (backend, method, bits, dim, dtype) the fused encode passed its first-use
+        # check for (False: it warned and the codec's MLX encode ran instead).
+        RESULTS["encode_checked"] = {str(k): v for k, v in fused_encode._checked.items()}
         save()
 
 

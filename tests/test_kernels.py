@@ -1,6 +1,7 @@
-"""Fused decode kernels: source checks on CPU (Metal parses as C++ through a shim, the
-CUDA variant compiles with nvcc when present), the dispatcher's fallbacks, and GPU
-correctness against the reference (skipped without a GPU backend; proven on the H100 by
+"""Fused decode and encode kernels: source checks on CPU (Metal parses as C++ through a
+shim, the CUDA variant compiles with nvcc when present), the very kernel text run by a C++
+thread emulation against the MLX reference / codecs, the dispatchers' fallbacks, and GPU
+correctness (skipped without a GPU backend; proven on the H100 by
 scripts/bench_attention.py, see reports/attention_h100.md)."""
 
 import os
@@ -13,10 +14,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lm_turbo import kernels
+from mlx_lm_turbo import codecs, kernels
 from mlx_lm_turbo.attention import reference_attention
 from mlx_lm_turbo.cache import TurboKVCache
-from mlx_lm_turbo.kernels import decode, source
+from mlx_lm_turbo.kernels import decode, encode, source
 
 # Representative template settings: (key method, key bits, value method, value bits, D, R)
 CONFIGS = [
@@ -26,11 +27,20 @@ CONFIGS = [
     ("turboquant_prod", 3, "turboquant_mse", 3, 256, 8),
 ]
 
-METAL_TYPES = {"float32": "float", "float16": "float16_t", "uint32": "uint32_t"}
-CUDA_TYPES = {"float32": "float", "float16": "__half", "uint32": "uint32_t"}
+METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
+               "uint32": "uint32_t"}
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16",
+              "uint32": "uint32_t"}
 DECODE_DTYPES = ["float16", "float32", "float32", "uint32", "uint32", "float16", "float16",
                  "uint32", "uint32", "float16", "float32", "float32", "float32", "float32",
                  "float32"]
+
+
+def _decode_dtypes(window_dtype=None):
+    """Input dtypes of the decode kernel; with a window, qw/rk/rv/kmu are real arrays."""
+    if window_dtype is None:
+        return DECODE_DTYPES + ["float32"] * 5
+    return DECODE_DTYPES + ["float16", window_dtype, window_dtype, "float16", "float32"]
 REDUCE_DTYPES = ["float32"] * 4
 METAL_ATTRS = [("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                ("thread_position_in_threadgroup", "uint3"),
@@ -56,6 +66,12 @@ struct half {
   operator float() const { return 0.0f; }
 };
 typedef half float16_t;
+struct bfloat16_t {
+  unsigned short bits;
+  bfloat16_t() = default;
+  explicit bfloat16_t(float) : bits(0) {}
+  operator float() const { return 0.0f; }
+};
 enum class mem_flags { mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
 inline float simd_max(float x) { return x; }
@@ -64,12 +80,14 @@ namespace metal {
 inline float exp(float x) { return std::exp(x); }
 inline float max(float a, float b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float sqrt(float x) { return std::sqrt(x); }
 }
 """
 
 
-def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1):
-    """Decode-kernel template constants as the dispatcher sets them (G=4, L=2, causal)."""
+def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1, win=0, wdtype="float32"):
+    """Decode-kernel template constants as the dispatcher sets them (G=4, L=2, causal;
+    ``win`` > 0: an fp16 window of that many tokens, copies of dtype ``wdtype``)."""
     wk1 = (d * kb1 + 31) // 32
     wk2 = (d * kb2 + 31) // 32 if kb2 else 0
     wv = (dv * vb + 31) // 32
@@ -79,7 +97,9 @@ def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1):
     return [("D", d), ("DV", dv), ("KB1", kb1), ("WK1", wk1), ("KB2", kb2), ("WK2", wk2),
             ("KMODE", kmode), ("VB", vb), ("WV", wv), ("VMODE", vmode), ("GQ", 4), ("QL", 2),
             ("RB", r), ("NRG", -(-8 // r)), ("MASK", 1), ("ROTQ", int(kmode != 2)), ("NT", 128),
-            ("TABN", tabn), ("SH", 4 * -(-sh // 4)), ("QT", "float16")]
+            ("TABN", tabn), ("SH", 4 * -(-sh // 4)), ("QT", "float16"), ("WIN", win),
+            ("WCTR", int(win > 0)), ("WROTV", 1), ("QWT", "float16" if win else "float32"),
+            ("RKT", wdtype), ("RVT", wdtype), ("MUT", "float16" if win else "float32")]
 
 
 REDUCE_TEMPLATE = [("RB", 4), ("DV", 128), ("GQ", 4), ("QL", 1), ("ROTV", 1), ("OT", "float16")]
@@ -89,13 +109,22 @@ def _uses(src, name, what):
     return f"{name}_{what}" in src
 
 
-def render_metal(template, name="decode") -> str:
+def _kernel_parts(name, x_dtype=None):
+    """(body, input names, input dtypes, output names, output dtypes) of a kernel."""
+    if name == "decode":  # x_dtype: the window copies' dtype (None: no window)
+        return (source.DECODE_BODY, decode.DECODE_INPUTS, _decode_dtypes(x_dtype),
+                decode.DECODE_OUTPUTS, ["float32"] * 3)
+    if name == "reduce":
+        return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
+                ["float16"])
+    return (source.ENCODE_BODY, encode.INPUTS, [x_dtype, "float32"], encode.OUTPUTS,
+            ["uint32", "uint32", "float16"])
+
+
+def render_metal(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.metal_kernel would assemble it (signature generated from the
     inputs, the thread attributes the body mentions), instantiated once."""
-    body = source.DECODE_BODY if name == "decode" else source.REDUCE_BODY
-    names = decode.DECODE_INPUTS if name == "decode" else decode.REDUCE_INPUTS
-    dtypes = DECODE_DTYPES if name == "decode" else REDUCE_DTYPES
-    outs = decode.DECODE_OUTPUTS if name == "decode" else decode.REDUCE_OUTPUTS
+    body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
     header, src = decode.full_source(body, "metal")
     args = []
     for n, dt in zip(names, dtypes):
@@ -104,7 +133,7 @@ def render_metal(template, name="decode") -> str:
             args.append(f"const constant int* {n}_shape")
         if _uses(src, n, "strides"):
             args.append(f"const constant int64_t* {n}_strides")
-    args += [f"device float* {n}" for n in outs]
+    args += [f"device {METAL_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     args += [f"{t} {a}" for a, t in METAL_ATTRS if a in src]
     tparams = ", ".join(f"typename {k}" if isinstance(v, str) else f"int {k}"
                         for k, v in template)
@@ -118,7 +147,9 @@ CUDA_STUB = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cuda/std/array>
+#include <cuda/std/limits>
 #include <cooperative_groups.h>
+#define inf cuda::std::numeric_limits<float>::infinity()
 namespace mlx::core::cu {
 using Shape = cuda::std::array<int32_t, 10>;
 using Strides = cuda::std::array<int64_t, 10>;
@@ -126,14 +157,11 @@ using Strides = cuda::std::array<int64_t, 10>;
 """
 
 
-def render_cuda(template, name="decode") -> str:
+def render_cuda(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.cuda_kernel assembles it (MLX's own device header replaced by
     a stub declaring the Shape/Strides types it provides)."""
-    body = source.DECODE_BODY if name == "decode" else source.REDUCE_BODY
+    body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
     header, src = decode.full_source(body, "cuda")
-    names = decode.DECODE_INPUTS if name == "decode" else decode.REDUCE_INPUTS
-    dtypes = DECODE_DTYPES if name == "decode" else REDUCE_DTYPES
-    outs = decode.DECODE_OUTPUTS if name == "decode" else decode.REDUCE_OUTPUTS
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const {CUDA_TYPES[dt]}* {n}")
@@ -141,8 +169,7 @@ def render_cuda(template, name="decode") -> str:
             args.append(f"const __grid_constant__ Shape {n}_shape")
         if _uses(src, n, "strides"):
             args.append(f"const __grid_constant__ Strides {n}_strides")
-    out_t = "__half" if name == "reduce" else "float"
-    args += [f"{out_t}* {n}" for n in outs]
+    args += [f"{CUDA_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     consts = "".join(f"  using {k} = {CUDA_TYPES[v]};\n" if isinstance(v, str)
                      else f"  constexpr int {k} = {v};\n" for k, v in template)
     return (CUDA_STUB + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
@@ -219,8 +246,8 @@ def test_env_forces_reference(monkeypatch):
 def test_env_forces_kernel_raises_without_gpu(monkeypatch):
     if decode.backend() is not None:
         pytest.skip("a GPU backend is active")
-    monkeypatch.setenv(decode.ENV, "1")
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
+    monkeypatch.setenv(decode.ENV, "1")  # after the fill: the cache append raises too
     q = mx.random.normal((1, 4, 1, 64))
     with pytest.raises(RuntimeError):
         kernels.decode_attention(q, keys, values, c, 0.125)
@@ -342,3 +369,393 @@ def test_first_use_check_rejects_wrong_output(monkeypatch):
     monkeypatch.setenv(decode.ENV, "1")
     with pytest.raises(RuntimeError):
         kernels.decode_attention(q, keys, values, c, 0.125)
+
+
+# ----------------------------------------------------------------- fused encode
+
+def _codec(km, kb, D, seed=1):
+    return codecs.make(km, kb, D, seed=seed)
+
+
+def _encode_template(km, kb, D, x_dtype):
+    """Encode-kernel template constants as encode.launch_args sets them."""
+    return [("D", D), ("BITS", kb), ("W", (D * kb + 31) // 32),
+            ("MODE", encode.MODES[codecs.canonical_name(km)]), ("NORMT", "float16"),
+            ("XT", x_dtype)]
+
+
+@pytest.mark.parametrize("km,kb,D,x_dtype", [("mse", 3, 128, "float16"),
+                                             ("rvq", 2, 64, "bfloat16"),
+                                             ("mse", 8, 256, "float32")])
+def test_encode_metal_source_parses(km, kb, D, x_dtype, tmp_path):
+    cxx = shutil.which("clang++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (clang++ or g++) to parse the Metal variant")
+    path = tmp_path / "encode_metal.cpp"
+    path.write_text(render_metal(_encode_template(km, kb, D, x_dtype), "encode", x_dtype))
+    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def test_encode_cuda_source_compiles(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
+    # rvq with bf16 input: the mse branch is compiled too (MODE is a constant, not #if).
+    # Device code only (-ptx), as NVRTC compiles it: 3x faster than a full -c.
+    path = tmp_path / "encode.cu"
+    path.write_text(render_cuda(_encode_template("rvq", 3, 128, "bfloat16"), "encode",
+                                "bfloat16"))
+    res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o",
+                          str(tmp_path / "encode.ptx"), str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+# The encode body run by the C++ thread emulation against the codec's MLX encode, under the
+# first-use rule (encode.compare). L=5 cases hand over a transposed (B, L, H, D) view (the
+# strides path), contain an all-zero vector, and run 3 blocks for 10 vectors (grid-stride).
+ENCODE_CASES = [(km, kb, D) for km, kb in (("mse", 2), ("mse", 3), ("mse", 4), ("rvq", 1),
+                                           ("rvq", 2)) for D in (64, 128)] + [("mse", 3, 256)]
+
+
+@emu
+@pytest.mark.parametrize("km,kb,D", ENCODE_CASES)
+@pytest.mark.parametrize("L", [1, 5])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+def test_emulated_encode_matches_codec(km, kb, D, L, dtype, monkeypatch):
+    from mlx_lm_turbo.kernels import emulate
+    c = _codec(km, kb, D, seed=D + kb)
+    mx.random.seed(D * 10 + L)
+    B, H = 1, 2
+    if L == 1:
+        x = (3 * mx.random.normal((B, H, L, D))).astype(dtype)
+        base = axes = None
+    else:
+        monkeypatch.setattr(encode, "MAX_BLOCKS", 3)
+        base = (3 * mx.random.normal((B, L, H, D))).astype(dtype)
+        base[:, 2, 1] = 0.0
+        axes = (0, 2, 1, 3)
+        x = base.transpose(axes)
+    out = emulate.run_encode_emulated(c, x, base, axes)
+    ref = c.encode(x)
+    ok, why = encode.compare(c, out, ref)
+    assert ok, why
+    for k in ref:
+        assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype, k
+
+
+def test_encode_compare_rule():
+    """The first-use rule accepts rare ±1 ties and rejects what a faulty kernel produces."""
+    from mlx_lm_turbo.packing import pack, unpack
+    c = _codec("mse", 3, 64)
+    mx.random.seed(0)
+    x = mx.random.normal((1, 4, 8, 64))
+    ref = c.encode(x)
+    idx = unpack(ref["codes"], 3, 64)
+
+    def with_codes(new_idx, norm=None):
+        return {"codes": pack(new_idx, 3), "norm": ref["norm"] if norm is None else norm}
+
+    def bump(i, by):  # move code i of vector 0 by `by` levels (kept in range)
+        flat = idx.reshape(-1, 64)
+        v = flat[0, i].item()
+        to = v + by if 0 <= v + by < 8 else v - by
+        flat = mx.concatenate([flat[:1, :i], mx.array([[to]], mx.uint32), flat[:1, i + 1:]], 1)
+        return mx.concatenate([flat, idx.reshape(-1, 64)[1:]]).reshape(idx.shape)
+
+    assert encode.compare(c, ref, ref)[0]
+    assert encode.compare(c, with_codes(bump(5, 1)), ref)[0]            # one tie
+    assert not encode.compare(c, with_codes(bump(5, 2)), ref)[0]        # two levels off
+    assert not encode.compare(c, with_codes((idx + 1) % 8), ref)[0]     # every code off
+    assert not encode.compare(c, with_codes(idx, ref["norm"] * 1.01), ref)[0]
+    assert not encode.compare(c, {"codes": ref["codes"], "norm": ref["norm"].astype(mx.float32)},
+                              ref)[0]
+    cr = _codec("rvq", 2, 64)
+    rr = cr.encode(x)
+    i1, i2 = unpack(rr["codes1"], 2, 64), unpack(rr["codes2"], 2, 64)
+    assert not encode.compare(cr, {**rr, "codes2": pack(3 - i2, 2)}, rr)[0]
+    assert not encode.compare(cr, {**rr, "codes1": pack(3 - i1, 2)}, rr)[0]
+
+
+def test_encode_dispatcher_returns_none_on_cpu(monkeypatch):
+    monkeypatch.delenv(decode.ENV, raising=False)
+    c = _codec("mse", 3, 64)
+    x = mx.random.normal((1, 2, 1, 64)).astype(mx.float16)
+    if decode.backend() is None:
+        assert encode.encode(c, x) is None
+    monkeypatch.setenv(decode.ENV, "0")
+    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    assert encode.encode(c, x) is None
+
+
+def test_encode_supported():
+    x64 = mx.zeros((1, 2, 1, 64))
+    assert encode.supported(_codec("mse", 3, 64), x64)
+    assert encode.supported(_codec("rvq", 4, 64), x64.astype(mx.bfloat16))
+    assert not encode.supported(_codec("prod", 3, 64), x64)
+    assert not encode.supported(_codec("polar", 3, 64), x64)
+    assert not encode.supported(_codec("mse", 3, 96), mx.zeros((1, 2, 1, 96)))   # dense rotation
+    assert not encode.supported(_codec("mse", 3, 16), mx.zeros((1, 2, 1, 16)))   # < one warp
+    assert not encode.supported(_codec("mse", 3, 64), mx.zeros((1, 2, 0, 64)))
+    assert not encode.supported(_codec("mse", 3, 64), x64.astype(mx.int32))
+
+
+def test_encode_env_forces_kernel_raises_without_gpu(monkeypatch):
+    if decode.backend() is not None:
+        pytest.skip("a GPU backend is active")
+    monkeypatch.setenv(decode.ENV, "1")
+    with pytest.raises(RuntimeError):
+        encode.encode(_codec("mse", 3, 64), mx.zeros((1, 2, 1, 64)))
+
+
+def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(encode, "_checked", {})
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("nvrtc: compile failed")
+    monkeypatch.setattr(encode, "run_kernel", broken)
+    k = mx.random.normal((1, 2, 3, 64)).astype(mx.float16)
+    ref = TurboKVCache("mse", 3, "mse", 3)
+    monkeypatch.setenv(decode.ENV, "0")
+    want = ref.update_and_fetch(k, k)
+    monkeypatch.delenv(decode.ENV)
+    c = TurboKVCache("mse", 3, "mse", 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = c.update_and_fetch(k, k)
+        c.update_and_fetch(k, k)
+    assert len(w) == 1 and "compile failed" in str(w[0].message)
+    assert len(calls) == 1  # keys and values share (method, bits, dim, dtype): one check
+    for a, b in zip(got, want):
+        for name in b:
+            assert mx.array_equal(a[name], b[name]).item(), name
+    monkeypatch.setenv(decode.ENV, "1")
+    with pytest.raises(RuntimeError):
+        c.update_and_fetch(k, k)
+
+
+def test_encode_first_use_check_rejects_wrong_output(monkeypatch):
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(encode, "_checked", {})
+    c = _codec("rvq", 2, 64)
+
+    def wrong(codec, x, be):  # stages swapped: what a mixed-up output order would give
+        p = codec.encode(x)
+        return {**p, "codes1": p["codes2"], "codes2": p["codes1"]}
+    monkeypatch.setattr(encode, "run_kernel", wrong)
+    x = mx.random.normal((1, 2, 4, 64))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert encode.encode(c, x) is None
+        assert encode.encode(c, x) is None
+    assert len(w) == 1 and "disabled" in str(w[0].message)
+
+
+@emu
+def test_cache_append_through_emulated_kernel(monkeypatch):
+    """The cache hook end to end: with the kernel (emulated) taking the append, the
+    buffers equal the codec path's, prefill then single tokens."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(encode, "_checked", {})
+    used = []
+
+    def emulated(codec, x, be):
+        used.append(codec.METHOD)
+        return emulate.run_encode_emulated(codec, x)
+    monkeypatch.setattr(encode, "run_kernel", emulated)
+    mx.random.seed(3)
+    k = mx.random.normal((1, 2, 6, 64)).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, 6, 64)).astype(mx.bfloat16)
+    caches = [TurboKVCache("rvq", 1, "mse", 2, layer=1) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, c in enumerate(caches):
+            if i == 1:
+                monkeypatch.setenv(decode.ENV, "0")
+            c.update_and_fetch(k[:, :, :4], v[:, :, :4])
+            for t in (4, 5):
+                c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert len(used) == 6 and set(used) == {"turboquant_rvq", "turboquant_mse"}
+    (gk, gv), (rk, rv) = caches[0].keys_and_values(), caches[1].keys_and_values()
+    for got, ref, codec in ((gk, rk, caches[0].key_codec), (gv, rv, caches[0].value_codec)):
+        ok, why = encode.compare(codec, got, ref)
+        assert ok, why
+
+
+@gpu
+@pytest.mark.parametrize("km,kb,D", [("mse", 2, 64), ("mse", 3, 128), ("mse", 4, 256),
+                                     ("rvq", 1, 128), ("rvq", 2, 64)])
+@pytest.mark.parametrize("L,dtype", [(1, mx.float16), (1, mx.bfloat16), (37, mx.float32)])
+def test_encode_kernel_matches_codec(km, kb, D, L, dtype):
+    c = _codec(km, kb, D)
+    x = mx.random.normal((1, L, 8, D)).astype(dtype).transpose(0, 2, 1, 3)
+    out = encode.run_kernel(c, x, decode.backend())
+    ok, why = encode.compare(c, out, c.encode(x))
+    assert ok, why
+
+
+# ----------------------------------------------------------------- fp16 window
+
+def _window_template():
+    """A windowed decode (mse3/rvq-free, d=128, RB=4, W=64, bf16 copies, centred keys)."""
+    return _template(3, 0, 0, 3, 0, 128, 128, 4, win=64, wdtype="bfloat16")
+
+
+def test_window_metal_source_parses(tmp_path):
+    cxx = shutil.which("clang++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (clang++ or g++) to parse the Metal variant")
+    path = tmp_path / "decode_window_metal.cpp"
+    path.write_text(render_metal(_window_template(), "decode", "bfloat16"))
+    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def test_window_cuda_source_compiles(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
+    path = tmp_path / "decode_window.cu"
+    path.write_text(render_cuda(_window_template(), "decode", "bfloat16"))
+    res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o",
+                          str(tmp_path / "decode_window.ptx"), str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim=0, center=False,
+                    dtype=mx.float16, seed=0):
+    """A cache with an fp16 window after S - L tokens (and ``trim`` more, trimmed off:
+    the copies of the trimmed tokens go, so fewer than W remain), then a block of L:
+    (cache, keys, values, queries) as attention sees them for that block."""
+    mx.random.seed(seed)
+    c = TurboKVCache(km, kb, vm, vb, seed=seed, center_keys=center, fp16_window=W)
+    shift = 3.0 if center else 0.0  # a key mean for the centring to remove
+    k = (mx.random.normal((1, Hkv, S + trim, D)) + shift).astype(dtype)
+    v = mx.random.normal((1, Hkv, S + trim, D)).astype(dtype)
+    c.update_and_fetch(k[:, :, :S + trim - L], v[:, :, :S + trim - L])
+    if trim:
+        c.trim(trim)
+    keys, values = c.update_and_fetch(k[:, :, S - L:S], v[:, :, S - L:S])
+    assert c.offset == S and "recent" in keys
+    q = mx.random.normal((1, Hq, L, D)).astype(dtype)
+    return c, keys, values, q
+
+
+def _without_window(packed: dict) -> dict:
+    return {k: v for k, v in packed.items() if k != "recent"}
+
+
+# The window block (copies instead of codes, per-row cut between codes and copies) run by
+# the emulation against reference_attention, which applies attention._with_window's rule.
+# n = copies handed over: W (decode), S (window > sequence: no codes read, 2 tiles of
+# copies), < W (after a trim), W-1+L (a block: later rows read codes inside the span).
+@emu
+@pytest.mark.parametrize("km,kb,vm,vb,D,Hq,Hkv,L,S,W,trim,center,dtype,blocks", [
+    ("mse", 3, "mse", 3, 64, 8, 2, 1, 300, 16, 0, False, mx.float16, 528),    # GQA 4, n = W
+    ("rvq", 1, "mse", 2, 128, 2, 2, 1, 150, 200, 0, False, mx.float16, 528),  # GQA 1, W > S
+    ("mse", 3, "mse", 3, 128, 2, 2, 1, 300, 32, 10, False, mx.float16, 528),  # n < W (trim)
+    ("rvq", 2, "mse", 3, 64, 8, 2, 1, 300, 16, 0, True, mx.bfloat16, 4),      # centred, bf16
+    ("mse", 3, "mse", 3, 64, 8, 2, 4, 300, 16, 0, False, mx.float16, 528),    # L=4, n = W+3
+    ("rvq", 1, "mse", 2, 64, 2, 2, 3, 300, 16, 8, True, mx.float16, 3),       # L=3, n < W-1+L
+    ("mse", 3, "mse", 3, 96, 8, 2, 2, 300, 16, 0, True, mx.float16, 528),     # dense rotations
+])
+def test_emulated_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, trim, center,
+                                           dtype, blocks, monkeypatch):
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    c, keys, values, q = _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim, center,
+                                         dtype, seed=S + W + L)
+    mask = "causal" if L > 1 else None
+    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    assert p is not None and p["WIN"] == W and p["NCOPY"] == keys["recent"].shape[2]
+    out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, mask, p,
+                                     full=(c.keys, c.values))
+    ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
+    assert out.dtype == q.dtype
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < (4e-3 if dtype == mx.bfloat16 else 2e-3), err   # bf16: output rounding
+    # The window matters here: ignoring it would fail the tolerance above.
+    plain = reference_attention(q, _without_window(keys), _without_window(values), c,
+                                D ** -0.5, mask)
+    assert mx.max(mx.abs(plain.astype(mx.float32) - ref.astype(mx.float32))).item() > 1e-2
+
+
+def test_plan_window():
+    c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 4, 2, 1, 100, 64, 16)
+    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    assert p["WIN"] == 16 and p["NCOPY"] == 16 and p["SC"] == 84 and p["WCTR"] == 0
+    mask = mx.zeros((1, 1, 1, 100), mx.bool_)
+    assert decode.plan(q, keys, values, c, mask, None, "cuda") is None   # array mask
+    short = {**keys, "recent": keys["recent"][:, :, :0]}
+    assert decode.plan(q, short, values, c, None, None, "cuda") is None  # n < L
+    # The first-use check keys windowed shapes apart from plain ones.
+    plain = decode.plan(q, _without_window(keys), _without_window(values), c, None, None,
+                        "cuda")
+    assert decode._shape_key(p, q, c, "cuda") != decode._shape_key(plain, q, c, "cuda")
+
+
+@emu
+def test_window_dispatcher_checks_against_reference(monkeypatch):
+    """decode_attention on a windowed cache: the first use compares with the reference
+    (window included) and the kernel's output is returned; no warning."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "_checked", {})
+    runs = []
+
+    def emulated(q, keys, values, cache, scale, mask, p, be):
+        runs.append(p["WIN"])
+        return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
+    monkeypatch.setattr(decode, "run_fused", emulated)
+    c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 8, 2, 1, 300, 64, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = kernels.decode_attention(q, keys, values, c, 0.125)
+    assert runs == [16] and out is not None
+    assert [k[-2:] for k, ok in decode._checked.items() if ok] == [(16, 0)]
+    ref = reference_attention(q, keys, values, c, 0.125)
+    assert mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("km,kb,vm,vb", [("mse", 3, "mse", 3), ("rvq", 1, "mse", 2)])
+@pytest.mark.parametrize("D,Hq,Hkv,L,S,W,trim,center", [
+    (128, 8, 2, 1, 1000, 64, 0, False), (64, 4, 4, 1, 150, 200, 0, False),
+    (128, 8, 2, 1, 1000, 64, 20, True), (64, 8, 2, 4, 333, 16, 0, True)])
+def test_fused_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, trim, center):
+    c, keys, values, q = _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim, center)
+    mask = "causal" if L > 1 else None
+    p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+    assert p is not None
+    out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
+    ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < 5e-3, err
+
+
+def test_encode_forced_returns_none_where_not_covered(monkeypatch):
+    """MLX_LM_TURBO_KERNELS=1 with a GPU backend: codecs the encode kernel does not cover
+    (prod keys, d=96) fall back to the codec's encode instead of raising, so forcing the
+    decode kernels still works for such models; a covered codec runs the kernel."""
+    monkeypatch.setenv(decode.ENV, "1")
+    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(encode, "_checked", {})
+    ran = []
+    monkeypatch.setattr(encode, "run_kernel", lambda codec, x, be: ran.append(1) or codec.encode(x))
+    assert encode.encode(_codec("prod", 3, 64), mx.zeros((1, 2, 1, 64))) is None
+    assert encode.encode(_codec("mse", 3, 96), mx.zeros((1, 2, 1, 96))) is None
+    assert not ran
+    assert encode.encode(_codec("mse", 3, 64), mx.random.normal((1, 2, 1, 64))) is not None
+    assert ran == [1]

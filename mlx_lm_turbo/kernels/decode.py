@@ -7,8 +7,15 @@ Pipeline (rotation is linear, so it never touches the keys or values):
      key words, online softmax, value sums in Π_V's domain -> partial (o, m, l).
   3. Kernel 2: combine the splits.
   4. MLX: Π_Vᵀ once, cast to the queries' dtype.
+
+With an fp16 window (keys/values carry "recent", cache.py) kernel 1 gets one more split
+per row group, the *window block*: it scores the uncompressed copies with the raw queries
+(minus the key mean when centred), sums their values and applies Π_V to its partial, so
+kernel 2 combines it like any coded split; the coded splits stop where each row's copies
+start (attention._with_window's rule). No extra MLX op on the common path.
 """
 
+import hashlib
 import math
 import os
 import warnings
@@ -63,7 +70,7 @@ def full_source(body: str, backend_name: str) -> tuple[str, str]:
 
 
 DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
-                 "cbk1", "cbk2", "cbv1", "cbv2"]
+                 "cbk1", "cbk2", "cbv1", "cbv2", "qw", "rk", "rv", "kmu", "vmul"]
 DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
@@ -77,10 +84,15 @@ def _kernel(backend_name: str, name: str):
                            else (REDUCE_INPUTS, REDUCE_OUTPUTS))
         header, src = full_source(body, backend_name)
         make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
+        # MLX caches compiled kernels by name and template values only (its CUDA backend
+        # also on disk): a hash of the text in the name keeps an edited body from
+        # loading a stale binary.
+        tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
         # Codes arrive as slices of the cache buffers along the token axis: no copy, the
         # body indexes with the strides.
-        _kernels[key] = make(name=f"turbo_{name}", input_names=inputs, output_names=outputs,
-                             source=src, header=header, ensure_row_contiguous=False)
+        _kernels[key] = make(name=f"turbo_{name}_{tag}", input_names=inputs,
+                             output_names=outputs, source=src, header=header,
+                             ensure_row_contiguous=False)
     return _kernels[key]
 
 
@@ -101,6 +113,32 @@ def _streams(codec, packed: dict, is_key: bool):
         return [(codec.mse_bits, packed["codes"], codec.centroids),
                 (1, packed["signs"], mx.array([-1.0, 1.0]))]
     return None
+
+
+def _window(queries: mx.array, keys: dict, values: dict, cache, mask, S: int,
+            DV: int) -> Optional[tuple[int, int]]:
+    """(W, n copies) of a windowed call the window block covers, else None: copies of
+    the last n >= L positions in the cache's layout, mask None or "causal"."""
+    rk, rv = keys.get("recent"), values.get("recent")
+    W = getattr(cache, "fp16_window", 0)
+    if rk is None or rv is None or W < 1 or isinstance(mask, mx.array):
+        return None
+    B, Hq, L, D = queries.shape
+    if rk.ndim != 4 or rv.ndim != 4:
+        return None
+    n = rk.shape[2]
+    Hkv = keys["norm"].shape[1]
+    if rk.shape != (B, Hkv, n, D) or rv.shape != (B, Hkv, n, DV) or not L <= n <= S:
+        return None
+    floats = (mx.float16, mx.bfloat16, mx.float32)
+    if rk.dtype not in floats or rv.dtype not in floats:
+        return None
+    mu = getattr(cache, "key_mean", None)
+    if getattr(cache, "center_keys", False) and (
+            mu is None or mu.ndim != 4 or mu.shape[0] not in (1, B)
+            or mu.shape[1:] != (Hkv, 1, D)):
+        return None
+    return W, n
 
 
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
@@ -128,6 +166,12 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     vb = vs[0][0]
     if (DV // 32) * vb > 32:
         return None   # a lane's value window must fit one 32-bit word
+    W = n_copies = 0
+    if "recent" in keys:   # fp16 window (cache.py)
+        win = _window(queries, keys, values, cache, mask, S, DV)
+        if win is None:
+            return None
+        W, n_copies = win
     if isinstance(mask, str) and mask != "causal":
         return None
     if mask is not None and not isinstance(mask, (str, mx.array)):
@@ -160,7 +204,10 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     kmode = KEY_MODES[kc.METHOD]
     return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, DV=DV, S=S, G=G, R=R, RB=rb, NRG=nrg, SH=sh,
                 TABN=tabn, KMODE=kmode, VMODE=VALUE_MODES[vc.METHOD], MASK=mask_mode,
-                kstreams=ks, vstreams=vs)
+                kstreams=ks, vstreams=vs, WIN=W, NCOPY=n_copies,
+                WCTR=int(bool(W) and bool(getattr(cache, "center_keys", False))),
+                # codes are read below SC (the kernel derives the same from S, n and W)
+                SC=max(S - n_copies, S - W) if W else S)
 
 
 def n_splits(S: int, blocks_per_split: int) -> int:
@@ -195,7 +242,9 @@ def _consts(cache, scale: float, p: dict) -> dict:
         cbk2 = cbk2 * kc.gain
     c = dict(
         rotq=rotq, rotv=rotv,
-        qmul=(kc.rotation.signs * (scale / math.sqrt(D))) if rotq else mx.ones((D,)),
+        # qmul[D] = scale: the window block scales the raw queries by it.
+        qmul=mx.concatenate([(kc.rotation.signs * (scale / math.sqrt(D))) if rotq
+                             else mx.ones((D,)), mx.array([scale])]),
         vmul=(vc.rotation.signs / math.sqrt(DV)) if rotv else mx.ones((DV,)),
         cbk1=pad8(ks[0][2]), cbk2=pad8(cbk2),
         cbv1=pad8(vs[0][2]), cbv2=pad8(vs[1][2] if len(vs) > 1 else mx.zeros((8,))),
@@ -239,14 +288,25 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
     else:
         m = c["f32_dummy"]
     rows = B * Hkv * NRG
-    nsp = n_splits(S, rows)
+    if p["WIN"]:
+        # One more split: the window block (kernel 1's last along x).
+        qw, rk, rv = queries, keys["recent"], values["recent"]
+        if not c["rotv"]:
+            rv = cache.value_codec.rotate(rv.astype(mx.float32))  # dense Π_V: MLX applies it
+        kmu = cache.key_mean if p["WCTR"] else c["f32_dummy"]
+        nsp = max(1, n_splits(p["SC"], rows)) + 1
+    else:
+        qw = rk = rv = kmu = c["f32_dummy"]
+        nsp = n_splits(S, rows)
     template = [("D", D), ("DV", DV), ("KB1", kb1), ("WK1", kc1.shape[-1]), ("KB2", kb2),
                 ("WK2", kc2.shape[-1] if rest else 0), ("KMODE", p["KMODE"]), ("VB", vb),
                 ("WV", vc1.shape[-1]), ("VMODE", p["VMODE"]), ("GQ", p["G"]), ("QL", L),
                 ("RB", RB), ("NRG", NRG), ("MASK", p["MASK"]), ("ROTQ", int(c["rotq"])),
-                ("NT", NT), ("TABN", p["TABN"]), ("SH", p["SH"]), ("QT", q.dtype)]
+                ("NT", NT), ("TABN", p["TABN"]), ("SH", p["SH"]), ("QT", q.dtype),
+                ("WIN", p["WIN"]), ("WCTR", p["WCTR"]), ("WROTV", int(c["rotv"])),
+                ("QWT", qw.dtype), ("RKT", rk.dtype), ("RVT", rv.dtype), ("MUT", kmu.dtype)]
     inputs = [q, c["qmul"], q2, kc1, kc2, keys["norm"], krn, vc1, vc2, values["norm"], m,
-              c["cbk1"], c["cbk2"], c["cbv1"], c["cbv2"]]
+              c["cbk1"], c["cbk2"], c["cbv1"], c["cbv2"], qw, rk, rv, kmu, c["vmul"]]
     return inputs, template, nsp
 
 
@@ -286,7 +346,7 @@ def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, 
 def _shape_key(p: dict, queries: mx.array, cache, backend_name: str) -> tuple:
     kc, vc = cache.key_codec, cache.value_codec
     return (backend_name, p["B"], p["Hq"], p["Hkv"], p["L"], p["D"], p["DV"], p["MASK"],
-            str(queries.dtype), kc.METHOD, kc.bits, vc.METHOD, vc.bits)
+            str(queries.dtype), kc.METHOD, kc.bits, vc.METHOD, vc.bits, p["WIN"], p["WCTR"])
 
 
 def _agrees(out: mx.array, ref: mx.array) -> tuple[bool, float]:

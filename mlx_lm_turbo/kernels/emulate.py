@@ -25,6 +25,7 @@ CPU_HEADER = r"""
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 struct uint4 { uint32_t x, y, z, w; };
@@ -52,6 +53,8 @@ static float emu_warp_reduce(float x, bool is_max) {
 #define KV_EXP(x) std::exp(x)
 #define KV_MAX(a, b) std::fmax(a, b)
 #define KV_MIN(a, b) std::min(a, b)
+#define KV_IMAX(a, b) ((a) > (b) ? (a) : (b))
+#define KV_SQRT(x) std::sqrt(x)
 static float emu_h2f(uint16_t h) {
   const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
   float v = e == 0 ? std::ldexp(float(m), -24)
@@ -59,6 +62,26 @@ static float emu_h2f(uint16_t h) {
   return s ? -v : v;
 }
 #define KV_H2F(x) emu_h2f(x)
+// fp16 with the GPUs' float -> half rounding (to nearest even), for fp16 outputs.
+static uint16_t emu_f2h(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);          // rounds past 65504
+  if (ax < 0x38800000u) {                                          // half subnormal
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return uint16_t(sign | uint32_t(std::nearbyint(a * 16777216.0f)));
+  }
+  return uint16_t(sign | ((ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u) >> 13));
+}
+struct emu_half {
+  uint16_t bits;
+  emu_half() = default;
+  explicit emu_half(float f) : bits(emu_f2h(f)) {}
+  operator float() const { return emu_h2f(bits); }
+};
 #define KV_NEG_INF (-INFINITY)
 """
 
@@ -72,14 +95,24 @@ CPU_PRELUDE = """
 """
 
 _libs: dict = {}
+_H2F_INPUTS = ("kn", "krn", "vn")   # decode inputs read as raw fp16 bits (KV_H2F)
+# The real run_fused, even where a test replaces decode.run_fused by this emulation.
+_RUN_FUSED = decode.run_fused
 
 
 def _ctype(dt) -> str:
     return {np.float32: "float", np.uint16: "uint16_t", np.uint32: "uint32_t"}[dt]
 
 
-def compile_kernel(body: str, names: list, dtypes: list, outs: list, template: list):
-    """Compile ``body`` for the CPU; returns a callable(inputs, outputs, grid_blocks, nt)."""
+# Output element types: fp16 outputs are written through emu_half (GPU rounding).
+_OUT_CTYPES = {np.float32: "float", np.uint32: "uint32_t", np.float16: "emu_half"}
+
+
+def compile_kernel(body: str, names: list, dtypes: list, outs: list, template: list,
+                   out_dtypes: list = None):
+    """Compile ``body`` for the CPU; returns a callable(inputs, outputs, grid_blocks, nt).
+    ``out_dtypes`` (numpy types, default float32) type the outputs; an output of
+    np.float16 must be passed as a uint16 buffer."""
     args, uses = [], []
     for n, dt in zip(names, dtypes):
         args.append(f"const {_ctype(dt)}* {n}")
@@ -89,7 +122,8 @@ def compile_kernel(body: str, names: list, dtypes: list, outs: list, template: l
             args.append(f"const int32_t* {n}_shape")
         if u[1]:
             args.append(f"const int64_t* {n}_strides")
-    args += [f"float* {n}" for n in outs]
+    out_dtypes = out_dtypes or [np.float32] * len(outs)
+    args += [f"{_OUT_CTYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     consts = "".join(f"  using {k} = {v};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
                      for k, v in template)
     call = ", ".join(f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args))
@@ -173,18 +207,21 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     orig = decode._kernel
     decode._kernel = fake_kernel
     try:
-        decode.run_fused(queries, keys, values, cache, scale, mask, p, "cuda")
+        _RUN_FUSED(queries, keys, values, cache, scale, mask, p, "cuda")
     finally:
         decode._kernel = orig
     views = {}
     if full is not None:
         for view, buf in ((keys, full[0]), (values, full[1])):
             for k, v in view.items():
-                views[id(v)] = buf[k]
+                if k in buf:   # (the window's "recent" copies are not in the buffers)
+                    views[id(v)] = buf[k]
 
-    def host(a):
-        if a.dtype in (mx.bfloat16,) or (a.dtype == mx.float16 and id(a) == id(queries)):
-            a = a.astype(mx.float32)  # the kernels read queries through static_cast<float>
+    def host(name, a):
+        # The kernels read every float input but the fp16 norms (KV_H2F) through
+        # static_cast<float>: fp16/bf16 -> fp32 on the host is exact.
+        if a.dtype == mx.bfloat16 or (a.dtype == mx.float16 and name not in _H2F_INPUTS):
+            a = a.astype(mx.float32)
         return _np(a, views.get(id(a)))
 
     def tpl(t):
@@ -192,7 +229,7 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
 
     inputs, template, grid, tg, oshapes = captured["decode"]
     nt = tg[0]
-    arrs = [host(a) for a in inputs]
+    arrs = [host(n, a) for n, a in zip(decode.DECODE_INPUTS, inputs)]
     outs = [np.zeros(s, np.float32) for s in oshapes]
     run = compile_kernel(source.DECODE_BODY, decode.DECODE_INPUTS, [x.dtype.type for x, _, _ in arrs],
                          decode.DECODE_OUTPUTS, tpl(template))
@@ -208,3 +245,36 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     if dict(rtpl)["ROTV"] == 0:
         o = cache.value_codec.unrotate(o)
     return o.astype(queries.dtype)
+
+
+def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None) -> dict:
+    """encode.run_kernel with the kernel executed on the CPU. ``base`` and ``axes``
+    (optional): ``x`` is ``base.transpose(axes)``, and the kernel is handed base's buffer
+    with the permuted strides, as MLX hands over a transposed view."""
+    from . import encode
+
+    x4, kw = encode.launch_args(codec, x)
+    xin, cst = kw["inputs"]
+    # Inputs are read through static_cast<float>: fp16/bf16 -> fp32 on the host is exact.
+    if base is not None:
+        buf = np.ascontiguousarray(np.array(base.astype(mx.float32)))
+        strides = [buf.strides[a] // buf.itemsize for a in axes]
+        xh = (buf, list(xin.shape), strides)
+    else:
+        xh = _np(xin.astype(mx.float32))
+    ch = _np(cst)
+
+    def tpl(t):
+        return [(k, "emu_half" if k == "NORMT" else "float") if isinstance(v, mx.Dtype)
+                else (k, v) for k, v in t]
+
+    dt_np = {mx.uint32: np.uint32, mx.float16: np.float16}
+    out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
+    outs = [np.zeros(s, np.uint16 if d == np.float16 else d)
+            for s, d in zip(kw["output_shapes"], out_dtypes)]
+    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS, [np.float32, np.float32],
+                         encode.OUTPUTS, tpl(kw["template"]), out_dtypes)
+    nt = kw["threadgroup"][0]
+    run([xh, ch], outs, (kw["grid"][0] // nt, 1), nt)
+    outs[2] = outs[2].view(np.float16)
+    return encode.as_packed(codec, x, [mx.array(o) for o in outs])

@@ -7,7 +7,7 @@ The bodies use only the macros and names below, so the same text compiles as Met
     KV_TG, KV_DEV    address spaces for pointer casts (threadgroup / device; empty in CUDA)
     KV_BARRIER()     block-wide barrier
     KV_WARP_MAX/SUM  reductions over the 32 lanes of a SIMD group / warp
-    KV_EXP, KV_MAX, KV_H2F, KV_NEG_INF
+    KV_EXP, KV_MAX, KV_MIN, KV_SQRT, KV_H2F, KV_NEG_INF, KV_IMAX (int max)
     kv_tid, kv_lane, kv_warp, kv_bx, kv_by, kv_nbx   thread / group indices (set by the prelude)
 
 MLX builds the kernel signature from the input names, and on Metal it adds a thread
@@ -30,6 +30,8 @@ METAL_HEADER = """
 #define KV_EXP(x) metal::exp(x)
 #define KV_MAX(a, b) metal::max(a, b)
 #define KV_MIN(a, b) metal::min(a, b)
+#define KV_IMAX(a, b) ((a) > (b) ? (a) : (b))
+#define KV_SQRT(x) metal::sqrt(x)
 #define KV_H2F(x) float(x)
 #define KV_NEG_INF (-INFINITY)
 """
@@ -52,6 +54,8 @@ CUDA_HEADER = """
 #define KV_EXP(x) __expf(x)
 #define KV_MAX(a, b) fmaxf(a, b)
 #define KV_MIN(a, b) min(a, b)
+#define KV_IMAX(a, b) ((a) > (b) ? (a) : (b))
+#define KV_SQRT(x) sqrtf(x)
 #define KV_H2F(x) __half2float(x)
 #define KV_NEG_INF (__int_as_float(0xff800000))
 __device__ __forceinline__ float kv_warp_max(float x) {
@@ -75,6 +79,85 @@ CUDA_PRELUDE = """
   const int kv_warp = int(threadIdx.x) >> 5;
 """
 
+# Online-softmax step of a tile, shared by the coded and the window loops (s[RB]: this
+# thread's key scores, -inf where masked; vnorm: its value scale). TILE_MAX ends on the
+# barrier after which the previous tile's value stage may be overwritten.
+TILE_MAX = """
+    for (int r = 0; r < RB; ++r) {
+      const float mw = KV_WARP_MAX(s[r]);
+      if (kv_lane == 0) red_s[kv_warp * RB + r] = mw;
+    }
+    KV_BARRIER();"""
+
+TILE_RESCALE = """
+    float alpha[RB];
+    for (int r = 0; r < RB; ++r) {
+      float mn = m_run[r];
+      for (int w = 0; w < NW; ++w) mn = KV_MAX(mn, red_s[w * RB + r]);
+      alpha[r] = (m_run[r] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[r] - mn);
+      m_run[r] = mn;
+      const float p = (s[r] == KV_NEG_INF) ? 0.0f : KV_EXP(s[r] - mn);
+      l_run[r] = l_run[r] * alpha[r] + p;
+      ws_s[kv_tid * RB + r] = p * vnorm;
+    }
+    for (int k = 0; k < DPL; ++k)
+      for (int r = 0; r < RB; ++r) acc[k * RB + r] *= alpha[r];
+    KV_BARRIER();"""
+
+# Key t of the tile's softmax weights for this block's rows -> wr[RB].
+TILE_WEIGHTS = """
+      float wr[RB];
+      if (RB % 4 == 0) {
+        for (int r4 = 0; r4 < RB / 4; ++r4) {
+          const float4 wv = ws4[(t * RB) / 4 + r4];
+          wr[4 * r4] = wv.x; wr[4 * r4 + 1] = wv.y; wr[4 * r4 + 2] = wv.z; wr[4 * r4 + 3] = wv.w;
+        }
+      } else {
+        for (int r = 0; r < RB; ++r) wr[r] = ws_s[t * RB + r];
+      }"""
+
+# The window block's tiles (WIN > 0): one thread per copy, scores against the raw queries
+# in qs (minus the key mean staged in tab), values read straight from the copies. Not
+# unrolled: registers are allocated for the kernel's worst path, the coded blocks' too.
+WINDOW_LOOP = """
+  // ---- the window block: copies of positions [w0, S) ----
+  if (wblk) {
+    for (int tile = start; tile < end; tile += NT) {
+      const int j = tile + kv_tid;
+      const float vnorm = 1.0f;
+      float s[RB];
+      for (int r = 0; r < RB; ++r) s[r] = KV_NEG_INF;
+      if (j < end) {
+        float a[RB];
+        for (int r = 0; r < RB; ++r) a[r] = 0.0f;
+        const long kb = rkb + long(j - w0) * rk_strides[2];
+#pragma unroll 1
+        for (int i = 0; i < D; ++i) {
+          float kx = static_cast<float>(rk[kb + long(i) * rk_strides[3]]);
+          if (WCTR == 1) kx -= tab[i];
+          for (int r = 0; r < RB; ++r) a[r] += qs[r * D + i] * kx;
+        }
+        // Copies from this row's cut on (causal: up to the row's own position).
+        for (int r = 0; r < RB; ++r) {
+          const int qi = S - QL + (rg * RB + r) % QL;
+          if (j >= KV_IMAX(w0, qi - WIN + 1) && (MASK != 1 || j <= qi)) s[r] = a[r];
+        }
+      }
+""" + TILE_MAX + TILE_RESCALE + """
+      const int nk = KV_MIN(NT, end - tile);
+      for (int t = kv_warp; t < nk; t += NW) {
+""" + TILE_WEIGHTS + """
+        const long vb = rvb + long(tile + t - w0) * rv_strides[2];
+#pragma unroll 1
+        for (int k = 0; k < DPL; ++k) {
+          const float c = static_cast<float>(rv[vb + long(kv_lane * DPL + k) * rv_strides[3]]);
+          for (int r = 0; r < RB; ++r) acc[k * RB + r] += wr[r] * c;
+        }
+      }
+    }
+  }
+"""
+
 # Split-K decode attention over packed codes. One block = one (batch, KV head, row group,
 # split of the sequence). Rows are the G*L query rows (G query heads of this KV head x L
 # positions) of the row group, so the codes of a KV head are read once for all its query
@@ -89,6 +172,19 @@ CUDA_PRELUDE = """
 #               0: q arrives rotated and scaled (dense rotations, prod keys)
 #   NT          threads per block (= keys per tile); TABN table floats; SH shared floats
 #   QT          the queries' dtype (only to key MLX's kernel cache)
+#   WIN         fp16 window W (0: none, and qw/rk/rv/kmu are dummies). With a window the
+#               last split (kv_bx == kv_nbx - 1) is the *window block*: it reads the
+#               uncompressed copies rk/rv of positions [S-n, S) (n = rk_shape[2]) instead
+#               of codes, and the coded splits cover [0, Sc) only. Row (query l, position
+#               i = S-QL+l) reads codes for j < c = max(S-n, i-W+1) and copies for
+#               c <= j (and j <= i when causal): attention._with_window's rule, c <= i.
+#   WCTR        1: subtract the key mean kmu from the copies (the codes are centred)
+#   WROTV       1: the window block sums raw values and applies Π_V to its partial
+#               (H(vmul ⊙ o)), so it joins the coded splits' domain; 0: rv arrives rotated
+#   QWT, RKT, RVT, MUT  dtypes of qw, rk, rv, kmu (only to key MLX's kernel cache)
+#
+# The window block scores with the raw queries qw (x scale = qmul[D]) against k - μ: with
+# an orthogonal Π_K that equals the rotated-domain score, so the copies are never rotated.
 #
 # Score of key j for row r: s = rho_j * (sum_i T1[i][code1_i][r] + rn_j * sum_i T2[i][code2_i][r])
 # where the tables T[i][c][r] = q~_r[i] * codebook[c] are built once per block: one shared
@@ -107,7 +203,8 @@ DECODE_BODY = """
   constexpr int NV = VMODE == 1 ? 2 : 1;
 
   // sm: [score tables (TABN) | q rows, later the tile's value codes]; at the end the
-  // per-warp partial sums reuse it from the start.
+  // per-warp partial sums reuse it from the start. The window block keeps the key mean
+  // in tab[0, D) (no tables) and its raw q rows in the same place as the others'.
   KV_SHARED float4 sm4[SH / 4];
   KV_SHARED float cbv_s[2 * NCV];
   KV_SHARED float red_s[NW * RB];
@@ -120,6 +217,11 @@ DECODE_BODY = """
   const int split = kv_bx;
   const int nsp = kv_nbx;
   const int S = int(kn_shape[2]);
+  // Window (WIN > 0): the last block reads the copies of [w0, S); codes are read below Sc.
+  const bool wblk = (WIN > 0) && (split == nsp - 1);
+  const int w0 = S - ((WIN > 0) ? int(rk_shape[2]) : 0);
+  const int Sc = (WIN > 0) ? KV_IMAX(w0, S - WIN) : S;
+  const int ncs = (WIN > 0) ? nsp - 1 : nsp;   // coded splits (the dispatcher keeps >= 1)
   const int bh = kv_by / NRG;
   const int rg = kv_by - bh * NRG;
   const int H = int(kn_shape[1]);
@@ -127,10 +229,10 @@ DECODE_BODY = """
   const int h = bh - b * H;
 
   // Which tokens this split owns: chunks are whole tiles.
-  int chunk = (S + nsp - 1) / nsp;
+  int chunk = (Sc + ncs - 1) / ncs;
   chunk = ((chunk + NT - 1) / NT) * NT;
-  const int start = split * chunk;
-  const int end = KV_MIN(S, start + chunk);
+  const int start = wblk ? w0 : split * chunk;
+  const int end = wblk ? S : KV_MIN(Sc, start + chunk);
 
   // ---- query rows -> shared (row rr = g*QL + l; rows past GQ*QL are zero) ----
   for (int e = kv_tid; e < RB * D; e += NT) {
@@ -141,13 +243,18 @@ DECODE_BODY = """
     if (rr < GQ * QL) {
       const int g = rr / QL;
       const int l = rr - g * QL;
-      v = static_cast<float>(q[long(b) * q_strides[0] + long(h * GQ + g) * q_strides[1]
-                               + long(l) * q_strides[2] + i]) * qmul[i];
+      if (wblk) {   // raw query x scale: the window block never rotates
+        v = static_cast<float>(qw[long(b) * qw_strides[0] + long(h * GQ + g) * qw_strides[1]
+                                  + long(l) * qw_strides[2] + long(i) * qw_strides[3]]) * qmul[D];
+      } else {
+        v = static_cast<float>(q[long(b) * q_strides[0] + long(h * GQ + g) * q_strides[1]
+                                 + long(l) * q_strides[2] + i]) * qmul[i];
+      }
     }
     qs[e] = v;
   }
   KV_BARRIER();
-  if (ROTQ == 1) {
+  if (ROTQ == 1 && !wblk) {
     // Unnormalised fast Walsh-Hadamard transform of each row (qmul holds signs*scale/sqrt(D)).
     for (int hh = 1; hh < D; hh <<= 1) {
       for (int e = kv_tid; e < RB * D / 2; e += NT) {
@@ -163,34 +270,43 @@ DECODE_BODY = """
     }
   }
 
-  // ---- score tables and value codebooks ----
-  for (int e = kv_tid; e < D * NC1 * RB; e += NT) {
-    const int r = e % RB;
-    const int c = (e / RB) % NC1;
-    const int i = e / (RB * NC1);
-    tab[e] = qs[r * D + i] * cbk1[c];
-  }
-  if (KB2 > 0) {
-    for (int e = kv_tid; e < D * NC2 * RB; e += NT) {
-      const int r = e % RB;
-      const int c = (e / RB) % NC2;
-      const int i = e / (RB * NC2);
-      float qv = qs[r * D + i];
-      if (KMODE == 2) {
-        const int rr = rg * RB + r;
-        qv = 0.0f;
-        if (rr < GQ * QL) {
-          const int g = rr / QL;
-          const int l = rr - g * QL;
-          qv = q2[long(b) * q2_strides[0] + long(h * GQ + g) * q2_strides[1]
-                  + long(l) * q2_strides[2] + i];
-        }
-      }
-      tab[T2OFF + e] = qv * cbk2[c];
+  // ---- score tables and value codebooks (the window block: the key mean in tab[0, D)) ----
+  if (wblk) {
+    if (WCTR == 1) {
+      const long mub = long(int(kmu_shape[0]) == 1 ? 0 : b) * kmu_strides[0]
+                       + long(h) * kmu_strides[1];
+      for (int e = kv_tid; e < D; e += NT)
+        tab[e] = static_cast<float>(kmu[mub + long(e) * kmu_strides[3]]);
     }
-  }
-  for (int e = kv_tid; e < 2 * NCV; e += NT) {
-    cbv_s[e] = (e < NCV) ? cbv1[e] : ((VMODE == 1) ? cbv2[e - NCV] : 0.0f);
+  } else {
+    for (int e = kv_tid; e < D * NC1 * RB; e += NT) {
+      const int r = e % RB;
+      const int c = (e / RB) % NC1;
+      const int i = e / (RB * NC1);
+      tab[e] = qs[r * D + i] * cbk1[c];
+    }
+    if (KB2 > 0) {
+      for (int e = kv_tid; e < D * NC2 * RB; e += NT) {
+        const int r = e % RB;
+        const int c = (e / RB) % NC2;
+        const int i = e / (RB * NC2);
+        float qv = qs[r * D + i];
+        if (KMODE == 2) {
+          const int rr = rg * RB + r;
+          qv = 0.0f;
+          if (rr < GQ * QL) {
+            const int g = rr / QL;
+            const int l = rr - g * QL;
+            qv = q2[long(b) * q2_strides[0] + long(h * GQ + g) * q2_strides[1]
+                    + long(l) * q2_strides[2] + i];
+          }
+        }
+        tab[T2OFF + e] = qv * cbk2[c];
+      }
+    }
+    for (int e = kv_tid; e < 2 * NCV; e += NT) {
+      cbv_s[e] = (e < NCV) ? cbv1[e] : ((VMODE == 1) ? cbv2[e - NCV] : 0.0f);
+    }
   }
 
   const long kbase1 = long(b) * kc1_strides[0] + long(h) * kc1_strides[1];
@@ -201,6 +317,8 @@ DECODE_BODY = """
   const long vbase2 = long(b) * vc2_strides[0] + long(h) * vc2_strides[1];
   const long vnb = long(b) * vn_strides[0] + long(h) * vn_strides[1];
   const long mrow = long(bh * RPAD + rg * RB) * long(S);
+  const long rkb = long(b) * rk_strides[0] + long(h) * rk_strides[1];
+  const long rvb = long(b) * rv_strides[0] + long(h) * rv_strides[1];
 
   // This lane's value dims are [kv_lane*DPL, (kv_lane+1)*DPL): one window of DPL*VB <= 32
   // bits starting at vbit0, read from at most two words.
@@ -216,8 +334,9 @@ DECODE_BODY = """
   for (int k = 0; k < DPL * RB; ++k) acc[k] = 0.0f;
 
   KV_BARRIER();
-
-  for (int tile = start; tile < end; tile += NT) {
+""" + WINDOW_LOOP + """
+  // ---- coded splits (none in the window block) ----
+  for (int tile = wblk ? end : start; tile < end; tile += NT) {
     // The tile's value codes are one contiguous run: issue those loads (coalesced) first,
     // so they are in flight during the scores; they reach shared memory after barrier 1.
     const int vcnt = KV_MIN(NT, end - tile) * WV;
@@ -309,7 +428,13 @@ DECODE_BODY = """
         }
       }
       for (int r = 0; r < RB; ++r) s[r] = rho * (s[r] + rn * s2[r]);
-      if (MASK == 1) {
+      if (WIN > 0) {
+        // Codes only below this row's cut (the window block reads the copies from there).
+        for (int r = 0; r < RB; ++r) {
+          const int qi = S - QL + (rg * RB + r) % QL;
+          if (j >= KV_IMAX(w0, qi - WIN + 1)) s[r] = KV_NEG_INF;
+        }
+      } else if (MASK == 1) {
         for (int r = 0; r < RB; ++r) {
           const int l = (rg * RB + r) % QL;
           if (j > S - QL + l) s[r] = KV_NEG_INF;
@@ -322,43 +447,19 @@ DECODE_BODY = """
     }
 
     // ---- online softmax: the tile max is block-uniform ----
-    for (int r = 0; r < RB; ++r) {
-      const float mw = KV_WARP_MAX(s[r]);
-      if (kv_lane == 0) red_s[kv_warp * RB + r] = mw;
-    }
-    KV_BARRIER();
+""" + TILE_MAX + """
     // Every warp is past the previous tile's value phase: the stage can be overwritten.
 #pragma unroll
     for (int k = 0; k < WV; ++k) {
       vst[kv_tid + k * NT] = vreg[k];
       if (NV == 2) vst[NT * WV + kv_tid + k * NT] = vreg2[k];
     }
-    float alpha[RB];
-    for (int r = 0; r < RB; ++r) {
-      float mn = m_run[r];
-      for (int w = 0; w < NW; ++w) mn = KV_MAX(mn, red_s[w * RB + r]);
-      alpha[r] = (m_run[r] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[r] - mn);
-      m_run[r] = mn;
-      const float p = (s[r] == KV_NEG_INF) ? 0.0f : KV_EXP(s[r] - mn);
-      l_run[r] = l_run[r] * alpha[r] + p;
-      ws_s[kv_tid * RB + r] = p * vnorm;
-    }
-    for (int k = 0; k < DPL; ++k)
-      for (int r = 0; r < RB; ++r) acc[k * RB + r] *= alpha[r];
-    KV_BARRIER();
+""" + TILE_RESCALE + """
 
     // ---- values: warp w takes keys w, w+NW, ...; lane owns DPL consecutive dims ----
     const int nk = KV_MIN(NT, end - tile);
     for (int t = kv_warp; t < nk; t += NW) {
-      float wr[RB];
-      if (RB % 4 == 0) {
-        for (int r4 = 0; r4 < RB / 4; ++r4) {
-          const float4 wv = ws4[(t * RB) / 4 + r4];
-          wr[4 * r4] = wv.x; wr[4 * r4 + 1] = wv.y; wr[4 * r4 + 2] = wv.z; wr[4 * r4 + 3] = wv.w;
-        }
-      } else {
-        for (int r = 0; r < RB; ++r) wr[r] = ws_s[t * RB + r];
-      }
+""" + TILE_WEIGHTS + """
       uint32_t x = vst[t * WV + vw0] >> voff;
       if (voff + DPL * VB > 32) x |= vst[t * WV + vw1] << (32 - voff);
       uint32_t x2 = 0u;
@@ -387,12 +488,47 @@ DECODE_BODY = """
       tab[(kv_warp * DV + kv_lane * DPL + k) * RB + r] = acc[k * RB + r];
   KV_BARRIER();
   const long pidx = long(kv_by) * nsp + split;
-  for (int e = kv_tid; e < RB * DV; e += NT) {
-    const int r = e / DV;
-    const int d = e - r * DV;
-    float o = 0.0f;
-    for (int w = 0; w < NW; ++w) o += tab[(w * DV + d) * RB + r];
-    opart[pidx * RB * DV + e] = o;
+  if (WIN > 0 && WROTV == 1 && wblk) {
+    // The copies were summed in the original domain: o <- Π_V o = H(vmul ⊙ o) per row,
+    // in shared memory, so the combine kernel treats this split like the coded ones.
+    constexpr int NO = (RB * DV + NT - 1) / NT;
+    float ov[NO];
+#pragma unroll
+    for (int k = 0; k < NO; ++k) {
+      const int e = kv_tid + k * NT;
+      const int r = e / DV;
+      const int d = e - r * DV;
+      float o = 0.0f;
+      if (e < RB * DV)
+        for (int w = 0; w < NW; ++w) o += tab[(w * DV + d) * RB + r];
+      ov[k] = o * vmul[d];
+    }
+    KV_BARRIER();
+#pragma unroll
+    for (int k = 0; k < NO; ++k)
+      if (kv_tid + k * NT < RB * DV) tab[kv_tid + k * NT] = ov[k];
+    KV_BARRIER();
+    for (int hh = 1; hh < DV; hh <<= 1) {
+      for (int e = kv_tid; e < RB * DV / 2; e += NT) {
+        const int r = e / (DV / 2);
+        const int k = e - r * (DV / 2);
+        const int i = r * DV + (k / hh) * 2 * hh + (k % hh);
+        const float x0 = tab[i];
+        const float x1 = tab[i + hh];
+        tab[i] = x0 + x1;
+        tab[i + hh] = x0 - x1;
+      }
+      KV_BARRIER();
+    }
+    for (int e = kv_tid; e < RB * DV; e += NT) opart[pidx * RB * DV + e] = tab[e];
+  } else {
+    for (int e = kv_tid; e < RB * DV; e += NT) {
+      const int r = e / DV;
+      const int d = e - r * DV;
+      float o = 0.0f;
+      for (int w = 0; w < NW; ++w) o += tab[(w * DV + d) * RB + r];
+      opart[pidx * RB * DV + e] = o;
+    }
   }
   if (kv_tid < RB) {
     float lt = 0.0f;
@@ -452,5 +588,114 @@ REDUCE_BODY = """
     const int l = rr - g * QL;
     const long o = (long(b * Hkv * GQ + h * GQ + g) * QL + l) * DV + d;
     out[o] = static_cast<OT>(buf[d] * vmul[d]);
+  }
+"""
+
+# Fused encode for the cache append: what MSECodec.encode / RVQCodec.encode compute, for
+# vectors x (B, H, L, D) of any float dtype (read through x_strides: keys arrive as a
+# transposed view), in one launch. One block of D threads per vector (thread i owns
+# coordinate i), blocks loop over the vectors (grid-stride), so a prefill of many tokens
+# needs no larger grid. Per vector:
+#   ‖x‖ (fp32: warp sums, then the warps' partials in a fixed order);
+#   y = H (s ⊙ x/‖x‖) / √D, an in-shared-memory Walsh-Hadamard transform in MLX's order;
+#   MODE 0 (mse): idx = #{boundaries < y}, x̂_unit = c[idx];
+#   MODE 1 (rvq): t = y / scale, idx1 on t, idx2 on t - c1[idx1], x̂_unit = (c1 + c2)·scale;
+#   ρ = fp16(fp16(‖x‖) / ‖x̂_unit‖) (the codecs round ‖x‖ to fp16 before dividing);
+#   thread w < W packs word w of each code stream (code i in bits [i*b, (i+1)*b)).
+# The quantiser is the codebooks.quantize binary search, bit for bit (strict >).
+# Template constants: D (power of two, 32..1024) threads and dims, BITS, W words per
+# vector, MODE, NORMT the stored norm type, XT the input dtype (only to key MLX's cache).
+# cst = [signs (D) | boundaries1, centroids1, boundaries2, centroids2 (2^BITS each, padded)
+#        | 1/√D, scale]. codes2 is a one-word dummy in MODE 0.
+ENCODE_BODY = """
+  constexpr int NW = D / 32;
+  constexpr int NL = 1 << BITS;
+  KV_SHARED float xs[D];
+  KV_SHARED uint32_t cs1[D];
+  KV_SHARED uint32_t cs2[D];
+  KV_SHARED float red[2 * NW];
+  KV_SHARED float tab[4 * NL];
+
+  const int i = kv_tid;
+  const int H = int(x_shape[1]);
+  const int L = int(x_shape[2]);
+  const int nvec = int(x_shape[0]) * H * L;
+  for (int e = i; e < 4 * NL; e += D) tab[e] = cst[D + e];
+  const float sgn = cst[i];
+  const float hs = cst[D + 4 * NL];
+  const float rs = cst[D + 4 * NL + 1];
+  KV_BARRIER();
+
+  for (int vec = kv_bx; vec < nvec; vec += kv_nbx) {
+    const int l = vec % L;
+    const int bh = vec / L;
+    const int h = bh % H;
+    const int b = bh / H;
+    const float v = static_cast<float>(x[long(b) * x_strides[0] + long(h) * x_strides[1]
+                                         + long(l) * x_strides[2] + long(i) * x_strides[3]]);
+    const float ss = KV_WARP_SUM(v * v);
+    if (kv_lane == 0) red[kv_warp] = ss;
+    KV_BARRIER();
+    float tot = 0.0f;
+    for (int w = 0; w < NW; ++w) tot += red[w];
+    const float nrm = KV_SQRT(tot);
+    xs[i] = v / KV_MAX(nrm, 1e-30f) * sgn;
+    KV_BARRIER();
+    for (int hh = 1; hh < D; hh <<= 1) {
+      if (i < D / 2) {
+        const int j = (i / hh) * 2 * hh + (i % hh);
+        const float x0 = xs[j];
+        const float x1 = xs[j + hh];
+        xs[j] = x0 + x1;
+        xs[j + hh] = x0 - x1;
+      }
+      KV_BARRIER();
+    }
+    const float y = xs[i] * hs;
+
+    // ---- quantise: binary search over the sorted boundaries (as codebooks.quantize) ----
+    const float t = (MODE == 1) ? y / rs : y;
+    uint32_t q1 = 0u;
+    for (int s = BITS - 1; s >= 0; --s) {
+      const uint32_t p = q1 + (1u << s);
+      if (t > tab[p - 1]) q1 = p;
+    }
+    float rec = tab[NL + q1];
+    if (MODE == 1) {
+      const float r = t - rec;
+      uint32_t q2 = 0u;
+      for (int s = BITS - 1; s >= 0; --s) {
+        const uint32_t p = q2 + (1u << s);
+        if (r > tab[2 * NL + p - 1]) q2 = p;
+      }
+      rec = (rec + tab[3 * NL + q2]) * rs;
+      cs2[i] = q2;
+    }
+    cs1[i] = q1;
+    const float rr = KV_WARP_SUM(rec * rec);
+    if (kv_lane == 0) red[NW + kv_warp] = rr;
+    KV_BARRIER();
+
+    // ---- pack: word w holds codes first..last, shifted into place ----
+    if (i < W) {
+      const int first = (32 * i) / BITS;
+      const int last = KV_MIN(D - 1, (32 * i + 31) / BITS);
+      uint32_t w1 = 0u;
+      uint32_t w2 = 0u;
+      for (int c = first; c <= last; ++c) {
+        const int sh = c * BITS - 32 * i;
+        w1 |= (sh >= 0) ? (cs1[c] << sh) : (cs1[c] >> (-sh));
+        if (MODE == 1) w2 |= (sh >= 0) ? (cs2[c] << sh) : (cs2[c] >> (-sh));
+      }
+      codes1[long(vec) * W + i] = w1;
+      if (MODE == 1) codes2[long(vec) * W + i] = w2;
+    }
+    if (i == 0) {
+      float rt = 0.0f;
+      for (int w = 0; w < NW; ++w) rt += red[NW + w];
+      const float n16 = static_cast<float>(static_cast<NORMT>(nrm));
+      rho[vec] = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
+    }
+    KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
   }
 """

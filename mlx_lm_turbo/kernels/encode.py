@@ -1,0 +1,225 @@
+"""Fused encode for the cache append: normalise, rotate, quantise, correct the norm and pack
+in one launch (``source.ENCODE_BODY``), instead of the dozen small MLX ops of the codecs'
+``encode``. Covers turboquant_mse and turboquant_rvq with power-of-two head dims 32..1024
+(the randomized-Hadamard rotation), fp16/bf16/fp32 input; ``encode`` returns exactly the
+dict the codec's ``encode`` returns, or None where the kernel does not apply (the caller
+then runs the codec).
+
+First use per (backend, method, bits, dim, input dtype): the kernel's output is compared
+with the codec's MLX encode of the same input (see ``compare`` for the rule); a compile
+error or a disagreement gives one warning and the codec from then on.
+``MLX_LM_TURBO_KERNELS=0`` never runs the kernel; ``=1`` runs it wherever it applies and
+raises if there is no GPU backend or its check fails, as the decode kernels do. A codec or
+input it does not cover (prod/polar/qjl, non-power-of-two head dims) returns None even
+then, so that forcing the kernels still works for such models: their appends run the
+codec's MLX encode while attention is forced onto the fused decode.
+"""
+
+import hashlib
+import math
+import warnings
+from typing import Optional
+
+import mlx.core as mx
+
+from ..codecs.common import NORM_DTYPE
+from ..packing import unpack, words_per_vector
+from . import source
+from .decode import ENV, backend, env_mode, full_source
+
+MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
+INPUTS = ["x", "cst"]
+OUTPUTS = ["codes1", "codes2", "rho"]
+MIN_DIM, MAX_DIM = 32, 1024   # one thread per coordinate, whole warps, <= 1024 per block
+MAX_BLOCKS = 4096             # beyond this many vectors, blocks loop over them
+
+# First-use agreement rule (see ``compare``): the kernel and MLX sum in different orders
+# (fp32), so a coordinate within an ulp of a quantiser boundary may land on either side.
+TIE_FRACTION = 1e-3           # at most this fraction of the codes may differ ...
+TIE_MIN = 2                   # ... or this many, whichever is larger
+NORM_RTOL = 2e-3              # two fp16 ulps: ‖x‖ is rounded to fp16 before the division
+NORM_ATOL = 1.2e-7            # two fp16 subnormal steps, for near-zero vectors
+
+_kernels: dict = {}           # backend -> compiled kernel object
+_checked: dict = {}           # (backend, method, bits, dim, dtype) -> agreed at first use
+
+
+def supported(codec, x: mx.array) -> bool:
+    """Whether the kernel covers this codec and input (backend aside)."""
+    if getattr(codec, "METHOD", None) not in MODES or codec.rotation.signs is None:
+        return False
+    d = codec.dim
+    if d < MIN_DIM or d > MAX_DIM or d & (d - 1):
+        return False
+    if not isinstance(x, mx.array) or x.ndim == 0 or x.shape[-1] != d or x.size == 0:
+        return False
+    return x.dtype in (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _kernel(backend_name: str):
+    if backend_name not in _kernels:
+        header, src = full_source(source.ENCODE_BODY, backend_name)
+        make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
+        # MLX's CUDA backend caches compiled kernels on disk by name (and template
+        # values): a hash of the text in the name keeps an edited body from loading a
+        # stale binary.
+        tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
+        # The input is read through its strides: keys arrive as a transposed view and a
+        # contiguous copy would be one more launch per call.
+        _kernels[backend_name] = make(name=f"turbo_encode_{tag}", input_names=INPUTS,
+                                      output_names=OUTPUTS, source=src, header=header,
+                                      ensure_row_contiguous=False)
+    return _kernels[backend_name]
+
+
+def consts(codec) -> mx.array:
+    """The kernel's constant table for a codec (built and evaluated once, kept on it):
+    [signs | boundaries1, centroids1, boundaries2, centroids2 (2^bits each) | 1/√d, scale]."""
+    c = getattr(codec, "_fused_encode_consts", None)
+    if c is not None:
+        return c
+    nl = 1 << codec.bits
+
+    def pad(a):
+        a = a.astype(mx.float32).reshape(-1)
+        return mx.pad(a, (0, nl - a.size))
+
+    if codec.METHOD == "turboquant_rvq":
+        parts = [codec.boundaries1, codec.centroids1, codec.boundaries2, codec.centroids2]
+        scale = codec.scale
+    else:
+        parts = [codec.boundaries, codec.centroids, mx.zeros((nl,)), mx.zeros((nl,))]
+        scale = 1.0
+    # 1/√d as mx.hadamard_transform computes it (float(1 / sqrt(n)) in double).
+    tail = mx.array([1 / math.sqrt(codec.dim), scale], mx.float32)
+    c = mx.concatenate([codec.rotation.signs.astype(mx.float32)] + [pad(p) for p in parts]
+                       + [tail])
+    mx.eval(c)
+    codec._fused_encode_consts = c
+    return c
+
+
+def launch_args(codec, x: mx.array) -> tuple[mx.array, dict]:
+    """(x as the 4-D array the kernel reads, the kernel call's keyword arguments)."""
+    d, bits = codec.dim, codec.bits
+    if x.ndim < 4:
+        x4 = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    elif x.ndim > 4:
+        x4 = x.reshape(-1, 1, 1, d)
+    else:
+        x4 = x
+    B, H, L, _ = x4.shape
+    nvec = B * H * L
+    W = words_per_vector(d, bits)
+    mode = MODES[codec.METHOD]
+    kwargs = dict(
+        inputs=[x4, consts(codec)],
+        template=[("D", d), ("BITS", bits), ("W", W), ("MODE", mode), ("NORMT", NORM_DTYPE),
+                  ("XT", x.dtype)],
+        grid=(min(nvec, MAX_BLOCKS) * d, 1, 1), threadgroup=(d, 1, 1),
+        output_shapes=[(B, H, L, W), (B, H, L, W) if mode == 1 else (1,), (B, H, L)],
+        output_dtypes=[mx.uint32, mx.uint32, NORM_DTYPE])
+    return x4, kwargs
+
+
+def as_packed(codec, x: mx.array, outs: list) -> dict:
+    """The kernel's outputs as the codec's dict (same keys, shapes and dtypes)."""
+    c1, c2, rho = outs
+    if x.ndim != 4:  # (the cache's 4-D case needs no reshape op)
+        lead = tuple(x.shape[:-1])
+        c1, rho = c1.reshape(lead + (c1.shape[-1],)), rho.reshape(lead)
+        c2 = c2.reshape(lead + (c2.shape[-1],)) if c2.ndim == 4 else c2
+    if codec.METHOD == "turboquant_rvq":
+        return {"codes1": c1, "codes2": c2, "norm": rho}
+    return {"codes": c1, "norm": rho}
+
+
+def run_kernel(codec, x: mx.array, backend_name: str) -> dict:
+    _, kwargs = launch_args(codec, x)
+    return as_packed(codec, x, _kernel(backend_name)(**kwargs))
+
+
+def compare(codec, out: dict, ref: dict) -> tuple[bool, str]:
+    """Does the kernel's encode agree with the codec's? The rule:
+
+    * same keys, shapes and dtypes;
+    * codes: a coordinate whose y lies within rounding of a quantiser boundary may land on
+      either side, so codes may differ only as such ties do: by one level (rvq: stage 1 by
+      one level, then stage 2 is free, as it codes a residual of the other sign; or stage 1
+      equal and stage 2 by one level), and at most max(TIE_MIN, TIE_FRACTION · codes) of
+      them. Real faults (signs, scale, packing, layout) change most codes;
+    * norms: within NORM_RTOL (relative) or NORM_ATOL, NaN matching NaN, for every vector
+      whose codes all match (a tie changes ‖x̂_unit‖, hence ρ, legitimately).
+    """
+    if set(out) != set(ref):
+        return False, f"keys {sorted(out)} vs {sorted(ref)}"
+    for k in ref:
+        if out[k].shape != ref[k].shape or out[k].dtype != ref[k].dtype:
+            return False, (f"{k}: {out[k].dtype}{tuple(out[k].shape)} vs "
+                           f"{ref[k].dtype}{tuple(ref[k].shape)}")
+    d, bits = codec.dim, codec.bits
+
+    def levels(p, name):
+        return unpack(p[name], bits, d).astype(mx.int32)
+
+    if codec.METHOD == "turboquant_rvq":
+        d1 = mx.abs(levels(out, "codes1") - levels(ref, "codes1"))
+        d2 = mx.abs(levels(out, "codes2") - levels(ref, "codes2"))
+        differ = (d1 != 0) | (d2 != 0)
+        tie = (d1 == 1) | ((d1 == 0) & (d2 == 1))
+    else:
+        d1 = mx.abs(levels(out, "codes") - levels(ref, "codes"))
+        differ = d1 != 0
+        tie = d1 == 1
+    a, r = out["norm"].astype(mx.float32), ref["norm"].astype(mx.float32)
+    close = mx.abs(a - r) <= NORM_RTOL * mx.abs(r) + NORM_ATOL
+    norm_ok = (a == r) | (mx.isnan(a) & mx.isnan(r)) | close
+    clean = ~mx.any(differ, axis=-1)
+    n = differ.size
+    n_diff = mx.sum(differ).item()
+    n_far = mx.sum(differ & ~tie).item()
+    n_norm = mx.sum(clean & ~norm_ok).item()
+    allowed = max(TIE_MIN, int(TIE_FRACTION * n))
+    ok = n_far == 0 and n_diff <= allowed and n_norm == 0
+    why = (f"{n_diff} of {n} codes differ ({n_far} by more than a boundary tie; "
+           f"{allowed} ties allowed), {n_norm} norms off by more than {NORM_RTOL:g} relative")
+    return ok, why
+
+
+def encode(codec, x: mx.array) -> Optional[dict]:
+    """The codec's ``encode(x)`` in one kernel launch, or None where the kernel does not
+    apply (CPU backend, other methods, other head dims, a failed first-use check)."""
+    mode = env_mode()
+    if mode is False:
+        return None
+    be = backend()
+    if be is None:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but no Metal or CUDA GPU backend is active")
+        return None
+    if not supported(codec, x):
+        return None   # (also under =1: see the module docstring)
+    key = (be, codec.METHOD, codec.bits, codec.dim, str(x.dtype))
+    state = _checked.get(key)
+    if state is True:
+        return run_kernel(codec, x, be)
+    if state is False:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
+        return None
+    # First use for this backend, codec shape and dtype: compare with the codec once.
+    try:
+        out = run_kernel(codec, x, be)
+        ok, why = compare(codec, out, codec.encode(x))
+    except Exception as e:  # compile or launch failure
+        if mode:
+            raise
+        ok, why = False, f"{type(e).__name__}: {e}"
+    _checked[key] = ok
+    if not ok:
+        if mode:
+            raise RuntimeError(f"fused encode kernel disagrees with the codec: {why}")
+        warnings.warn(f"mlx_lm_turbo: fused encode kernel disabled for {key} ({why}); "
+                      f"using the codec's MLX encode", stacklevel=3)
+        return None
+    return out
