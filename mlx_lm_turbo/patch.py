@@ -9,8 +9,8 @@ import importlib
 import sys
 from typing import Optional
 
-from . import codecs
-from .cache import TurboConfig, TurboKVCache, cache_summary, maybe_compress
+from . import codecs, distributed
+from .cache import TurboConfig, TurboKVCache, cache_summary
 from .cache import make_prompt_cache as make_turbo_cache
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
@@ -70,12 +70,13 @@ def make_prompt_cache(model, max_kv_size=None):
         return _originals["make_prompt_cache"](model, max_kv_size)
     _last_caches = make_turbo_cache(model, _config, max_kv_size,
                                     make_base=_originals["make_prompt_cache"])
+    distributed.use_global_layers(model, _last_caches, _config)  # pipeline ranks
     return _last_caches
 
 
 def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits):
     if _config is not None and kv_bits is None:
-        return maybe_compress(prompt_cache, _config, quantized_kv_start)
+        return distributed.maybe_compress(prompt_cache, _config, quantized_kv_start)
     return _originals["maybe_quantize_kv_cache"](prompt_cache, quantized_kv_start,
                                                  kv_group_size, kv_bits)
 
@@ -95,12 +96,24 @@ def load(*args, **kwargs):
     return result
 
 
+def sharded_load(*args, **kwargs):
+    """mlx-lm's ``sharded_load`` (``mlx.launch``): RateQuant resolved by all ranks together
+    (rank 0's allocation broadcast), and a check that every rank has the same settings."""
+    result = _originals["sharded_load"](*args, **kwargs)
+    if _config is not None:
+        try:
+            set_config(distributed.prepare_config(result[0], result[1], _config))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    return result
+
+
 def check_loaded_cache(caches: list, config: TurboConfig) -> None:
     """A prompt-cache file's turbo layers must match the flags given with it."""
     for i, c in enumerate(caches):
         if not isinstance(c, TurboKVCache):
             continue
-        kb, vb = config.bits_for_layer(i)
+        kb, vb = config.bits_for_layer(c.layer)  # global layer (pipeline ranks)
         want = (config.key_method, kb, config.value_method, vb, config.seed)
         have = (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
         if want != have:
@@ -148,6 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Subtract each head's mean key of the first block before coding "
                         "(exact for attention; ~3%% lower perplexity at 3-4 bits on "
                         "SmolLM2, but the codes then depend on how the prompt is split).")
+    g.add_argument("--kv-fp16-window", type=int, default=0, metavar="N",
+                   help="Also keep the N newest tokens uncompressed (fp16, counted in the "
+                        "bytes held): each query reads its N nearest keys/values exactly. "
+                        "16-64 removes most of the quality loss at 2-3 bits for ~0.1 "
+                        "bits/element (default 0: codes only).")
     g.add_argument("--ratequant-target", type=float, default=None,
                    help="RateQuant: average bits/element (metadata counted) to spend, "
                         "allocated per layer and K/V after a short calibration.")
@@ -166,6 +184,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     """Read our flags; raise ValueError with a user-facing message on bad input."""
     method = getattr(args, "kv_method", None)
     if method is None:
+        if getattr(args, "kv_fp16_window", 0):
+            raise ValueError("--kv-fp16-window needs --kv-method")
         for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
                      "ratequant_load", "ratequant_save", "ratequant_calibration"):
             if getattr(args, flag, None) is not None:
@@ -200,7 +220,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        ratequant_target=target, ratequant_solver=args.ratequant_solver,
                        ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
                        ratequant_calibration=args.ratequant_calibration,
-                       center_keys=getattr(args, "kv_center_keys", False))
+                       center_keys=getattr(args, "kv_center_keys", False),
+                       fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
 
 
 def _patch_parser_factory(module) -> None:
@@ -248,6 +269,8 @@ def apply() -> None:
     _originals["maybe_quantize_kv_cache"] = gen.maybe_quantize_kv_cache
     _originals["generate"] = gen.generate
     _originals["load"] = gen.load
+    utils = importlib.import_module("mlx_lm.utils")
+    _originals["sharded_load"] = utils.sharded_load
 
     base.scaled_dot_product_attention = scaled_dot_product_attention
     _rebind(_originals["sdpa"], scaled_dot_product_attention, "scaled_dot_product_attention")
@@ -259,6 +282,8 @@ def apply() -> None:
     gen.generate = generate
     gen.load = load
     cache_prompt.load = load
+    utils.sharded_load = sharded_load  # server, chat, benchmark import it from here
+    _rebind(_originals["sharded_load"], sharded_load, "sharded_load")
     _patch_parser_factory(gen)
     _patch_parser_factory(cache_prompt)
     base._mlx_lm_turbo_patched = True
@@ -345,4 +370,6 @@ def apply_server() -> None:
     if patched_load is not None and _originals.get("load") is not None \
             and getattr(server, "load", None) is _originals["load"]:
         server.load = patched_load  # RateQuant resolves its allocation in load
+    if getattr(server, "sharded_load", None) is _originals.get("sharded_load"):
+        server.sharded_load = sharded_load  # mlx.launch ... -m mlx_lm.server
     server._mlx_lm_turbo_patched = True

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from . import codecs
+from . import codecs, distributed
 from .cache import TurboConfig, layer_seed
 
 DEFAULT_CHOICES = (1, 2, 3, 4, 8)
@@ -75,6 +75,7 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
     tokens = mx.array(tokenizer.encode(text)[:max_tokens])
     caches = patch._originals["make_prompt_cache"](model)  # mlx-lm's own, never turbo
     layers = [i for i, c in enumerate(caches) if type(c) is KVCache]
+    offset = distributed.layer_offset(model)  # pipeline rank: global layer of caches[0]
     for i in layers:
         caches[i] = CalibrationCache()
     mx.eval(model(tokens[None], cache=caches))
@@ -100,7 +101,7 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
                 if b not in codecs.bits_range(m):
                     row.append(mx.array(float("nan")))
                     continue
-                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, i, is_value))
+                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, offset + i, is_value))
                 xh = codec.decode(codec.encode(x))
                 kk, vv = (k, xh) if is_value else (xh, v)
                 out = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=scale, mask="causal")
@@ -275,17 +276,25 @@ def load(path: str, signature: dict, config: TurboConfig) -> list:
     return [tuple(b) for b in data["bits"]]
 
 
-def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True) -> TurboConfig:
+def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
+            group=None) -> TurboConfig:
     """Calibrate and allocate (or load a saved allocation) for ``config``'s target:
-    the returned config carries per-layer bits."""
+    the returned config carries per-layer bits. With a distributed ``group`` (sharded
+    model) every rank calibrates its share, the statistics are merged, and rank 0's
+    allocation is broadcast (see ``distributed``)."""
     import dataclasses
+
+    lead = group is None or group.rank() == 0
 
     if config.ratequant_load:
         probe = calibrate(model, tokenizer, config.key_method, choices=(), max_tokens=4,
                           seed=config.seed, value_method=config.value_method)
+        if group is not None:
+            probe = distributed.merge_calibration(probe, model, group)
         signature = model_signature(probe.n_cache_layers, probe.layers, probe.kv_heads,
                                     probe.head_dims)
-        bits = load(config.ratequant_load, signature, config)
+        bits = distributed.computed_once(
+            lambda: load(config.ratequant_load, signature, config), len(probe.layers), group)
         cal = probe
     else:
         text = None
@@ -296,11 +305,15 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True) -> Turb
                 raise ValueError(f"cannot read --ratequant-calibration file: {e}") from None
         cal = calibrate(model, tokenizer, config.key_method, seed=config.seed, text=text,
                         value_method=config.value_method)
-        bits = allocate(cal, config.key_method, config.ratequant_target,
-                        solver=config.ratequant_solver, value_method=config.value_method)
-        if config.ratequant_save:
+        if group is not None:
+            cal = distributed.merge_calibration(cal, model, group)
+        bits = distributed.computed_once(
+            lambda: allocate(cal, config.key_method, config.ratequant_target,
+                             solver=config.ratequant_solver, value_method=config.value_method),
+            len(cal.layers), group)
+        if config.ratequant_save and lead:
             save(config.ratequant_save, cal, config, config.ratequant_target, bits)
-    if verbose:
+    if verbose and lead:
         bpe = mean_bits_per_element(cal, config.key_method, config.value_method, bits)
         how = (f"loaded from {config.ratequant_load}" if config.ratequant_load else
                f"{config.ratequant_solver} solver, calibrated in {cal.seconds:.1f} s")

@@ -1,0 +1,197 @@
+"""Turbo caches in mlx-lm's distributed mode (``mlx.launch``, ``sharded_load``).
+
+mlx-lm shards a model two ways (``mlx_lm.utils.sharded_load``, used by ``mlx_lm.server``,
+``mlx_lm.chat`` and ``mlx_lm.benchmark``; ``--pipeline`` picks the second):
+
+- tensor sharding (``model.shard(group)``): every rank holds every layer with
+  ``n_kv_heads / N`` KV heads. A rank's caches are built from its model, so they hold its
+  heads only; the codecs depend on (seed, layer, K/V) and act per head vector, so a head is
+  coded exactly as in one process. Nothing to do here.
+- pipeline sharding (``PipelineMixin.pipeline(group)``): rank r holds a slice of the layers
+  and ``model.layers`` lists only those, so mlx-lm's cache list is numbered locally from 0.
+  Seeds and RateQuant bits are per *global* layer: ``use_global_layers`` renumbers.
+  Pipeline models also write ``cache[-1].keys = mx.depends(cache[-1].keys, h)``, which
+  needs an array; our caches hold a dict of packed arrays, so the model's module gets an
+  ``mx`` whose ``depends`` maps over a dict.
+
+RateQuant: every rank calibrates what it holds (the forward pass needs all ranks anyway),
+``merge_calibration`` sums the per-layer statistics over ranks into the whole model's,
+rank 0 allocates and ``computed_once`` hands its allocation to every rank.
+``check_same_config`` verifies that all ranks hold the same method, bits and seed.
+
+Prompt-cache files are per rank: a rank saves and loads its own heads (tensor) or layers
+(pipeline); ``rank_file`` names them. The stored ``layer`` is global, so seeds survive.
+"""
+
+import sys
+import types
+import zlib
+from typing import Callable, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from .cache import TurboConfig, TurboKVCache
+
+
+def world() -> Optional[mx.distributed.Group]:
+    """The world group when this process is one of several ranks, else None."""
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def pipeline_stage(model) -> Optional[object]:
+    """The model's ``PipelineMixin`` module when it is split over more than one rank."""
+    from mlx_lm.models.pipeline import PipelineMixin
+
+    for module in model.modules():
+        if isinstance(module, PipelineMixin):
+            return module if module.pipeline_size > 1 else None
+    return None
+
+
+def layer_offset(model) -> int:
+    """Global index of this rank's first cache layer (0 unless pipelined)."""
+    stage = pipeline_stage(model)
+    return 0 if stage is None else stage.start_idx
+
+
+def _depends(inputs, dependencies):
+    if isinstance(inputs, dict):  # a TurboKVCache's packed keys
+        names = list(inputs)
+        return dict(zip(names, mx.depends([inputs[n] for n in names], dependencies)))
+    return mx.depends(inputs, dependencies)
+
+
+def _allow_dict_depends(stage) -> None:
+    """Give the module that runs the pipeline forward an ``mx`` whose ``depends`` also
+    takes a dict (the module's code is unchanged; ``mx.depends`` itself is untouched)."""
+    module = sys.modules[type(stage).__call__.__module__]
+    if getattr(module.mx, "_turbo", False):
+        return
+    proxy = types.ModuleType(mx.__name__)
+    proxy.__dict__.update(vars(mx))
+    proxy.depends = _depends
+    proxy._turbo = True
+    module.mx = proxy
+
+
+def use_global_layers(model, caches: list, config: TurboConfig) -> None:
+    """Renumber a pipeline rank's caches by global layer (in place)."""
+    stage = pipeline_stage(model)
+    if stage is None:
+        return
+    _allow_dict_depends(stage)
+    for i, c in enumerate(caches):
+        layer = stage.start_idx + i
+        if isinstance(c, TurboKVCache):  # still empty: rebuilt for its global layer
+            caches[i] = type(c).from_config(config, layer)
+        elif type(c) is KVCache:  # compressed later (--quantized-kv-start): remember
+            c.turbo_layer = layer
+
+
+def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -> None:
+    """``cache.maybe_compress`` that keeps a pipeline rank's global layer numbers."""
+    for i, c in enumerate(caches):
+        if type(c) is KVCache and c.offset >= quantized_kv_start:
+            layer = getattr(c, "turbo_layer", i)
+            caches[i] = TurboKVCache.from_kv_cache(c, config, layer)
+
+
+def merge_calibration(cal, model, group: mx.distributed.Group):
+    """The whole model's RateQuant calibration from each rank's own.
+
+    Per global layer, every rank adds its row (zeros for layers it does not hold) and a
+    count of 1: statistics are averaged over the ranks holding the layer (tensor: all,
+    with their own heads; pipeline: one, exact), KV heads are summed (the heads of a
+    layer are split over its ranks).
+    """
+    from .ratequant import Calibration
+
+    offset = layer_offset(model)
+    n = int(mx.distributed.all_max(mx.array(offset + cal.n_cache_layers), group=group).item())
+    choices = sorted(cal.measured)
+    table = np.zeros((n, 2 + 2 * len(choices) + 4), np.float32)
+    for j, i in enumerate(cal.layers):
+        measured = [x for b in choices for x in cal.measured[b][j]]
+        table[offset + i] = [*cal.proxy[j], *measured, cal.kv_heads[j], *cal.head_dims[j], 1]
+    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
+    count = total[:, -1]
+    rows = np.flatnonzero(count > 0)
+    mean = total[rows] / count[rows, None]
+    measured = {b: mean[:, 2 + 2 * k:4 + 2 * k].astype(np.float64)
+                for k, b in enumerate(choices)}
+    return Calibration(
+        layers=[int(r) for r in rows],
+        head_dims=[(int(round(k)), int(round(v))) for k, v in mean[:, -3:-1]],
+        kv_heads=[int(round(h)) for h in total[rows, -4]],
+        n_cache_layers=n, proxy=mean[:, :2].astype(np.float64), measured=measured,
+        seconds=float(mx.distributed.all_max(mx.array(cal.seconds), group=group).item()))
+
+
+def computed_once(allocate: Callable[[], list], n_layers: int,
+                  group: Optional[mx.distributed.Group]) -> list:
+    """``allocate()`` on rank 0 only, its (key_bits, value_bits) per layer broadcast to
+    every rank (an all_sum of a table that is zero elsewhere). A ValueError on rank 0
+    reaches every rank (rank 0 raises it, the others say so) instead of a hang."""
+    if group is None:
+        return allocate()
+    table = np.zeros((n_layers + 1, 2), np.int32)  # row 0: ok flag
+    error = None
+    if group.rank() == 0:
+        try:
+            table[1:] = np.array(allocate(), np.int32).reshape(n_layers, 2)
+            table[0, 0] = 1
+        except ValueError as e:
+            error = e
+    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
+    if error is not None:
+        raise error
+    if total[0, 0] != 1:
+        raise ValueError("RateQuant allocation failed on rank 0 (its error says why)")
+    return [(int(k), int(v)) for k, v in total[1:]]
+
+
+def _fingerprint(config: TurboConfig) -> list:
+    text = repr((config.key_method, config.key_bits, config.value_method, config.value_bits,
+                 config.seed, config.center_keys, config.layer_bits,
+                 getattr(config, "fp16_window", 0)))
+    crc = zlib.crc32(text.encode())
+    return [config.seed & 0x7FFFFFFF, crc & 0xFFFF, crc >> 16]
+
+
+def check_same_config(config: TurboConfig, group: mx.distributed.Group) -> None:
+    """Raise ValueError unless every rank holds the same cache settings (seed included)."""
+    mine = mx.array(_fingerprint(config), dtype=mx.int32)
+    lo = mx.distributed.all_min(mine, group=group)
+    hi = mx.distributed.all_max(mine, group=group)
+    if not bool(mx.all(lo == hi).item()):
+        raise ValueError("the ranks were started with different --kv-* / RateQuant settings "
+                         "(method, bits, seed or allocation differ); give every rank the "
+                         "same flags")
+
+
+def prepare_config(model, tokenizer, config: TurboConfig) -> TurboConfig:
+    """After ``sharded_load``: resolve RateQuant over all ranks, check they agree."""
+    group = world()
+    if config.ratequant_target is not None and config.layer_bits is None:
+        from . import ratequant
+
+        config = ratequant.resolve(model, tokenizer, config, group=group)
+    if group is not None:
+        check_same_config(config, group)
+    return config
+
+
+def rank_file(path: str, group: Optional[mx.distributed.Group] = None) -> str:
+    """``doc.safetensors`` -> ``doc.rank1-of-2.safetensors`` (unchanged in one process):
+    each rank saves and loads the caches of its own heads or layers."""
+    group = group if group is not None else world()
+    if group is None:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    tag = f"rank{group.rank()}-of-{group.size()}"
+    return f"{stem}.{tag}.{ext}" if dot else f"{path}.{tag}"
