@@ -5,6 +5,11 @@ so keys are never inverse-rotated; the value sum is accumulated in the value rot
 domain and rotated back once. Keys are stored centred (k - μ, see cache.py): scores
 differ from ⟨q, k⟩ by q·μ, the same for every key of a query, which softmax ignores.
 The fused kernels (``kernels``) take over where they run.
+
+With an fp16 window (cache.py) the returned dicts carry the uncompressed span of the
+newest tokens under "recent": those keys/values join the coded ones as extra columns of
+one SDPA, and the mask picks, per query i, the copy for keys i-W < j ≤ i and the code
+for the others.
 """
 
 from typing import Optional
@@ -23,6 +28,8 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
     v = vc.decode_rotated(values)
     if isinstance(mask, mx.array) and mask.dtype != mx.bool_:
         mask = mask.astype(mx.float32)
+    if "recent" in keys:
+        k, v, mask = _with_window(q, k, v, keys["recent"], values["recent"], cache, mask)
     if sinks is not None:
         # The sink logit does not move with q·μ: put the key mean back.
         k = k + kc.rotate(cache.key_mean.astype(mx.float32))
@@ -37,3 +44,35 @@ def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: f
     if out is not None:
         return out
     return reference_attention(queries, keys, values, cache, scale, mask, sinks)
+
+
+def _with_window(q: mx.array, k: mx.array, v: mx.array, recent_k: mx.array,
+                 recent_v: mx.array, cache, mask):
+    """Coded keys/values plus the uncompressed span as extra columns, and the mask that
+    picks one copy of each key per query (see the module docstring)."""
+    kc, vc = cache.key_codec, cache.value_codec
+    L, S, n, W = q.shape[2], k.shape[2], recent_k.shape[2], cache.fp16_window
+    rk = kc.rotate(recent_k.astype(mx.float32) - cache.key_mean.astype(mx.float32))
+    rv = vc.rotate(recent_v.astype(mx.float32))
+    if L == 1 and mask is None and n <= W:
+        # Decode: the span is exactly the keys the query reads uncompressed.
+        return (mx.concatenate([k[:, :, :S - n], rk], axis=2),
+                mx.concatenate([v[:, :, :S - n], rv], axis=2), None)
+    qpos = mx.arange(S - L, S)[:, None]
+    kpos = mx.arange(S)[None]
+    near = (qpos - kpos < W) & (kpos >= S - n)    # the query reads this key's copy
+    if mask is None:
+        allowed = mx.ones((L, S), dtype=mx.bool_)
+    elif isinstance(mask, str):                   # "causal"
+        allowed = kpos <= qpos
+    else:
+        allowed = mask
+    span = slice(S - n, S)
+    if allowed.dtype == mx.bool_:
+        coded, copies = allowed & ~near, (allowed & near)[..., span]
+    else:                                         # additive float mask
+        coded = mx.where(near, -mx.inf, allowed)
+        copies = mx.where(near, allowed, -mx.inf)[..., span]
+    coded = mx.broadcast_to(coded, (*copies.shape[:-1], S))
+    return (mx.concatenate([k, rk], axis=2), mx.concatenate([v, rv], axis=2),
+            mx.concatenate([coded, copies], axis=-1))

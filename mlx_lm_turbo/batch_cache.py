@@ -13,6 +13,13 @@ Softmax is invariant to q·μ per row, so attention needs nothing more. A row th
 the batch empty gets its μ from its first block of real tokens (padding excluded), exactly
 as a single-request cache would. Caches of different ``center_keys`` are not batched.
 
+The fp16 window (``fp16_window``, see cache.py) is kept for the whole batch as copies of
+the last n positions, right-aligned like the codes. Codes exist for every position, so a
+copy can always be dropped (attention then reads the code): when rows with different
+windows meet (merge, extend, or a right-padded prefill rolled into place), the batch keeps
+the copies all rows have, and a row whose tokens all have copies is padded with zeros
+where it has only padding.
+
 It subclasses TurboKVCache, so the patched attention (``isinstance(cache, TurboKVCache)``)
 and ``reference_attention`` take it unchanged: it exposes ``key_codec``, ``value_codec``
 and ``key_mean``, and ``update_and_fetch`` returns the packed views.
@@ -27,6 +34,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import create_causal_mask, dynamic_roll
 
 from .cache import TurboKVCache
+from .kernels import encode as fused_encode
 
 log = logging.getLogger("mlx_lm_turbo")
 
@@ -50,7 +58,24 @@ _decode_batch = 0   # batch size of the last decode step (layer 0), for the log
 
 def _codec_key(c: TurboKVCache) -> tuple:
     return (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed, c.layer,
-            getattr(c, "center_keys", False))
+            getattr(c, "center_keys", False), getattr(c, "fp16_window", 0))
+
+
+def _recent_rows(c: TurboKVCache, n: int) -> tuple:
+    """The last n window copies of a single-request cache, left-padded with zeros where
+    the request has no token (it holds copies of all its tokens there)."""
+    rk, rv = c.recent_keys, c.recent_values
+    have = 0 if rk is None else rk.shape[2]
+    if have >= n:
+        return rk[:, :, have - n:], rv[:, :, have - n:]
+    pad = [(0, 0), (0, 0), (n - have, 0), (0, 0)]
+    return mx.pad(rk, pad), mx.pad(rv, pad)
+
+
+def _usable_copies(c: TurboKVCache) -> int:
+    """How many trailing positions a batch can take copies of from this request."""
+    have = 0 if c.recent_keys is None else c.recent_keys.shape[2]
+    return c.fp16_window if have >= c.offset else have
 
 
 def _cat_packed(parts: List[dict], axis: int) -> dict:
@@ -79,9 +104,9 @@ class BatchTurboKVCache(TurboKVCache):
     def __init__(self, left_padding: List[int], key_method: str = "turboquant_mse",
                  key_bits: int = 4, value_method: Optional[str] = None,
                  value_bits: Optional[int] = None, seed: int = 0, layer: int = 0,
-                 center_keys: bool = False):
+                 center_keys: bool = False, fp16_window: int = 0):
         super().__init__(key_method, key_bits, value_method, value_bits, seed, layer,
-                         center_keys)
+                         center_keys, fp16_window)
         self.left_padding = mx.array(left_padding, dtype=mx.int32)
         self.offset = mx.array([-p for p in left_padding], dtype=mx.int32)
         self._idx = 0
@@ -93,7 +118,7 @@ class BatchTurboKVCache(TurboKVCache):
     @classmethod
     def like(cls, c: TurboKVCache, left_padding: List[int]) -> "BatchTurboKVCache":
         b = cls(left_padding, c.key_method, c.key_bits, c.value_method, c.value_bits,
-                c.seed, c.layer, c.center_keys)
+                c.seed, c.layer, c.center_keys, c.fp16_window)
         b.key_codec, b.value_codec, b.dtype = c.key_codec, c.value_codec, c.dtype
         return b
 
@@ -136,6 +161,12 @@ class BatchTurboKVCache(TurboKVCache):
                 kparts.append(_pad_tokens(k, p, 0))
                 vparts.append(_pad_tokens(v, p, 0))
         batch.keys, batch.values = _cat_packed(kparts, 0), _cat_packed(vparts, 0)
+        if batch.fp16_window:
+            n = min(min(_usable_copies(c) for c in full), max_length)
+            rows = [_recent_rows(c if c.offset else full[0], n) for c in caches]
+            # (an empty request borrows a row's shape: its positions are all padding)
+            batch.recent_keys = mx.concatenate([k for k, _ in rows], axis=0)
+            batch.recent_values = mx.concatenate([v for _, v in rows], axis=0)
         batch.offset = batch.offset + max_length
         batch._idx = max_length
         batch._log("merge")
@@ -146,6 +177,7 @@ class BatchTurboKVCache(TurboKVCache):
         idx = mx.array(batch_indices, dtype=mx.int32) if len(batch_indices) else None
         if idx is None:
             self.keys = self.values = self.key_mean = None
+            self.recent_keys = self.recent_values = None
             self.offset = self.offset[:0]
             self.left_padding = self.left_padding[:0]
             self._has_mean = []
@@ -156,6 +188,8 @@ class BatchTurboKVCache(TurboKVCache):
             self.values = {n: a[idx] for n, a in self.values.items()}
         if self.key_mean is not None:
             self.key_mean = self.key_mean[idx]
+        if self.recent_keys is not None:
+            self.recent_keys, self.recent_values = self.recent_keys[idx], self.recent_values[idx]
         self.offset = self.offset[idx]
         self.left_padding = self.left_padding[idx]
         self._has_mean = [self._has_mean[i] for i in batch_indices]
@@ -213,15 +247,28 @@ class BatchTurboKVCache(TurboKVCache):
         ks, vs, lp = pad(self, n_self)
         ko, vo, lo = pad(other, n_other)
         self.keys, self.values = _cat_packed([ks, ko], 0), _cat_packed([vs, vo], 0)
+        if self.fp16_window or other.fp16_window:
+            self._extend_recent(other)
         self.left_padding = mx.concatenate([lp, lo])
         self.offset = mx.concatenate([self.offset, other.offset])
         self._idx = max_idx
         self._log("extend")
 
+    def _extend_recent(self, other: "BatchTurboKVCache") -> None:
+        """Stack the window copies of both batches, keeping the positions both have."""
+        mine, theirs = self.recent_keys is not None, other.recent_keys is not None
+        if not (mine and theirs):
+            self.recent_keys = self.recent_values = None
+            return
+        n = min(self.recent_keys.shape[2], other.recent_keys.shape[2])
+        cut = lambda a: a[:, :, a.shape[2] - n:]  # noqa: E731  (last n, right-aligned)
+        self.recent_keys = mx.concatenate([cut(self.recent_keys), cut(other.recent_keys)])
+        self.recent_values = mx.concatenate([cut(self.recent_values), cut(other.recent_values)])
+
     def extract(self, idx: int) -> TurboKVCache:
         """Row ``idx`` as a single-request TurboKVCache (padding dropped, exact size)."""
         c = TurboKVCache(self.key_method, self.key_bits, self.value_method, self.value_bits,
-                         self.seed, self.layer, self.center_keys)
+                         self.seed, self.layer, self.center_keys, self.fp16_window)
         c.key_codec, c.value_codec, c.dtype = self.key_codec, self.value_codec, self.dtype
         if self.key_mean is not None and self._has_mean[idx]:
             c.key_mean = mx.contiguous(self.key_mean[idx:idx + 1])
@@ -234,6 +281,12 @@ class BatchTurboKVCache(TurboKVCache):
         c.values = {n: mx.contiguous(a[idx:idx + 1, :, pad:self._idx])
                     for n, a in self.values.items()}
         c.offset = self._idx - pad
+        if self.recent_keys is not None:
+            n = min(self.recent_keys.shape[2], c.offset)
+            c.recent_keys = mx.contiguous(self.recent_keys[idx:idx + 1, :, -n:] if n else
+                                          self.recent_keys[idx:idx + 1, :, :0])
+            c.recent_values = mx.contiguous(self.recent_values[idx:idx + 1, :, -n:] if n else
+                                            self.recent_values[idx:idx + 1, :, :0])
         return c
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
@@ -256,6 +309,15 @@ class BatchTurboKVCache(TurboKVCache):
                              for n, a in self.keys.items()}
                 self.values = {n: dynamic_roll(a, padding[:, None], axis=2)
                                for n, a in self.values.items()}
+            if self.recent_keys is not None:
+                # Rolling moves older tokens (that have no copy) into the window: keep
+                # only the copies every row still has after its shift.
+                shift = int(padding.max().item())
+                n = max(self.recent_keys.shape[2] - shift, 0)
+                rk = dynamic_roll(self.recent_keys, padding[:, None], axis=2)
+                rv = dynamic_roll(self.recent_values, padding[:, None], axis=2)
+                self.recent_keys = rk[:, :, rk.shape[2] - n:]
+                self.recent_values = rv[:, :, rv.shape[2] - n:]
             self.offset = self.offset - padding
             self.left_padding = self.left_padding + padding
             self._right_padding = None
@@ -304,8 +366,11 @@ class BatchTurboKVCache(TurboKVCache):
                 _decode_batch = keys.shape[0]
                 log.info("mlx-lm-turbo: decoding a batch of %d sequences", _decode_batch)
         self._update_means(keys, prev)
-        k = self.key_codec.encode(keys - self.key_mean if self.center_keys else keys)
-        v = self.value_codec.encode(values)
+        kx = keys - self.key_mean if self.center_keys else keys
+        k = fused_encode.encode(self.key_codec, kx)      # one kernel launch on a GPU
+        k = self.key_codec.encode(kx) if k is None else k
+        v = fused_encode.encode(self.value_codec, values)
+        v = self.value_codec.encode(values) if v is None else v
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step
 
@@ -323,7 +388,11 @@ class BatchTurboKVCache(TurboKVCache):
         for store, fresh in ((self.keys, k), (self.values, v)):
             for name, a in fresh.items():
                 store[name][:, :, prev:self._idx] = a
-        return self.keys_and_values()
+        if not self.fp16_window:
+            return self.keys_and_values()
+        span_k, span_v = self._update_recent(keys, values)
+        k_view, v_view = self.keys_and_values()
+        return {**k_view, "recent": span_k}, {**v_view, "recent": span_v}
 
     def keys_and_values(self):
         return ({n: a[:, :, :self._idx] for n, a in self.keys.items()},
@@ -336,6 +405,10 @@ class BatchTurboKVCache(TurboKVCache):
         n = min(self._idx, n)
         self._idx -= n
         self.offset = self.offset - n
+        if self.recent_keys is not None:
+            keep = max(self.recent_keys.shape[2] - n, 0)
+            self.recent_keys = self.recent_keys[:, :, :keep]
+            self.recent_values = self.recent_values[:, :, :keep]
         return n
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):

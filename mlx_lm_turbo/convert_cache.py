@@ -130,7 +130,7 @@ def _turbo_from_state(path: Path, layer: int, state: Any):
     from . import codecs
     from .cache import TurboKVCache
 
-    if not isinstance(state, list) or len(state) != 5 or not isinstance(state[3], str):
+    if not isinstance(state, list) or len(state) not in (5, 7) or not isinstance(state[3], str):
         raise _not_a_cache(path, f"layer {layer}: malformed TurboKVCache state")
     try:
         meta = json.loads(state[3])

@@ -13,6 +13,7 @@ the codec. Configuration names:
                          pair with mse values at the same bits)
     k{kb}v{vb}-{method}  ours with separate key/value bits (k4v2-mse, k8v4-mse, ...);
     k{kb}v{vb}-{km}-{vm} separate key and value methods (k3v3-prod-mse)
+    ...-w{n}             any of ours plus an fp16 window of the n newest tokens (mse3-w16)
 
 The model runs in float32 on CPU (dequantized weights: much faster than fp16 there);
 fp16 and affine caches store float16 (scales and biases included) exactly as they would
@@ -24,7 +25,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -99,9 +100,10 @@ class Spec:
             return f"mlx-lm affine g{self.group_size}"
         t = self.turbo
         km, vm = t.key_method.replace("turboquant_", ""), t.value_method.replace("turboquant_", "")
+        window = f" + fp16 window {t.fp16_window}" if t.fp16_window else ""
         if self.name.startswith("k") and re.match(r"k\d+v\d+", self.name):
-            return f"K/V split ({km}/{vm})" if km != vm else f"K/V split ({km})"
-        return km
+            return (f"K/V split ({km}/{vm})" if km != vm else f"K/V split ({km})") + window
+        return km + window
 
     def describe(self) -> str:
         if self.kind == "fp16":
@@ -114,6 +116,12 @@ class Spec:
 def parse_spec(name: str, seed: int = 0) -> Spec:
     """Parse a configuration name (see the module docstring)."""
     n = name.strip().lower()
+    m = re.fullmatch(r"(.+)-w(\d+)", n)
+    if m:
+        base = parse_spec(m.group(1), seed)
+        if base.kind != "turbo":
+            raise ValueError(f"{name}: an fp16 window (-w{{n}}) applies to our methods only")
+        return Spec(n, "turbo", turbo=replace(base.turbo, fp16_window=int(m.group(2))))
     if n in ("fp16", "fp"):
         return Spec(n, "fp16")
     m = re.fullmatch(r"affine(\d)g(\d+)", n)
@@ -135,7 +143,8 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         return Spec(n, "turbo", turbo=TurboConfig(method, bits, vm, bits, seed=seed))
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine{{b}}g{{g}}, "
-        "{mse,rvq,polar,prod,qjl}{b} or k{kb}v{vb}-{method}[-{value method}]")
+        "{mse,rvq,polar,prod,qjl}{b} or k{kb}v{vb}-{method}[-{value method}], "
+        "optionally followed by -w{n} (fp16 window)")
 
 
 def make_cache(model: nn.Module, spec: Spec) -> list:
