@@ -534,6 +534,9 @@ def markdown_table(results: dict) -> str:
     lines = ["| config | cache | bits/elt | KV MiB @{} | ppl | vs fp16 | greedy identical | "
              "mean match | needle | decode tok/s (x fp16) |".format(results["settings"]["kv_tokens"]),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # Speeds of rows kept from an earlier run (--resume) were measured beside another
+    # run's fp16: no ratio against this run's.
+    earlier = set(results["settings"].get("resumed_rows", [])) - {"fp16"}
     for r in rows:
         kv = r.get("kv", {})
         ppl = r.get("ppl")
@@ -544,7 +547,10 @@ def markdown_table(results: dict) -> str:
         nd = r.get("needle")
         needle = f"{100 * nd['rate']:.0f}%" if nd else "–"
         sp = kv.get("decode_tok_s")
-        speed = (f"{sp:.1f} ({sp / speed0:.2f}x)" if sp and speed0 else _fmt(sp, "{:.1f}"))
+        if r["name"] in earlier:
+            speed = f"{_fmt(sp, '{:.1f}')} (earlier run)"
+        else:
+            speed = f"{sp:.1f} ({sp / speed0:.2f}x)" if sp and speed0 else _fmt(sp, "{:.1f}")
         lines.append(
             f"| {r['name']} | {r['describe']} | {_fmt(kv.get('bits_per_element'), '{:.3f}')} | "
             f"{_fmt(kv.get('kv_bytes') and kv['kv_bytes'] / 2**20, '{:.2f}')} | "

@@ -160,6 +160,24 @@ def _single(blocks, W):
     return c
 
 
+def _decode_both(batch, singles, steps: int, seed: int, compare_from: int) -> None:
+    """Decode the same new tokens through the batch and each request; from step
+    ``compare_from`` on, batched attention must equal each request's."""
+    n = len(singles)
+    q = mx.random.normal((n, 4, 1, 32), key=mx.random.key(seed))
+    for step in range(steps):
+        new = [_kv(1, seed + 10 * step + i) for i in range(n)]
+        mask = batch.make_mask(1)
+        kb, vb = batch.update_and_fetch(mx.concatenate([x[0] for x in new]),
+                                        mx.concatenate([x[1] for x in new]))
+        out_b = reference_attention(q, kb, vb, batch, 0.125, mask=mask)
+        for i, c in enumerate(singles):
+            k, v = c.update_and_fetch(*new[i])
+            if step >= compare_from:
+                out = reference_attention(q[i:i + 1], k, v, c, 0.125)
+                np.testing.assert_allclose(np.array(out_b[i:i + 1]), np.array(out), atol=1e-5)
+
+
 def test_batched_decode_with_window_equals_per_request():
     """Requests of 5 (two blocks), 0, 2 (all tokens have copies) and 12 tokens; W = 4."""
     import copy
@@ -168,17 +186,7 @@ def test_batched_decode_with_window_equals_per_request():
     caches = [_single(b, W) for b in ([_kv(3, 1), _kv(2, 2)], [], [_kv(2, 3)], [_kv(12, 4)])]
     batch = TurboKVCache.merge([copy.deepcopy(c) for c in caches])
     assert batch.recent_keys.shape[2] == W
-    q = mx.random.normal((4, 4, 1, 32), key=mx.random.key(9))
-    for step in range(W + 2):
-        new = [_kv(1, 100 + 10 * step + i) for i in range(4)]
-        mask = batch.make_mask(1)
-        kb, vb = batch.update_and_fetch(mx.concatenate([n[0] for n in new]),
-                                        mx.concatenate([n[1] for n in new]))
-        out_b = reference_attention(q, kb, vb, batch, 0.125, mask=mask)
-        for i, c in enumerate(caches):
-            k, v = c.update_and_fetch(*new[i])
-            out = reference_attention(q[i:i + 1], k, v, c, 0.125)
-            np.testing.assert_allclose(np.array(out_b[i:i + 1]), np.array(out), atol=1e-5)
+    _decode_both(batch, caches, steps=W + 2, seed=100, compare_from=0)
     for i, c in enumerate(caches):
         e = batch.extract(i)
         assert e.fp16_window == W and e.offset == c.offset
@@ -200,19 +208,10 @@ def test_right_padded_prefill_with_window_then_decode():
     assert batch.recent_keys.shape[2] == 3
     for i, (k, _) in enumerate(prompts):
         assert mx.array_equal(batch.recent_keys[i], k[0, :, -3:].astype(mx.float16))
-    singles = [_single([p], W) for p in prompts]
-    q = mx.random.normal((3, 4, 1, 32), key=mx.random.key(5))
-    for step in range(W + 1):   # copies lost in the roll come back as tokens arrive
-        new = [_kv(1, 300 + 10 * step + i) for i in range(3)]
-        mask = batch.make_mask(1)
-        kb, vb = batch.update_and_fetch(mx.concatenate([n[0] for n in new]),
-                                        mx.concatenate([n[1] for n in new]))
-        out_b = reference_attention(q, kb, vb, batch, 0.125, mask=mask)
-        for i, c in enumerate(singles):
-            k, v = c.update_and_fetch(*new[i])
-            if step >= W - 1:   # the batch holds the same W copies as each request again
-                out = reference_attention(q[i:i + 1], k, v, c, 0.125)
-                np.testing.assert_allclose(np.array(out_b[i:i + 1]), np.array(out), atol=1e-5)
+    # Copies lost in the roll come back as tokens arrive: from step W-1 on the batch holds
+    # the same W copies as each request again.
+    _decode_both(batch, [_single([p], W) for p in prompts], steps=W + 1, seed=300,
+                 compare_from=W - 1)
 
 
 def test_batch_generator_with_window_matches_single(tiny_model):

@@ -382,21 +382,36 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     if state is None:
         # First use for this backend and shape: compare with the reference once.
         from ..attention import reference_attention
-        try:
-            out = run_fused(queries, keys, values, cache, scale, mask, p, be)
-            ref = reference_attention(queries, keys, values, cache, scale, mask, sinks)
-            ok, err = _agrees(out, ref)
-            why = f"max abs error {err:.3g} vs the reference"
-        except Exception as e:  # compile or launch failure
-            if mode:
-                raise
-            ok, why = False, f"{type(e).__name__}: {e}"
-        _checked[key] = ok
-        if not ok:
-            if mode:
-                raise RuntimeError(f"fused decode kernel disagrees with the reference: {why}")
-            warnings.warn(f"mlx_lm_turbo: fused decode attention kernel disabled for {key} "
-                          f"({why}); using the reference path", stacklevel=3)
-            return None
-        return out
+
+        def agree(out):
+            ok, err = _agrees(out, reference_attention(queries, keys, values, cache, scale,
+                                                       mask, sinks))
+            return ok, f"max abs error {err:.3g} vs the reference"
+
+        return first_use(_checked, key, mode, "fused decode attention kernel",
+                         "the reference path",
+                         lambda: run_fused(queries, keys, values, cache, scale, mask, p, be),
+                         agree)
     return run_fused(queries, keys, values, cache, scale, mask, p, be)
+
+
+def first_use(checked: dict, key: tuple, mode: Optional[bool], what: str, fallback: str,
+              run, agree) -> Optional[mx.array]:
+    """Run a kernel for the first time on ``key`` and judge it with ``agree(out) -> (ok,
+    why)``; remember the verdict. A compile error or disagreement raises when the kernel
+    is forced (``mode``), else warns once and returns None (the caller falls back)."""
+    try:
+        out = run()
+        ok, why = agree(out)
+    except Exception as e:  # compile or launch failure
+        if mode:
+            raise
+        ok, why = False, f"{type(e).__name__}: {e}"
+    checked[key] = ok
+    if ok:
+        return out
+    if mode:
+        raise RuntimeError(f"{what} disagrees with the reference: {why}")
+    warnings.warn(f"mlx_lm_turbo: {what} disabled for {key} ({why}); using {fallback}",
+                  stacklevel=4)
+    return None

@@ -17,7 +17,6 @@ codec's MLX encode while attention is forced onto the fused decode.
 
 import hashlib
 import math
-import warnings
 from typing import Optional
 
 import mlx.core as mx
@@ -25,7 +24,7 @@ import mlx.core as mx
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
 from . import source
-from .decode import ENV, backend, env_mode, full_source
+from .decode import ENV, backend, env_mode, first_use, full_source
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 INPUTS = ["x", "cst"]
@@ -208,18 +207,6 @@ def encode(codec, x: mx.array) -> Optional[dict]:
             raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
         return None
     # First use for this backend, codec shape and dtype: compare with the codec once.
-    try:
-        out = run_kernel(codec, x, be)
-        ok, why = compare(codec, out, codec.encode(x))
-    except Exception as e:  # compile or launch failure
-        if mode:
-            raise
-        ok, why = False, f"{type(e).__name__}: {e}"
-    _checked[key] = ok
-    if not ok:
-        if mode:
-            raise RuntimeError(f"fused encode kernel disagrees with the codec: {why}")
-        warnings.warn(f"mlx_lm_turbo: fused encode kernel disabled for {key} ({why}); "
-                      f"using the codec's MLX encode", stacklevel=3)
-        return None
-    return out
+    return first_use(_checked, key, mode, "fused encode kernel", "the codec's MLX encode",
+                     lambda: run_kernel(codec, x, be),
+                     lambda out: compare(codec, out, codec.encode(x)))
