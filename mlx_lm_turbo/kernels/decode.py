@@ -76,23 +76,28 @@ REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
 
 
+def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list):
+    """``mx.fast.metal_kernel`` / ``cuda_kernel`` of a shared body. Inputs are read through
+    their strides (cache slices and transposed key views arrive without a copy)."""
+    header, src = full_source(body, backend_name)
+    make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
+    # MLX caches compiled kernels by name and template values only (its CUDA backend also
+    # on disk): a hash of the text in the name keeps an edited body from loading a stale
+    # binary.
+    tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
+    return make(name=f"turbo_{name}_{tag}", input_names=inputs, output_names=outputs,
+                source=src, header=header, ensure_row_contiguous=False)
+
+
 def _kernel(backend_name: str, name: str):
     key = (backend_name, name)
     if key not in _kernels:
-        body = source.DECODE_BODY if name == "decode" else source.REDUCE_BODY
-        inputs, outputs = ((DECODE_INPUTS, DECODE_OUTPUTS) if name == "decode"
-                           else (REDUCE_INPUTS, REDUCE_OUTPUTS))
-        header, src = full_source(body, backend_name)
-        make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
-        # MLX caches compiled kernels by name and template values only (its CUDA backend
-        # also on disk): a hash of the text in the name keeps an edited body from
-        # loading a stale binary.
-        tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
-        # Codes arrive as slices of the cache buffers along the token axis: no copy, the
-        # body indexes with the strides.
-        _kernels[key] = make(name=f"turbo_{name}_{tag}", input_names=inputs,
-                             output_names=outputs, source=src, header=header,
-                             ensure_row_contiguous=False)
+        if name == "decode":
+            _kernels[key] = build_kernel(source.DECODE_BODY, backend_name, name,
+                                         DECODE_INPUTS, DECODE_OUTPUTS)
+        else:
+            _kernels[key] = build_kernel(source.REDUCE_BODY, backend_name, name,
+                                         REDUCE_INPUTS, REDUCE_OUTPUTS)
     return _kernels[key]
 
 

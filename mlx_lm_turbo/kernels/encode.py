@@ -15,7 +15,6 @@ then, so that forcing the kernels still works for such models: their appends run
 codec's MLX encode while attention is forced onto the fused decode.
 """
 
-import hashlib
 import math
 from typing import Optional
 
@@ -24,7 +23,7 @@ import mlx.core as mx
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
 from . import source
-from .decode import ENV, backend, env_mode, first_use, full_source
+from .decode import ENV, backend, build_kernel, env_mode, first_use
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 INPUTS = ["x", "cst"]
@@ -57,17 +56,8 @@ def supported(codec, x: mx.array) -> bool:
 
 def _kernel(backend_name: str):
     if backend_name not in _kernels:
-        header, src = full_source(source.ENCODE_BODY, backend_name)
-        make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
-        # MLX's CUDA backend caches compiled kernels on disk by name (and template
-        # values): a hash of the text in the name keeps an edited body from loading a
-        # stale binary.
-        tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
-        # The input is read through its strides: keys arrive as a transposed view and a
-        # contiguous copy would be one more launch per call.
-        _kernels[backend_name] = make(name=f"turbo_encode_{tag}", input_names=INPUTS,
-                                      output_names=OUTPUTS, source=src, header=header,
-                                      ensure_row_contiguous=False)
+        _kernels[backend_name] = build_kernel(source.ENCODE_BODY, backend_name, "encode",
+                                              INPUTS, OUTPUTS)
     return _kernels[backend_name]
 
 
