@@ -34,7 +34,6 @@ import mlx.core as mx
 from mlx_lm.models.cache import create_causal_mask, dynamic_roll
 
 from .cache import TurboKVCache
-from .kernels import encode as fused_encode
 
 log = logging.getLogger("mlx_lm_turbo")
 
@@ -366,33 +365,10 @@ class BatchTurboKVCache(TurboKVCache):
                 _decode_batch = keys.shape[0]
                 log.info("mlx-lm-turbo: decoding a batch of %d sequences", _decode_batch)
         self._update_means(keys, prev)
-        kx = keys - self.key_mean if self.center_keys else keys
-        k = fused_encode.encode(self.key_codec, kx)      # one kernel launch on a GPU
-        k = self.key_codec.encode(kx) if k is None else k
-        v = fused_encode.encode(self.value_codec, values)
-        v = self.value_codec.encode(values) if v is None else v
-        if self.keys is None or prev + n > self.capacity:
-            new = (self.step + n - 1) // self.step * self.step
-
-            def grow(old: Optional[dict], fresh: dict) -> dict:
-                out = {}
-                for name, a in fresh.items():
-                    z = mx.zeros((a.shape[0], a.shape[1], new, *a.shape[3:]), a.dtype)
-                    out[name] = z if old is None else mx.concatenate(
-                        [old[name][:, :, :prev], z], axis=2)
-                return out
-
-            self.keys, self.values = grow(self.keys, k), grow(self.values, v)
+        self._write(keys, values, prev)
         self.offset = self.offset + n
         self._idx += n
-        for store, fresh in ((self.keys, k), (self.values, v)):
-            for name, a in fresh.items():
-                store[name][:, :, prev:self._idx] = a
-        if not self.fp16_window:
-            return self.keys_and_values()
-        span_k, span_v = self._update_recent(keys, values)
-        k_view, v_view = self.keys_and_values()
-        return {**k_view, "recent": span_k}, {**v_view, "recent": span_v}
+        return self._fetch(keys, values)
 
     def keys_and_values(self):
         return ({n: a[:, :, :self._idx] for n, a in self.keys.items()},

@@ -153,6 +153,13 @@ class TurboKVCache(_BaseCache):
             self.dtype = keys.dtype
             mean = keys.astype(mx.float32).mean(axis=2, keepdims=True)
             self.key_mean = (mean if self.center_keys else mx.zeros_like(mean)).astype(mx.float16)
+        self._write(keys, values, self.offset)
+        self.offset += keys.shape[2]
+        return self._fetch(keys, values)
+
+    def _write(self, keys: mx.array, values: mx.array, prev: int) -> None:
+        """Encode a block and write its codes at token ``prev``, growing the buffers in
+        steps of ``step`` tokens (shared with the batch cache)."""
         # Without centring key_mean is zero: skip the subtraction on the per-token path.
         kx = keys - self.key_mean if self.center_keys else keys
         # One fused kernel launch where it applies (GPU, mse/rvq, power-of-two head dims),
@@ -161,7 +168,7 @@ class TurboKVCache(_BaseCache):
         k = self.key_codec.encode(kx) if k is None else k
         v = fused_encode.encode(self.value_codec, values)
         v = self.value_codec.encode(values) if v is None else v
-        prev, n = self.offset, keys.shape[2]
+        n = keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step
 
@@ -175,10 +182,13 @@ class TurboKVCache(_BaseCache):
                 return out
 
             self.keys, self.values = grow(self.keys, k), grow(self.values, v)
-        self.offset += n
         for store, fresh in ((self.keys, k), (self.values, v)):
             for name, a in fresh.items():
-                store[name][:, :, prev:self.offset] = a
+                store[name][:, :, prev:prev + n] = a
+
+    def _fetch(self, keys: mx.array, values: mx.array):
+        """What attention reads after an update: the packed views, plus (fp16 window) the
+        block's uncompressed span under "recent"."""
         if not self.fp16_window:
             return self.keys_and_values()
         span_k, span_v = self._update_recent(keys, values)
