@@ -190,33 +190,42 @@ def _config_template(cfg):
                      nv=2 if vm == "turboquant_rvq" else 1)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
-def test_metal_source_parses(cfg, tmp_path):
+def assert_metal_parses(text: str, path) -> None:
+    """Syntax-check a rendered Metal kernel as C++ (skip without a compiler)."""
     cxx = shutil.which("clang++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler (clang++ or g++) to parse the Metal variant")
+    path.write_text(text)
+    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas",
+                          str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def assert_cuda_compiles(text: str, path, ptx: bool = False) -> None:
+    """Compile a rendered CUDA kernel with nvcc for sm_90 (skip without nvcc); ``ptx``:
+    device code only, as NVRTC compiles it (3x faster than a full -c)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
+    path.write_text(text)
+    out = path.with_suffix(".ptx" if ptx else ".o")
+    res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx" if ptx else "-c", "-o",
+                          str(out), str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_metal_source_parses(cfg, tmp_path):
     for name in ("decode", "reduce"):
         tpl = _config_template(cfg) if name == "decode" else REDUCE_TEMPLATE
-        path = tmp_path / f"{name}_metal.cpp"
-        path.write_text(render_metal(tpl, name))
-        res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas",
-                              str(path)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-4000:]
+        assert_metal_parses(render_metal(tpl, name), tmp_path / f"{name}_metal.cpp")
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:2])
 def test_cuda_source_compiles(cfg, tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
     for name in ("decode", "reduce"):
         tpl = _config_template(cfg) if name == "decode" else REDUCE_TEMPLATE
-        path = tmp_path / f"{name}.cu"
-        path.write_text(render_cuda(tpl, name))
-        res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o",
-                              str(tmp_path / f"{name}.o"), str(path)],
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-4000:]
+        assert_cuda_compiles(render_cuda(tpl, name), tmp_path / f"{name}.cu")
 
 
 def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
@@ -336,6 +345,7 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
 
 
 def test_first_use_check_warns_once_and_falls_back(monkeypatch):
+    c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
     monkeypatch.delenv(decode.ENV, raising=False)
     monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(decode, "_checked", {})
@@ -345,7 +355,6 @@ def test_first_use_check_warns_once_and_falls_back(monkeypatch):
         calls.append(1)
         raise RuntimeError("nvrtc: compile failed")
     monkeypatch.setattr(decode, "run_fused", broken)
-    c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -356,11 +365,11 @@ def test_first_use_check_warns_once_and_falls_back(monkeypatch):
 
 
 def test_first_use_check_rejects_wrong_output(monkeypatch):
+    c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
     monkeypatch.delenv(decode.ENV, raising=False)
     monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(decode, "_checked", {})
     monkeypatch.setattr(decode, "run_fused", lambda q, *a, **k: mx.zeros(q.shape, q.dtype) + 1)
-    c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -388,29 +397,14 @@ def _encode_template(km, kb, D, x_dtype):
                                              ("rvq", 2, 64, "bfloat16"),
                                              ("mse", 8, 256, "float32")])
 def test_encode_metal_source_parses(km, kb, D, x_dtype, tmp_path):
-    cxx = shutil.which("clang++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (clang++ or g++) to parse the Metal variant")
-    path = tmp_path / "encode_metal.cpp"
-    path.write_text(render_metal(_encode_template(km, kb, D, x_dtype), "encode", x_dtype))
-    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert_metal_parses(render_metal(_encode_template(km, kb, D, x_dtype), "encode", x_dtype),
+                        tmp_path / "encode_metal.cpp")
 
 
 def test_encode_cuda_source_compiles(tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
     # rvq with bf16 input: the mse branch is compiled too (MODE is a constant, not #if).
-    # Device code only (-ptx), as NVRTC compiles it: 3x faster than a full -c.
-    path = tmp_path / "encode.cu"
-    path.write_text(render_cuda(_encode_template("rvq", 3, 128, "bfloat16"), "encode",
-                                "bfloat16"))
-    res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o",
-                          str(tmp_path / "encode.ptx"), str(path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert_cuda_compiles(render_cuda(_encode_template("rvq", 3, 128, "bfloat16"), "encode",
+                                     "bfloat16"), tmp_path / "encode.cu", ptx=True)
 
 
 # The encode body run by the C++ thread emulation against the codec's MLX encode, under the
@@ -486,7 +480,7 @@ def test_encode_dispatcher_returns_none_on_cpu(monkeypatch):
     if decode.backend() is None:
         assert encode.encode(c, x) is None
     monkeypatch.setenv(decode.ENV, "0")
-    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     assert encode.encode(c, x) is None
 
 
@@ -512,7 +506,7 @@ def test_encode_env_forces_kernel_raises_without_gpu(monkeypatch):
 
 def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
     monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     calls = []
 
@@ -542,7 +536,7 @@ def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
 
 def test_encode_first_use_check_rejects_wrong_output(monkeypatch):
     monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     c = _codec("rvq", 2, 64)
 
@@ -564,7 +558,7 @@ def test_cache_append_through_emulated_kernel(monkeypatch):
     buffers equal the codec path's, prefill then single tokens."""
     from mlx_lm_turbo.kernels import emulate
     monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     used = []
 
@@ -611,26 +605,13 @@ def _window_template():
 
 
 def test_window_metal_source_parses(tmp_path):
-    cxx = shutil.which("clang++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (clang++ or g++) to parse the Metal variant")
-    path = tmp_path / "decode_window_metal.cpp"
-    path.write_text(render_metal(_window_template(), "decode", "bfloat16"))
-    res = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas", str(path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert_metal_parses(render_metal(_window_template(), "decode", "bfloat16"),
+                        tmp_path / "decode_window_metal.cpp")
 
 
 def test_window_cuda_source_compiles(tmp_path):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not installed: the CUDA variant is compiled on the GPU machine")
-    path = tmp_path / "decode_window.cu"
-    path.write_text(render_cuda(_window_template(), "decode", "bfloat16"))
-    res = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", "-o",
-                          str(tmp_path / "decode_window.ptx"), str(path)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert_cuda_compiles(render_cuda(_window_template(), "decode", "bfloat16"),
+                         tmp_path / "decode_window.cu", ptx=True)
 
 
 def _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim=0, center=False,
@@ -710,6 +691,7 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
     """decode_attention on a windowed cache: the first use compares with the reference
     (window included) and the kernel's output is returned; no warning."""
     from mlx_lm_turbo.kernels import emulate
+    c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 8, 2, 1, 300, 64, 16)
     monkeypatch.delenv(decode.ENV, raising=False)
     monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(decode, "_checked", {})
@@ -719,7 +701,6 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
         runs.append(p["WIN"])
         return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
     monkeypatch.setattr(decode, "run_fused", emulated)
-    c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 8, 2, 1, 300, 64, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = kernels.decode_attention(q, keys, values, c, 0.125)
@@ -750,7 +731,7 @@ def test_encode_forced_returns_none_where_not_covered(monkeypatch):
     (prod keys, d=96) fall back to the codec's encode instead of raising, so forcing the
     decode kernels still works for such models; a covered codec runs the kernel."""
     monkeypatch.setenv(decode.ENV, "1")
-    monkeypatch.setattr(encode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     ran = []
     monkeypatch.setattr(encode, "run_kernel", lambda codec, x, be: ran.append(1) or codec.encode(x))

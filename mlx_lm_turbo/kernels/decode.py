@@ -50,6 +50,17 @@ def backend() -> Optional[str]:
     return None
 
 
+def active_backend(mode: Optional[bool]) -> Optional[str]:
+    """The GPU backend a kernel would run on under ``mode`` (see ``env_mode``), or None
+    (kernels off, or no GPU: the caller falls back); raises when forced without a GPU."""
+    if mode is False:
+        return None
+    be = backend()
+    if be is None and mode:
+        raise RuntimeError(f"{ENV}=1 but no Metal or CUDA GPU backend is active")
+    return be
+
+
 def env_mode() -> Optional[bool]:
     """MLX_LM_TURBO_KERNELS: '0' forces the reference, '1' forces the kernel, else auto."""
     v = os.environ.get(ENV, "").strip().lower()
@@ -365,12 +376,8 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
                      mask=None, sinks: Optional[mx.array] = None) -> Optional[mx.array]:
     """Fused attention, or None where it does not apply (the caller runs the reference)."""
     mode = env_mode()
-    if mode is False:
-        return None
-    be = backend()
+    be = active_backend(mode)
     if be is None:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but no Metal or CUDA GPU backend is active")
         return None
     p = plan(queries, keys, values, cache, mask, sinks, be)
     if p is None:

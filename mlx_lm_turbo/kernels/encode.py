@@ -23,7 +23,7 @@ import mlx.core as mx
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
 from . import source
-from .decode import ENV, backend, build_kernel, env_mode, first_use
+from .decode import ENV, active_backend, build_kernel, env_mode, first_use
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 INPUTS = ["x", "cst"]
@@ -179,12 +179,8 @@ def encode(codec, x: mx.array) -> Optional[dict]:
     """The codec's ``encode(x)`` in one kernel launch, or None where the kernel does not
     apply (CPU backend, other methods, other head dims, a failed first-use check)."""
     mode = env_mode()
-    if mode is False:
-        return None
-    be = backend()
+    be = active_backend(mode)
     if be is None:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but no Metal or CUDA GPU backend is active")
         return None
     if not supported(codec, x):
         return None   # (also under =1: see the module docstring)
