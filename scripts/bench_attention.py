@@ -74,6 +74,24 @@ CORRECTNESS_METHODS = [("mse", 2, "mse", 2), ("mse", 3, "mse", 3), ("mse", 4, "m
                        ("rvq", 1, "rvq", 1), ("rvq", 2, "mse", 3), ("prod", 3, "mse", 3)]
 
 
+def compare_fused(row: dict, q, keys, values, c, scale: float, mask) -> None:
+    """Fill ``row`` with the fused path's max abs error against the reference (or why it
+    did not run)."""
+    try:
+        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+        if p is None:
+            row["status"] = "reference (no fused path)"
+            return
+        out = decode.run_fused(q, keys, values, c, scale, mask, p, decode.backend())
+        ref = reference_attention(q, keys, values, c, scale, mask)
+        err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)))
+        row["max_abs_err"] = err.item()
+        row["ref_max"] = mx.max(mx.abs(ref.astype(mx.float32))).item()
+        row["status"] = "ok"
+    except Exception as e:  # report and go on
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+
+
 def correctness(quick: bool) -> None:
     rows = []
     shapes = []
@@ -101,20 +119,7 @@ def correctness(quick: bool) -> None:
                 q = mx.random.normal((1, Hkv * G, L, D)).astype(dt)
                 row = dict(key=f"{km}{kb}", value=f"{vm}{vb}", D=D, G=G, L=L, S=S,
                            dtype=str(dt).split(".")[-1])
-                try:
-                    p = decode.plan(q, keys, values, c, mask, None, decode.backend())
-                    if p is None:
-                        row["status"] = "reference (no fused path)"
-                    else:
-                        out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p,
-                                               decode.backend())
-                        ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
-                        err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)))
-                        row["max_abs_err"] = err.item()
-                        row["ref_max"] = mx.max(mx.abs(ref.astype(mx.float32))).item()
-                        row["status"] = "ok"
-                except Exception as e:  # report and go on
-                    row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                compare_fused(row, q, keys, values, c, D ** -0.5, mask)
                 rows.append(row)
                 log("correctness", row)
     rows += window_correctness()
@@ -188,19 +193,7 @@ def window_correctness() -> list:
         mask = "causal" if L > 1 else None
         row = dict(key=key, value=val, D=D, G=G, L=L, S=S, dtype=str(dt).split(".")[-1],
                    window=W, copies=keys["recent"].shape[2], centred=center, trimmed=trim)
-        try:
-            p = decode.plan(q, keys, values, c, mask, None, decode.backend())
-            if p is None:
-                row["status"] = "reference (no fused path)"
-            else:
-                out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
-                ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
-                err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)))
-                row["max_abs_err"] = err.item()
-                row["ref_max"] = mx.max(mx.abs(ref.astype(mx.float32))).item()
-                row["status"] = "ok"
-        except Exception as e:  # report and go on
-            row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        compare_fused(row, q, keys, values, c, D ** -0.5, mask)
         rows.append(row)
         log("correctness window", row)
     with warnings.catch_warnings(record=True) as w:
