@@ -9,7 +9,7 @@ of decode (warm-up included; the fill's peak is reported apart),
 ``mx.get_active_memory`` after it, and the cache's own bytes.
 
 One process:   python scripts/bench_distributed.py --out reports/distributed_gpu.json
-N ranks:       mlx.launch --backend nccl -n 2 scripts/bench_distributed.py --out ...
+N ranks:       mlx.launch --backend nccl -n 2 -- python scripts/bench_distributed.py --backend nccl --out ...
 (tensor sharding via ``model.shard(group)``, as mlx-lm's ``sharded_load`` does for llama).
 ``--tiny`` runs tiny shapes (CPU smoke test).
 
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=3, help="our cache: K and V bits")
     p.add_argument("--method", default="turboquant_mse", help="our cache: method")
     p.add_argument("--chunk", type=int, default=8192, help="tokens encoded per call (ours)")
+    p.add_argument("--backend", default="any",
+                   help="mx.distributed backend (any, ring, nccl, mpi)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -144,7 +146,7 @@ def run_one(name: str, model, make_caches, args, group) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     patch.apply()  # our attention for TurboKVCache layers
-    group = mx.distributed.init()
+    group = mx.distributed.init(backend=args.backend)
     shape = TINY if args.tiny else LLAMA_8B
     model = build_model(shape, group)
     weights_mib = mx.get_active_memory() / MIB
@@ -156,7 +158,8 @@ def main(argv=None) -> dict:
     ]
     out = {"model": "random Llama-3.1-8B-shaped" if not args.tiny else "tiny random llama",
            "shape": shape, "dtype": "bfloat16", "world_size": group.size(),
-           "device": str(mx.default_device()), "context": args.context,
+           "device": str(mx.default_device()), "backend": args.backend,
+           "context": args.context,
            "weights_mib_per_rank": weights_mib, "results": results}
     if group.rank() == 0:
         print(f"{out['model']}, {group.size()} rank(s), context {args.context}, "
