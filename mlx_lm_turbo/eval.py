@@ -694,7 +694,8 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
            f"{', '.join(s['resumed_rows'])} (its decode speed re-measured in this run)."
            if s.get("resumed_rows") else ""),
         "",
-        "Protocol: the model runs in float32 on CPU (weights dequantized); fp16 and mlx-lm affine "
+        f"Protocol: the model runs in float32 (weights dequantized) on {s.get('device', '?')}; "
+        "fp16 and mlx-lm affine "
         "caches store float16 (scales/biases included), ours store packed codes plus float16 "
         "scalars. Prefill runs in blocks of "
         f"{s['block']} tokens through the real cache, so every attended key/value went through "
@@ -713,9 +714,12 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
         f"{s['kv_tokens']}-token WikiText-2 prefill (captured once, uncompressed) were fed "
         f"to the cache in {s['block']}-token updates; decode tok/s: "
         f"{s['decode_steps']} greedy steps of the model on that {s['kv_tokens']}-token cache, "
-        "same run, relative to fp16 "
-        "(shared 2-core CPU: expect noise; the reference attention path dequantizes the "
-        "whole cache per step, so ours is slower here until fused kernels land).",
+        "same run, relative to fp16 " + (
+            "(GPU: our caches decode through the fused kernels; at this model size a decode "
+            "step costs about one kernel launch per op, so speed tracks the op count)."
+            if "gpu" in str(s.get("device", "")) else
+            "(shared 2-core CPU: expect noise; on the CPU the reference attention path "
+            "dequantizes the whole cache per step)."),
         "",
         markdown_table(results),
         "",
@@ -854,12 +858,18 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict:
     results = {"settings": settings, "configs": [], "prefill_vs_decode": [],
                "command": command}
     fp16_greedy, done = None, {}
-    if args.resume:  # keep the rows of an earlier (partial) run made with the same settings
-        prev = json.loads(Path(args.resume).read_text())
-        done = {r["name"]: r for r in prev["configs"]}
-        results["prefill_vs_decode"] = prev.get("prefill_vs_decode", [])
-        results["commands"] = prev.get("commands", [prev.get("command", "")])
-    results.setdefault("commands", [])
+    # Keep the rows of earlier (partial, or parallel) runs made with the same settings; with
+    # several files the first one holding a config wins.
+    results["commands"] = []
+    for f in filter(None, (args.resume or "").split(",")):
+        prev = json.loads(Path(f).read_text())
+        for r in prev["configs"]:
+            done.setdefault(r["name"], r)
+        seen = {e["config"] for e in results["prefill_vs_decode"]}
+        results["prefill_vs_decode"] += [e for e in prev.get("prefill_vs_decode", [])
+                                         if e["config"] not in seen]
+        results["commands"] += [c for c in prev.get("commands", [prev.get("command", "")])
+                                if c not in results["commands"]]
     results["commands"].append(command)
     bar = tqdm(total=len(specs), desc="configs", position=0)
     for spec in specs:
@@ -977,7 +987,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=str(REPO / "reports"))
     p.add_argument("--resume", default=None,
                    help="results JSON (e.g. reports/quality.partial.json) whose configs are "
-                        "kept instead of re-run; use the same settings")
+                        "kept instead of re-run, or a comma list of them (rows of runs made "
+                        "in parallel); use the same settings")
     p.add_argument("--from-json", default=None,
                    help="re-write the report from a saved (or partial) results JSON")
     p.add_argument("--no-write", action="store_true", help="print only")

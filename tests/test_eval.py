@@ -56,3 +56,23 @@ def test_quick_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["settings"]["ppl_windows"] == 1
     assert "| fp16 |" in (tmp_path / "quality.md").read_text()
+
+
+def test_resume_merges_parallel_runs(tmp_path):
+    """Rows of runs made in parallel (``--resume a.json,b.json``) are kept, not re-run."""
+    first = ev.main(["--quick", "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
+                     "--needle-lengths", "", "--out-dir", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "quality.json").read_text())
+    a = dict(saved, configs=[r for r in saved["configs"] if r["name"] != "mse8"])
+    b = dict(saved, configs=[r for r in saved["configs"] if r["name"] == "mse8"])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    merged = ev.main(["--quick", "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
+                      "--needle-lengths", "", "--resume",
+                      f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+                      "--out-dir", str(tmp_path / "m")])
+    before = {r["name"]: r for r in first["configs"]}
+    after = {r["name"]: r for r in merged["configs"]}
+    assert after["mse8"]["ppl"] == before["mse8"]["ppl"]
+    assert after["mse8"]["seconds"] == before["mse8"]["seconds"]   # kept, not re-run
+    assert merged["settings"]["resumed_rows"] == ["fp16", "mse8"]

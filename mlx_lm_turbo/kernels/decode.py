@@ -326,6 +326,11 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
     return inputs, template, nsp
 
 
+def reduce_groups(DV: int) -> int:
+    """Split groups of the combine kernel: DV * SG threads per row, at most 512."""
+    return max(1, 512 // DV)
+
+
 def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,
            vmul: mx.array, rotv: bool, out_dtype) -> mx.array:
     """The two kernels: split-K partials, then their combination (+ Π_Vᵀ when rotv)
@@ -338,11 +343,12 @@ def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,
         output_shapes=[(B, Hkv, NRG, nsp, RB, DV), (B, Hkv, NRG, nsp, RB),
                        (B, Hkv, NRG, nsp, RB)],
         output_dtypes=[mx.float32, mx.float32, mx.float32])
+    sg = reduce_groups(DV)
     (out,) = _kernel(backend_name, "reduce")(
         inputs=[opart, mpart, lpart, vmul],
         template=[("RB", RB), ("DV", DV), ("GQ", p["G"]), ("QL", p["L"]),
-                  ("ROTV", int(rotv)), ("OT", out_dtype)],
-        grid=(rows * RB * DV, 1, 1), threadgroup=(DV, 1, 1),
+                  ("ROTV", int(rotv)), ("OT", out_dtype), ("SG", sg)],
+        grid=(rows * RB * DV * sg, 1, 1), threadgroup=(DV * sg, 1, 1),
         output_shapes=[(B, p["Hq"], p["L"], DV)], output_dtypes=[out_dtype])
     return out
 

@@ -1,0 +1,110 @@
+"""Where one decode step's attention time goes on the GPU: every kernel of a 3-bit cache
+append and of the fused attention call, and of fp16 SDPA, timed one by one.
+
+Run under Nsight Compute to get each kernel's own duration (only the marked region is
+profiled; the warm-up and the JIT compiles are not):
+
+    ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
+        --csv python3 scripts/profile_decode.py > ncu.csv
+
+Without ncu it prints the wall time per call of the same operations, queued back to back
+(what a decode loop sees), so the two can be compared: kernel time vs per-call cost.
+"""
+
+import argparse
+import ctypes
+import ctypes.util
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from mlx_lm_turbo.attention import turbo_attention  # noqa: E402
+from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
+
+
+def cuda_profiler():
+    """(start, stop) of the CUDA profiler API, or no-ops where there is no libcudart."""
+    names = [ctypes.util.find_library("cudart")] + sorted(
+        glob.glob("/opt/torch/.venv/lib/python3*/site-packages/nvidia/cu*/lib/libcudart.so*")
+        + glob.glob("/usr/local/cuda/lib64/libcudart.so*"))
+    for name in names:
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+            return lib.cudaProfilerStart, lib.cudaProfilerStop
+        except OSError:
+            continue
+    return (lambda: None), (lambda: None)
+
+
+def per_call_us(fn, n: int = 100) -> float:
+    mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    outs = [fn() for _ in range(n)]
+    mx.eval(outs)
+    mx.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default="4096,32768,131072")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON of the per-call times")
+    args = p.parse_args(argv)
+    start, stop = cuda_profiler()
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    scale = D ** -0.5
+    res = []
+    cases = []
+    for S in map(int, args.lengths.split(",")):
+        mx.random.seed(S)
+        k = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
+        v = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
+        q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
+        k1 = mx.random.normal((B, Hkv, 1, D)).astype(mx.float16)
+        c = TurboKVCache("turboquant_mse", args.bits, "turboquant_mse", args.bits)
+        c.update_and_fetch(k, v)
+        mx.eval(c.keys, c.values)
+
+        def attend(c=c, q=q):
+            kv, vv = c.keys_and_values()
+            return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
+
+        def append(c=c, k1=k1):
+            c.update_and_fetch(k1, k1)
+            c.trim(1)
+            return list(c.keys.values()) + list(c.values.values())
+
+        def sdpa(q=q, k=k, v=v):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+        row = {"S": S}
+        for name, fn in (("sdpa_fp16", sdpa), ("fused_attention", attend),
+                         ("append_1_token", append)):
+            row[name + "_us"] = round(per_call_us(fn), 2)
+        res.append(row)
+        print(row, flush=True)
+        cases.append((S, attend, append, sdpa))
+    # The profiled region: each operation twice per length, synchronised between them so
+    # the kernels' order in ncu's list is the call order.
+    mx.synchronize()
+    start()
+    for S, attend, append, sdpa in cases:
+        for fn in (sdpa, attend, append, sdpa, attend, append):
+            mx.eval(fn())
+            mx.synchronize()
+    stop()
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
