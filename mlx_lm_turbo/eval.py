@@ -546,8 +546,12 @@ def markdown_table(results: dict) -> str:
         match = f"{g['mean_match']:.1f}/{g['mean_len']:.1f}" if g else "–"
         nd = r.get("needle")
         needle = f"{100 * nd['rate']:.0f}%" if nd else "–"
+        if nd and len(nd.get("rate_by_length", {})) > 1:   # per haystack length
+            needle += " (" + " / ".join(f"{100 * v:.0f}" for v in nd["rate_by_length"].values()) + ")"
         sp = kv.get("decode_tok_s")
-        if r["name"] in earlier:
+        if kv.get("fp16_decode_tok_s"):   # merged from a parallel run: its own fp16
+            speed = f"{sp:.1f} ({sp / kv['fp16_decode_tok_s']:.2f}x)"
+        elif r["name"] in earlier:
             speed = f"{_fmt(sp, '{:.1f}')} (earlier run)"
         else:
             speed = f"{sp:.1f} ({sp / speed0:.2f}x)" if sp and speed0 else _fmt(sp, "{:.1f}")
@@ -724,6 +728,13 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
         markdown_table(results),
         "",
     ]
+    if len(s["needle_lengths"]) > 1:
+        parts[-1:-1] = [f"Needle: overall rate (rate at {' / '.join(map(str, s['needle_lengths']))} "
+                        "tokens)."]
+    if any(r.get("kv", {}).get("fp16_decode_tok_s") for r in results["configs"]):
+        parts[-1:-1] = ["Rows merged from runs made side by side: each speed ratio is against "
+                        "the fp16 speed measured in that row's own run (the fp16 row shows "
+                        "the first file's)."]
     if eq:
         exact = all(e["layer0_attention_max_abs_diff"] <= 1e-3 * e["layer0_attention_max_abs_output"]
                     for e in eq)
@@ -752,7 +763,8 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
         parts += [f"![perplexity vs bits/element]({results['png']})", ""]
     if results.get("conclusion"):
         parts += ["## Conclusion", "", results["conclusion"], ""]
-    parts += [f"Wall time: {results['wall_s'] / 60:.1f} min.", ""]
+    parts += [f"Run time, summed over the configurations (parallel runs overlap): "
+              f"{results['wall_s'] / 60:.1f} min.", ""]
     text = "\n".join(parts)
     path.write_text(text)
     return text
@@ -813,6 +825,41 @@ def _mlx_lm_version() -> str:
         return "?"
 
 
+def load_results(paths: str) -> dict:
+    """Results JSON, or a comma list of them merged (runs made in parallel with the same
+    settings): the first file holding a config wins; checks and commands are pooled."""
+    merged = None
+    files = [f for f in paths.split(",") if f]
+    for f in files:
+        prev = json.loads(Path(f).read_text())
+        prev.setdefault("prefill_vs_decode", [])
+        prev["commands"] = prev.get("commands", [prev.get("command", "")])
+        base = next((r for r in prev["configs"] if r["name"] == "fp16"), None)
+        if len(files) > 1 and base and base.get("kv", {}).get("decode_tok_s"):
+            # Speeds only compare within one run: keep each row's own run's fp16 speed.
+            for r in prev["configs"]:
+                if r["name"] != "fp16" and r.get("kv"):
+                    r["kv"].setdefault("fp16_decode_tok_s", base["kv"]["decode_tok_s"])
+        if merged is None:
+            merged = prev
+            continue
+        names = {r["name"] for r in merged["configs"]}
+        merged["configs"] += [r for r in prev["configs"] if r["name"] not in names]
+        seen = {e["config"] for e in merged["prefill_vs_decode"]}
+        merged["prefill_vs_decode"] += [e for e in prev["prefill_vs_decode"]
+                                        if e["config"] not in seen]
+        merged["commands"] += [c for c in prev["commands"] if c not in merged["commands"]]
+    if merged is None:
+        raise ValueError(f"no results file in {paths!r}")
+    s = merged["settings"]
+    rows = merged["configs"]
+    s["configs"] = [r["name"] for r in rows]
+    s["greedy_configs"] = [r["name"] for r in rows if r.get("greedy")]
+    s["needle_configs"] = [r["name"] for r in rows if r.get("needle")]
+    merged["wall_s"] = sum(r.get("seconds", 0) for r in rows)
+    return merged
+
+
 def evaluate(args: argparse.Namespace, command: str = "") -> dict:
     t_start = time.perf_counter()
     specs = [parse_spec(n, args.seed) for n in args.configs.split(",") if n.strip()]
@@ -858,18 +905,12 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict:
     results = {"settings": settings, "configs": [], "prefill_vs_decode": [],
                "command": command}
     fp16_greedy, done = None, {}
-    # Keep the rows of earlier (partial, or parallel) runs made with the same settings; with
-    # several files the first one holding a config wins.
     results["commands"] = []
-    for f in filter(None, (args.resume or "").split(",")):
-        prev = json.loads(Path(f).read_text())
-        for r in prev["configs"]:
-            done.setdefault(r["name"], r)
-        seen = {e["config"] for e in results["prefill_vs_decode"]}
-        results["prefill_vs_decode"] += [e for e in prev.get("prefill_vs_decode", [])
-                                         if e["config"] not in seen]
-        results["commands"] += [c for c in prev.get("commands", [prev.get("command", "")])
-                                if c not in results["commands"]]
+    if args.resume:  # keep the rows of earlier (partial, or parallel) runs, same settings
+        prev = load_results(args.resume)
+        done = {r["name"]: r for r in prev["configs"]}
+        results["prefill_vs_decode"] = prev["prefill_vs_decode"]
+        results["commands"] = prev["commands"]
     results["commands"].append(command)
     bar = tqdm(total=len(specs), desc="configs", position=0)
     for spec in specs:
@@ -990,7 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept instead of re-run, or a comma list of them (rows of runs made "
                         "in parallel); use the same settings")
     p.add_argument("--from-json", default=None,
-                   help="re-write the report from a saved (or partial) results JSON")
+                   help="re-write the report from a saved (or partial) results JSON, or from "
+                        "a comma list of them (runs made in parallel, merged)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--quick", action="store_true",
                    help="tiny slice for tests: 1 window of 256 tokens, 1 prompt x 6 tokens, "
@@ -1010,10 +1052,9 @@ def main(argv: Optional[list] = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = load_results(args.from_json)
         results["targets"] = targets(results)
         results["conclusion"] = conclusion(results)
-        results.setdefault("wall_s", sum(r.get("seconds", 0) for r in results["configs"]))
         command = results.get("command", "python -m mlx_lm_turbo.eval")
         out = Path(args.out_dir)
         print(markdown_table(results))
