@@ -25,6 +25,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from mlx_lm_turbo.attention import turbo_attention  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
+from mlx_lm_turbo.kernels import decode  # noqa: E402
 
 
 def cuda_profiler():
@@ -56,13 +57,17 @@ def per_call_us(fn, n: int = 100) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="4096,32768,131072")
-    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--bits", default="3", help="comma list of K/V bits (turboquant_mse)")
+    p.add_argument("--blocks", default=str(decode.TARGET_BLOCKS),
+                   help="comma list of the decode kernel's target grid sizes to try")
     p.add_argument("--out", default=None, help="JSON of the per-call times")
     args = p.parse_args(argv)
     start, stop = cuda_profiler()
     B, Hq, Hkv, D = 1, 32, 8, 128
     scale = D ** -0.5
-    res = []
+    res, calls = [], []
+    bits_list = [int(b) for b in args.bits.split(",")]
+    blocks_list = [int(b) for b in args.blocks.split(",")]
     cases = []
     for S in map(int, args.lengths.split(",")):
         mx.random.seed(S)
@@ -70,40 +75,52 @@ def main(argv=None):
         v = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
         q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
         k1 = mx.random.normal((B, Hkv, 1, D)).astype(mx.float16)
-        c = TurboKVCache("turboquant_mse", args.bits, "turboquant_mse", args.bits)
-        c.update_and_fetch(k, v)
-        mx.eval(c.keys, c.values)
-
-        def attend(c=c, q=q):
-            kv, vv = c.keys_and_values()
-            return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
-
-        def append(c=c, k1=k1):
-            c.update_and_fetch(k1, k1)
-            c.trim(1)
-            return list(c.keys.values()) + list(c.values.values())
 
         def sdpa(q=q, k=k, v=v):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
+        ops = [("sdpa_fp16", None, sdpa)]
+        for bits in bits_list:
+            c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
+            c.update_and_fetch(k, v)
+            mx.eval(c.keys, c.values)
+
+            def attend(c=c, q=q):
+                kv, vv = c.keys_and_values()
+                return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
+
+            def append(c=c, k1=k1):
+                c.update_and_fetch(k1, k1)
+                c.trim(1)
+                return list(c.keys.values()) + list(c.values.values())
+
+            for blocks in blocks_list:
+                ops.append((f"fused_attention_mse{bits}_blocks{blocks}", blocks, attend))
+            ops.append((f"append_1_token_mse{bits}", None, append))
         row = {"S": S}
-        for name, fn in (("sdpa_fp16", sdpa), ("fused_attention", attend),
-                         ("append_1_token", append)):
+        for name, blocks, fn in ops:
+            if blocks:
+                decode.TARGET_BLOCKS = blocks
             row[name + "_us"] = round(per_call_us(fn), 2)
         res.append(row)
         print(row, flush=True)
-        cases.append((S, attend, append, sdpa))
-    # The profiled region: each operation twice per length, synchronised between them so
-    # the kernels' order in ncu's list is the call order.
+        cases.append((S, ops))
+    # The profiled region: each operation twice, synchronised between them so the
+    # kernels' order in ncu's list is the call order (listed in the JSON).
     mx.synchronize()
     start()
-    for S, attend, append, sdpa in cases:
-        for fn in (sdpa, attend, append, sdpa, attend, append):
-            mx.eval(fn())
-            mx.synchronize()
+    for S, ops in cases:
+        for name, blocks, fn in ops:
+            if blocks:
+                decode.TARGET_BLOCKS = blocks
+            for _ in range(2):
+                mx.eval(fn())
+                mx.synchronize()
+                calls.append(f"S={S} {name}")
     stop()
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        Path(args.out).write_text(json.dumps({"per_call_us": res, "profiled_calls": calls},
+                                             indent=1))
 
 
 if __name__ == "__main__":
