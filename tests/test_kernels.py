@@ -56,18 +56,9 @@ METAL_SHIM = r"""
 #define threadgroup
 #define kernel
 typedef unsigned int uint;
-typedef unsigned short ushort;
-struct uint2 { uint x, y; };
 struct uint3 { uint x, y, z; };
 struct uint4 { uint x, y, z, w; };
 struct float4 { float x, y, z, w; };
-struct half2 { unsigned short x, y; };
-struct float2 {
-  float x, y;
-  float2() = default;
-  explicit float2(half2) : x(0), y(0) {}
-};
-template <class T, class U> T as_type(U) { return T(); }
 struct half {
   unsigned short bits;
   half() = default;
@@ -101,7 +92,7 @@ def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1, win=0, wdtype="float32
     wk2 = (d * kb2 + 31) // 32 if kb2 else 0
     wv = (dv * vb + 31) // 32
     nc = (1 << kb1) + ((1 << kb2) if kb2 else 0)
-    tabn = 4 * -(-(d * nc * r) // 8)
+    tabn = 4 * -(-(d * nc * r) // 4)
     sh = max(tabn + max(r * d, 128 * wv * nv), 4 * r * dv)
     return [("D", d), ("DV", dv), ("KB1", kb1), ("WK1", wk1), ("KB2", kb2), ("WK2", wk2),
             ("KMODE", kmode), ("VB", vb), ("WV", wv), ("VMODE", vmode), ("GQ", 4), ("QL", 2),

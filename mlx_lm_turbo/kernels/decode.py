@@ -207,7 +207,7 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     for cand in (8, 4, 2, 1):
         if cand > 1 and cand > max(1, 4 * math.ceil(R / 4)):
             continue
-        tabn = 4 * math.ceil(D * nc * cand / 8)   # fp16 tables, in floats
+        tabn = 4 * math.ceil(D * nc * cand / 4)
         sh = max(tabn + max(cand * D, NT * wv * nv), (NT // 32) * cand * DV)
         sh = 4 * math.ceil(sh / 4)
         total = 4 * (sh + 2 * (1 << vb) + (NT // 32) * cand + 4 * math.ceil(NT * cand / 4))

@@ -28,9 +28,7 @@ CPU_HEADER = r"""
 #include <cstring>
 #include <thread>
 #include <vector>
-struct uint2 { uint32_t x, y; };
 struct uint4 { uint32_t x, y, z, w; };
-struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 #define KV_SHARED static
 #define KV_TG
@@ -85,9 +83,6 @@ struct emu_half {
   operator float() const { return emu_h2f(bits); }
 };
 #define KV_NEG_INF (-INFINITY)
-#define KV_F2H_BITS(x) emu_f2h(x)
-#define KV_BITS2F(u) emu_h2f(uint16_t(u))
-#define KV_BITS2F2(u) float2{emu_h2f(uint16_t((u) & 0xffffu)), emu_h2f(uint16_t((u) >> 16))}
 """
 
 CPU_PRELUDE = """

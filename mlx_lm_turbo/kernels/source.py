@@ -8,8 +8,6 @@ The bodies use only the macros and names below, so the same text compiles as Met
     KV_BARRIER()     block-wide barrier
     KV_WARP_MAX/SUM  reductions over the 32 lanes of a SIMD group / warp
     KV_EXP, KV_MAX, KV_MIN, KV_SQRT, KV_H2F, KV_NEG_INF, KV_IMAX (int max)
-    KV_F2H_BITS(x)   float -> the bits of the nearest fp16 (ushort)
-    KV_BITS2F(u), KV_BITS2F2(u)   fp16 bits -> float; two fp16 in a uint32 -> float2
     kv_tid, kv_lane, kv_warp, kv_bx, kv_by, kv_nbx   thread / group indices (set by the prelude)
 
 MLX builds the kernel signature from the input names, and on Metal it adds a thread
@@ -36,9 +34,6 @@ METAL_HEADER = """
 #define KV_SQRT(x) metal::sqrt(x)
 #define KV_H2F(x) float(x)
 #define KV_NEG_INF (-INFINITY)
-#define KV_F2H_BITS(x) as_type<ushort>(half(x))
-#define KV_BITS2F(u) float(as_type<half>(ushort(u)))
-#define KV_BITS2F2(u) float2(as_type<half2>(uint(u)))
 """
 
 METAL_PRELUDE = """
@@ -63,13 +58,6 @@ CUDA_HEADER = """
 #define KV_SQRT(x) sqrtf(x)
 #define KV_H2F(x) __half2float(x)
 #define KV_NEG_INF (__int_as_float(0xff800000))
-#define KV_F2H_BITS(x) __half_as_ushort(__float2half_rn(x))
-#define KV_BITS2F(u) __half2float(__ushort_as_half((unsigned short)(u)))
-__device__ __forceinline__ float2 kv_bits2f2(uint32_t u) {
-  return __half22float2(__halves2half2(__ushort_as_half((unsigned short)(u & 0xffffu)),
-                                       __ushort_as_half((unsigned short)(u >> 16))));
-}
-#define KV_BITS2F2(u) kv_bits2f2(u)
 __device__ __forceinline__ float kv_warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
@@ -182,8 +170,7 @@ WINDOW_LOOP = """
 #   MASK        0 none, 1 causal, 2 additive array
 #   ROTQ        1: q is raw, the block applies Π_K (random signs + Hadamard) itself;
 #               0: q arrives rotated and scaled (dense rotations, prod keys)
-#   NT          threads per block (= keys per tile); TABN floats of shared memory for the
-#               fp16 score tables; SH shared floats
+#   NT          threads per block (= keys per tile); TABN table floats; SH shared floats
 #   QT          the queries' dtype (only to key MLX's kernel cache)
 #   WIN         fp16 window W (0: none, and qw/rk/rv/kmu are dummies). With a window the
 #               last split (kv_bx == kv_nbx - 1) is the *window block*: it reads the
@@ -200,29 +187,8 @@ WINDOW_LOOP = """
 # an orthogonal Π_K that equals the rotated-domain score, so the copies are never rotated.
 #
 # Score of key j for row r: s = rho_j * (sum_i T1[i][code1_i][r] + rn_j * sum_i T2[i][code2_i][r])
-# where the tables T[i][c][r] = q~_r[i] * codebook[c] are built once per block (stored as
-# fp16: rounding like an fp16 key's, sums in fp32): one shared load per code for all rows,
-# no multiply and no separate codebook lookup.
-# Add the RB table entries at half index t to acc[RB]: fp16 entries (half the shared-memory
-# traffic of fp32: the score loop is bound by shared-memory wavefronts), fp32 sums.
-_TABLE_ADD = """{
-          if (RB % 4 == 0) {
-#pragma unroll
-            for (int r4 = 0; r4 < RB / 4; ++r4) {
-              const uint2 tv = ((KV_TG uint2*)tabh)[t / 4 + r4];
-              const float2 a = KV_BITS2F2(tv.x);
-              const float2 c = KV_BITS2F2(tv.y);
-              ACC[4 * r4] += a.x; ACC[4 * r4 + 1] += a.y; ACC[4 * r4 + 2] += c.x; ACC[4 * r4 + 3] += c.y;
-            }
-          } else if (RB == 2) {
-            const float2 a = KV_BITS2F2(((KV_TG uint32_t*)tabh)[t / 2]);
-            ACC[0] += a.x; ACC[RB - 1] += a.y;
-          } else {
-#pragma unroll
-            for (int r = 0; r < RB; ++r) ACC[r] += KV_BITS2F(tabh[t + r]);
-          }
-        }"""
-
+# where the tables T[i][c][r] = q~_r[i] * codebook[c] are built once per block: one shared
+# load and one add per code and row, no multiply and no separate codebook lookup.
 DECODE_BODY = """
   constexpr int NW = NT / 32;
   constexpr int NC1 = 1 << KB1;
@@ -244,7 +210,6 @@ DECODE_BODY = """
   KV_SHARED float red_s[NW * RB];
   KV_SHARED float4 ws4[(NT * RB + 3) / 4];
   KV_TG float* tab = (KV_TG float*)sm4;
-  KV_TG uint16_t* tabh = (KV_TG uint16_t*)sm4;   // the score tables, as fp16 bits
   KV_TG float* qs = tab + TABN;
   KV_TG uint32_t* vst = (KV_TG uint32_t*)(tab + TABN);
   KV_TG float* ws_s = (KV_TG float*)ws4;
@@ -318,7 +283,7 @@ DECODE_BODY = """
       const int r = e % RB;
       const int c = (e / RB) % NC1;
       const int i = e / (RB * NC1);
-      tabh[e] = KV_F2H_BITS(qs[r * D + i] * cbk1[c]);
+      tab[e] = qs[r * D + i] * cbk1[c];
     }
     if (KB2 > 0) {
       for (int e = kv_tid; e < D * NC2 * RB; e += NT) {
@@ -336,7 +301,7 @@ DECODE_BODY = """
                     + long(l) * q2_strides[2] + i];
           }
         }
-        tabh[T2OFF + e] = KV_F2H_BITS(qv * cbk2[c]);
+        tab[T2OFF + e] = qv * cbk2[c];
       }
     }
     for (int e = kv_tid; e < 2 * NCV; e += NT) {
@@ -416,7 +381,16 @@ DECODE_BODY = """
         if (off + KB1 > 32) code |= kw[wi + 1] << (32 - off);
         code &= KM1;
         const int t = (i * NC1 + int(code)) * RB;
-        TABLE_ADD(s, t)
+        if (RB % 4 == 0) {
+#pragma unroll
+          for (int r4 = 0; r4 < RB / 4; ++r4) {
+            const float4 tv = sm4[t / 4 + r4];
+            s[4 * r4] += tv.x; s[4 * r4 + 1] += tv.y; s[4 * r4 + 2] += tv.z; s[4 * r4 + 3] += tv.w;
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < RB; ++r) s[r] += tab[t + r];
+        }
       }
       if (KB2 > 0) {
         uint32_t kw2[WK2 > 0 ? WK2 : 1];
@@ -440,7 +414,17 @@ DECODE_BODY = """
           if (off + KB2 > 32) code |= kw2[wi + 1] << (32 - off);
           code &= KM2;
           const int t = T2OFF + (i * NC2 + int(code)) * RB;
-          TABLE_ADD(s2, t)
+          if (RB % 4 == 0) {
+#pragma unroll
+            for (int r4 = 0; r4 < RB / 4; ++r4) {
+              const float4 tv = sm4[t / 4 + r4];
+              s2[4 * r4] += tv.x; s2[4 * r4 + 1] += tv.y;
+              s2[4 * r4 + 2] += tv.z; s2[4 * r4 + 3] += tv.w;
+            }
+          } else {
+#pragma unroll
+            for (int r = 0; r < RB; ++r) s2[r] += tab[t + r];
+          }
         }
       }
       for (int r = 0; r < RB; ++r) s[r] = rho * (s[r] + rn * s2[r]);
@@ -553,8 +537,6 @@ DECODE_BODY = """
     lpart[pidx * RB + kv_tid] = lt;
   }
 """
-DECODE_BODY = (DECODE_BODY.replace("TABLE_ADD(s, t)", _TABLE_ADD.replace("ACC", "s"))
-               .replace("TABLE_ADD(s2, t)", _TABLE_ADD.replace("ACC", "s2")))
 
 # Combines the splits of one output row: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,
 # then (ROTV) Π_Vᵀ = Hadamard + random signs in shared memory, written straight into the
