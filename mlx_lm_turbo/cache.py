@@ -98,6 +98,7 @@ class TurboConfig:
         else:
             text = (f"K {self.key_method} {self.key_bits}-bit / "
                     f"V {self.value_method} {self.value_bits}-bit")
+        text += ", centred keys" if self.center_keys else ""
         return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
 
 

@@ -13,6 +13,7 @@ the codec. Configuration names:
                          pair with mse values at the same bits)
     k{kb}v{vb}-{method}  ours with separate key/value bits (k4v2-mse, k8v4-mse, ...);
     k{kb}v{vb}-{km}-{vm} separate key and value methods (k3v3-prod-mse)
+    ...-c                any of ours with centred keys (--kv-center-keys; mse3-c)
     ...-w{n}             any of ours plus an fp16 window of the n newest tokens (mse3-w16)
 
 The model runs in float32 on CPU (dequantized weights: much faster than fp16 there);
@@ -122,6 +123,12 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         if base.kind != "turbo":
             raise ValueError(f"{name}: an fp16 window (-w{{n}}) applies to our methods only")
         return Spec(n, "turbo", turbo=replace(base.turbo, fp16_window=int(m.group(2))))
+    m = re.fullmatch(r"(.+)-c", n)
+    if m:
+        base = parse_spec(m.group(1), seed)
+        if base.kind != "turbo":
+            raise ValueError(f"{name}: key centring (-c) applies to our methods only")
+        return Spec(n, "turbo", turbo=replace(base.turbo, center_keys=True))
     if n in ("fp16", "fp"):
         return Spec(n, "fp16")
     m = re.fullmatch(r"affine(\d)g(\d+)", n)
@@ -144,7 +151,7 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine{{b}}g{{g}}, "
         "{mse,rvq,polar,prod,qjl}{b} or k{kb}v{vb}-{method}[-{value method}], "
-        "optionally followed by -w{n} (fp16 window)")
+        "optionally followed by -c (centred keys) and -w{n} (fp16 window)")
 
 
 def make_cache(model: nn.Module, spec: Spec) -> list:
@@ -736,14 +743,23 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
                         "the fp16 speed measured in that row's own run (the fp16 row shows "
                         "the first file's)."]
     if eq:
+        def centred(e):
+            spec = parse_spec(e["config"])
+            return spec.kind == "turbo" and spec.turbo.center_keys
+
+        # Centred keys differ by design (μ is the first block's mean), so they are not
+        # part of the float-noise verdict.
         exact = all(e["layer0_attention_max_abs_diff"] <= 1e-3 * e["layer0_attention_max_abs_output"]
-                    for e in eq)
+                    for e in eq if not centred(e))
         parts += [
             "Block prefill vs token-by-token decode through the cache (first tokens of window 1). "
             "Single layer on identical inputs (the model's layer-0 keys/values, keys as queries): "
             + ("the two paths agree to float noise. " if exact else
                "**the two paths DIFFER beyond float noise: the stored codes depend on how the "
                "prompt is split into blocks.** ")
+            + ("Configurations with centred keys (-c) differ by design: μ is the mean key "
+               "of the first block, so their codes depend on how the prompt is split (why "
+               "--kv-center-keys is opt-in). " if any(centred(e) for e in eq) else "")
             + "Whole model: float32 rounding differs between a block matmul and a one-row "
             "matmul; one ulp can move a coordinate across a quantizer boundary and the flip "
             "grows through the layers, so whole-model logits differ more than fp16's would; "

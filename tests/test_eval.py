@@ -26,8 +26,13 @@ def test_parse_spec():
     assert (s.turbo.key_method, s.turbo.value_method) == ("turboquant_prod", "turboquant_mse")
     s = ev.parse_spec("rvq1")
     assert s.turbo.key_method == "turboquant_rvq" and s.turbo.key_bits == 1
+    s = ev.parse_spec("k4v2-mse-c-w16")
+    assert s.turbo.center_keys and s.turbo.fp16_window == 16 and s.turbo.key_bits == 4
+    assert not ev.parse_spec("k4v2-mse-w16").turbo.center_keys
     with pytest.raises(ValueError):
         ev.parse_spec("nonsense")
+    with pytest.raises(ValueError):
+        ev.parse_spec("fp16-c")
 
 
 def test_quick_end_to_end(tmp_path):
