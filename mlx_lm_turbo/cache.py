@@ -93,7 +93,9 @@ class TurboConfig:
         return self.key_bits, self.value_bits
 
     def describe(self) -> str:
-        if self.key_method == self.value_method and self.key_bits == self.value_bits:
+        if self.ratequant_target is not None:
+            text = f"{self.key_method} RateQuant {self.ratequant_target:g} bits/element"
+        elif self.key_method == self.value_method and self.key_bits == self.value_bits:
             text = f"{self.key_method} {self.key_bits}-bit"
         else:
             text = (f"K {self.key_method} {self.key_bits}-bit / "

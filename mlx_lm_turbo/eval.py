@@ -13,6 +13,8 @@ the codec. Configuration names:
                          pair with mse values at the same bits)
     k{kb}v{vb}-{method}  ours with separate key/value bits (k4v2-mse, k8v4-mse, ...);
     k{kb}v{vb}-{km}-{vm} separate key and value methods (k3v3-prod-mse)
+    rq{t}                turboquant_mse with RateQuant bits at target t (rq2.9; calibrated
+                         on the model when the run starts, --ratequant-target)
     ...-c                any of ours with centred keys (--kv-center-keys; mse3-c)
     ...-w{n}             any of ours plus an fp16 window of the n newest tokens (mse3-w16)
 
@@ -101,7 +103,10 @@ class Spec:
             return f"mlx-lm affine g{self.group_size}"
         t = self.turbo
         km, vm = t.key_method.replace("turboquant_", ""), t.value_method.replace("turboquant_", "")
-        window = f" + fp16 window {t.fp16_window}" if t.fp16_window else ""
+        window = (" centred" if t.center_keys else "") + (
+            f" + fp16 window {t.fp16_window}" if t.fp16_window else "")
+        if t.ratequant_target is not None:
+            return f"RateQuant ({km})" + window
         if self.name.startswith("k") and re.match(r"k\d+v\d+", self.name):
             return (f"K/V split ({km}/{vm})" if km != vm else f"K/V split ({km})") + window
         return km + window
@@ -137,6 +142,10 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         if bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
             raise ValueError(f"{name}: affine needs bits in 2,3,4,5,6,8 and group 32/64/128")
         return Spec(n, "affine", bits, group)
+    m = re.fullmatch(r"rq(\d+(?:\.\d+)?)", n)
+    if m:
+        return Spec(n, "turbo", turbo=TurboConfig("turboquant_mse", 4, seed=seed,
+                                                  ratequant_target=float(m.group(1))))
     m = re.fullmatch(r"k(\d)v(\d)-([a-z_]+)(?:-([a-z_]+))?", n)
     if m:
         kb, vb, km, vm = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
@@ -150,7 +159,7 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         return Spec(n, "turbo", turbo=TurboConfig(method, bits, vm, bits, seed=seed))
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine{{b}}g{{g}}, "
-        "{mse,rvq,polar,prod,qjl}{b} or k{kb}v{vb}-{method}[-{value method}], "
+        "{mse,rvq,polar,prod,qjl}{b}, rq{target} or k{kb}v{vb}-{method}[-{value method}], "
         "optionally followed by -c (centred keys) and -w{n} (fp16 window)")
 
 
@@ -869,6 +878,12 @@ def load_results(paths: str) -> dict:
         raise ValueError(f"no results file in {paths!r}")
     s = merged["settings"]
     rows = merged["configs"]
+    for r in rows:   # labels follow the current code (families group the plot's lines)
+        try:
+            spec = parse_spec(r["name"])
+        except ValueError:
+            continue
+        r["family"], r["describe"] = spec.family, spec.describe()
     s["configs"] = [r["name"] for r in rows]
     s["greedy_configs"] = [r["name"] for r in rows if r.get("greedy")]
     s["needle_configs"] = [r["name"] for r in rows if r.get("needle")]
@@ -889,6 +904,10 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict:
                     [n.strip().lower() for n in args.greedy_configs.split(",") if n.strip()])
     routing = route_attention()
     model, tokenizer = load_model(args.model)
+    for spec in specs:   # RateQuant configs: calibrate and allocate once, on this model
+        if spec.kind == "turbo" and spec.turbo.ratequant_target is not None:
+            from . import ratequant
+            spec.turbo = ratequant.resolve(model, tokenizer, spec.turbo, verbose=False)
     eos = set(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else {
         tokenizer.eos_token_id}
     windows = wikitext_windows(tokenizer, args.data_dir, args.windows, args.window)
