@@ -649,13 +649,15 @@ def plot(results: dict, path: Path) -> Optional[str]:
     for r in rows:
         fams.setdefault(r["family"], []).append(r)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for fam, rs in fams.items():
+    colors = plt.get_cmap("tab20").colors   # one colour per family (the default cycle has 10)
+    for i, (fam, rs) in enumerate(fams.items()):
         rs = sorted(rs, key=lambda r: r["kv"]["bits_per_element"])
         x = [r["kv"]["bits_per_element"] for r in rs]
         y = [r["ppl"] for r in rs]
         style = "--s" if fam.startswith("mlx-lm") else ("*" if fam == "fp16" else
                                                           ("D" if "split" in fam else "-o"))
-        ax.plot(x, y, style, label=fam, markersize=10 if fam == "fp16" else 5)
+        ax.plot(x, y, style, label=fam, markersize=10 if fam == "fp16" else 5,
+                color=colors[i % len(colors)])
         if "split" in fam:
             for r in rs:
                 ax.annotate(r["name"].split("-")[0], (r["kv"]["bits_per_element"], r["ppl"]),
