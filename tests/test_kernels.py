@@ -372,17 +372,24 @@ def test_emulated_combine_matches_numpy(DV, nsp):
     np.testing.assert_allclose(out.reshape(B, H, RB, DV), want[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
-def test_first_use_check_warns_once_and_falls_back(monkeypatch):
-    c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
+def _kernel_fails_to_compile(monkeypatch, module, launcher: str) -> list:
+    """Fake a GPU backend with nothing checked yet, and make ``module.launcher`` raise
+    like a failed JIT compile; returns the list its calls are counted in."""
     monkeypatch.delenv(decode.ENV, raising=False)
     monkeypatch.setattr(decode, "backend", lambda: "cuda")
-    monkeypatch.setattr(decode, "_checked", {})
+    monkeypatch.setattr(module, "_checked", {})
     calls = []
 
     def broken(*a, **k):
         calls.append(1)
         raise RuntimeError("nvrtc: compile failed")
-    monkeypatch.setattr(decode, "run_fused", broken)
+    monkeypatch.setattr(module, launcher, broken)
+    return calls
+
+
+def test_first_use_check_warns_once_and_falls_back(monkeypatch):
+    c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
+    calls = _kernel_fails_to_compile(monkeypatch, decode, "run_fused")
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -533,15 +540,7 @@ def test_encode_env_forces_kernel_raises_without_gpu(monkeypatch):
 
 
 def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
-    monkeypatch.setattr(encode, "_checked", {})
-    calls = []
-
-    def broken(*a, **k):
-        calls.append(1)
-        raise RuntimeError("nvrtc: compile failed")
-    monkeypatch.setattr(encode, "run_kernel", broken)
+    calls = _kernel_fails_to_compile(monkeypatch, encode, "run_kernel")
     k = mx.random.normal((1, 2, 3, 64)).astype(mx.float16)
     ref = TurboKVCache("mse", 3, "mse", 3)
     monkeypatch.setenv(decode.ENV, "0")

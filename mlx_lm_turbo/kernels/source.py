@@ -79,6 +79,25 @@ CUDA_PRELUDE = """
   const int kv_warp = int(threadIdx.x) >> 5;
 """
 
+def rows_hadamard(buf: str, n: str) -> str:
+    """Kernel text: unnormalised in-place Walsh-Hadamard transform (MLX's order) of the RB
+    rows of length ``n`` in shared array ``buf``, the butterflies spread over the block's
+    NT threads, one barrier per stage."""
+    return f"""    for (int hh = 1; hh < {n}; hh <<= 1) {{
+      for (int e = kv_tid; e < RB * {n} / 2; e += NT) {{
+        const int r = e / ({n} / 2);
+        const int k = e - r * ({n} / 2);
+        const int i = r * {n} + (k / hh) * 2 * hh + (k % hh);
+        const float x0 = {buf}[i];
+        const float x1 = {buf}[i + hh];
+        {buf}[i] = x0 + x1;
+        {buf}[i + hh] = x0 - x1;
+      }}
+      KV_BARRIER();
+    }}
+"""
+
+
 # Online-softmax step of a tile, shared by the coded and the window loops (s[RB]: this
 # thread's key scores, -inf where masked; vnorm: its value scale). TILE_MAX ends on the
 # barrier after which the previous tile's value stage may be overwritten.
@@ -256,19 +275,7 @@ DECODE_BODY = """
   KV_BARRIER();
   if (ROTQ == 1 && !wblk) {
     // Unnormalised fast Walsh-Hadamard transform of each row (qmul holds signs*scale/sqrt(D)).
-    for (int hh = 1; hh < D; hh <<= 1) {
-      for (int e = kv_tid; e < RB * D / 2; e += NT) {
-        const int r = e / (D / 2);
-        const int k = e - r * (D / 2);
-        const int i = r * D + (k / hh) * 2 * hh + (k % hh);
-        const float x0 = qs[i];
-        const float x1 = qs[i + hh];
-        qs[i] = x0 + x1;
-        qs[i + hh] = x0 - x1;
-      }
-      KV_BARRIER();
-    }
-  }
+""" + rows_hadamard("qs", "D") + """  }
 
   // ---- score tables and value codebooks (the window block: the key mean in tab[0, D)) ----
   if (wblk) {
@@ -508,19 +515,7 @@ DECODE_BODY = """
     for (int k = 0; k < NO; ++k)
       if (kv_tid + k * NT < RB * DV) tab[kv_tid + k * NT] = ov[k];
     KV_BARRIER();
-    for (int hh = 1; hh < DV; hh <<= 1) {
-      for (int e = kv_tid; e < RB * DV / 2; e += NT) {
-        const int r = e / (DV / 2);
-        const int k = e - r * (DV / 2);
-        const int i = r * DV + (k / hh) * 2 * hh + (k % hh);
-        const float x0 = tab[i];
-        const float x1 = tab[i + hh];
-        tab[i] = x0 + x1;
-        tab[i + hh] = x0 - x1;
-      }
-      KV_BARRIER();
-    }
-    for (int e = kv_tid; e < RB * DV; e += NT) opart[pidx * RB * DV + e] = tab[e];
+""" + rows_hadamard("tab", "DV") + """    for (int e = kv_tid; e < RB * DV; e += NT) opart[pidx * RB * DV + e] = tab[e];
   } else {
     for (int e = kv_tid; e < RB * DV; e += NT) {
       const int r = e / DV;
