@@ -906,9 +906,10 @@ def evaluate(args: argparse.Namespace, command: str = "") -> dict:
                     [n.strip().lower() for n in args.greedy_configs.split(",") if n.strip()])
     routing = route_attention()
     model, tokenizer = load_model(args.model)
+    from . import ratequant
+
     for spec in specs:   # RateQuant configs: calibrate and allocate once, on this model
         if spec.kind == "turbo" and spec.turbo.ratequant_target is not None:
-            from . import ratequant
             spec.turbo = ratequant.resolve(model, tokenizer, spec.turbo, verbose=False)
     eos = set(tokenizer.eos_token_ids) if hasattr(tokenizer, "eos_token_ids") else {
         tokenizer.eos_token_id}
