@@ -15,7 +15,7 @@ from .cache import make_prompt_cache as make_turbo_cache
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
 DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
-                "polar": 4, "qjl": 1}
+                "polar": 4, "qjl": 3}
 
 _config: Optional[TurboConfig] = None
 _last_caches: Optional[list] = None

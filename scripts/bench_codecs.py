@@ -16,7 +16,7 @@ from mlx_lm_turbo import codecs
 
 CONFIGS = [("turboquant_mse", b) for b in (1, 2, 3, 4)] + [
     ("turboquant_prod", b) for b in (2, 3, 4)] + [("turboquant_rvq", b) for b in (1, 2)] + [
-    ("polar", b) for b in (3, 4)] + [("qjl", b) for b in (1, 4)]
+    ("polar", b) for b in (3, 4)] + [("qjl", b) for b in (1, 3, 4)]
 
 
 def make_data(tokens: int, heads: int, dim: int, seed: int = 0) -> tuple[mx.array, mx.array]:

@@ -52,13 +52,41 @@ def test_prod_is_unbiased_with_paper_variance(bits, paper):
     assert abs(err.var() * d - paper) / paper < 0.20, err.var() * d
 
 
-def test_qjl_is_unbiased():
+# QJL with the orthogonalized sketch: each d-row block gives the signs of a randomly rotated
+# x, so ‖x̂ - x‖² ≈ (π/2 - 1)·ρ² per block instead of (π/2)·ρ²·d/m·... of Gaussian rows; with
+# the R largest coordinates stored exactly only the inliers are sketched. Inner-product
+# variance ≈ (π/2 - 1)/(b·d)·‖q_in‖²‖k_in‖² (q_in: q off k's outlier coordinates).
+@pytest.mark.parametrize("bits", [1, 4])
+def test_qjl_is_unbiased_with_orthogonal_sketch_variance(bits):
     d, n = 128, 10000
-    k, q = unit_vectors(n, d, 3), unit_vectors(n, d, 4)
-    c = codecs.make("qjl", bits=1, dim=d, seed=5)
-    err = np.array(c.score(q, c.encode(k)) - (q * k).sum(-1))
+    k = outlier_data(n, d)
+    k = k / mx.linalg.norm(k, axis=-1, keepdims=True)
+    q = unit_vectors(n, d, 4)
+    c = codecs.make("qjl", bits=bits, dim=d, seed=5)
+    packed = c.encode(k)
+    err = np.array(c.score(q, packed) - (q * k).sum(-1))
     assert abs(err.mean()) < 3 * err.std() / math.sqrt(n)
-    assert abs(err.var() * d - math.pi / 2) < 0.2  # (π/2 - ⟨q,k⟩²)/m
+    # the outlier coordinates come back exactly (fp16), the rest is zero there
+    idx = np.argsort(-np.abs(np.array(k)), axis=-1)[:, :c.outliers]
+    k_hat = np.array(c.decode(packed))
+    np.testing.assert_allclose(np.take_along_axis(k_hat, idx, -1),
+                               np.take_along_axis(np.array(k), idx, -1), rtol=1e-3)
+    k_in, q_in = np.array(k), np.array(q)
+    np.put_along_axis(k_in, idx, 0, -1)
+    np.put_along_axis(q_in, idx, 0, -1)
+    expected = (math.pi / 2 - 1) / bits * np.mean((k_in ** 2).sum(-1) * (q_in ** 2).sum(-1))
+    assert abs(err.var() * d - expected) / expected < 0.10, (err.var() * d, expected)
+    # what the two changes buy over the plain Gaussian 1-bit sketch, (π/2)·‖q‖²‖k‖²·d/m
+    assert err.var() * d < 0.1 * (math.pi / 2) / bits, err.var() * d
+
+
+def test_qjl_bits_per_element_counts_outliers():
+    c = codecs.make("qjl", bits=3, dim=64, seed=0)
+    # 3·64 sign bits + fp16 norm + 4 fp16 outliers + 4 six-bit indices (one word)
+    assert c.bits_per_vector == 192 + 16 + 4 * 16 + 32
+    packed = c.encode(unit_vectors(10, 64))
+    held = sum(a.nbytes for a in packed.values()) * 8 / 10
+    assert held == c.bits_per_vector
 
 
 def outlier_data(n: int, d: int) -> mx.array:

@@ -208,11 +208,11 @@ def test_bad_flags_exit_with_argparse_error(flags, message):
 
 @pytest.mark.slow
 # Every method at its sensible bits answers like fp16 ("Paris.") on the raw prompt (the
-# chat-templated prompt makes even the fp16 cache of this 135M model ramble). Plain qjl
-# keys do not give coherent text on this model even at 8 bits (m = 8d): measured and
-# stated in the README, so qjl is not in this list.
+# chat-templated prompt makes even the fp16 cache of this 135M model ramble). qjl at its
+# default 3 bits (outlier coordinates kept exactly; a plain 1-bit sketch was incoherent
+# here even at 8 bits).
 @pytest.mark.parametrize("method,bits", [("turboquant_mse", 4), ("turboquant_rvq", 2),
-                                         ("polar", 4), ("turboquant_prod", 4)])
+                                         ("polar", 4), ("turboquant_prod", 4), ("qjl", 3)])
 def test_cli_generates_coherent_text(method, bits):
     r = run_cli("--model", str(MODEL_DIR), "--kv-method", method, "--kv-bits", str(bits),
                 "--prompt", "The capital of France is", "--max-tokens", "20",
