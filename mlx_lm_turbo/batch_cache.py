@@ -405,7 +405,7 @@ class BatchTurboKVCache(TurboKVCache):
         """Copies the buffers (they are written in place) but shares the codecs."""
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
-            if name in ("key_codec", "value_codec", "dtype", "_fused_consts"):
+            if name in ("key_codec", "value_codec", "dtype", "_fused_consts", "_fused_plan"):
                 setattr(new, name, value)
             else:
                 setattr(new, name, copy.deepcopy(value, memo))

@@ -224,7 +224,8 @@ class TurboKVCache(_BaseCache):
         LRUPromptCache deep-copies every cache it hands out."""
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
-            shared = name in ("key_codec", "value_codec", "dtype")
+            shared = name in ("key_codec", "value_codec", "dtype", "_fused_consts",
+                              "_fused_plan")
             setattr(new, name, value if shared else copy.deepcopy(value, memo))
         return new
 

@@ -466,7 +466,8 @@ def micro(quick: bool, lengths) -> None:
 
 # ----------------------------------------------------------------- end to end
 
-def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4")) -> None:
+def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4"),
+        batch: int = 1) -> None:
     import mlx.nn as nn
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
@@ -491,8 +492,8 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 fused_encode.encode = lambda codec, x: None
             try:
                 for layer in range(args.num_hidden_layers):
-                    k = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
-                    v = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
+                    k = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
+                    v = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
                     if kind == "bf16":
                         c = KVCache()
                     else:
@@ -503,7 +504,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                     c.update_and_fetch(k, v)
                     mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
                     caches.append(c)
-                tok = mx.array([[1]])
+                tok = mx.ones((batch, 1), mx.int32)
                 for _ in range(3):
                     mx.eval(model(tok, cache=caches))
                 t = time.perf_counter()
@@ -515,18 +516,24 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 # step n runs, so host work overlaps GPU work.
                 y = mx.argmax(model(tok, cache=caches)[:, -1], axis=-1, keepdims=True)
                 mx.async_eval(y)
+                for _ in range(3):   # warm-up: argmax's first compile stays out of the timing
+                    nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
+                    mx.async_eval(nxt)
+                    y.tolist()
+                    y = nxt
                 t = time.perf_counter()
                 for _ in range(steps):
                     nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
                     mx.async_eval(nxt)
-                    y.item()
+                    y.tolist()
                     y = nxt
-                y.item()
+                y.tolist()
                 dt_pipe = (time.perf_counter() - t) / steps
-                row = dict(context=S, cache=kind, ms_per_token=round(1e3 * dt, 3),
-                           tok_per_s=round(1 / dt, 2), pipelined_tok_per_s=round(1 / dt_pipe, 2))
+                row = dict(context=S, batch=batch, cache=kind, ms_per_token=round(1e3 * dt, 3),
+                           tok_per_s=round(1 / dt, 2), pipelined_tok_per_s=round(1 / dt_pipe, 2),
+                           batch_tok_per_s=round(batch / dt, 1))
             except Exception as e:
-                row = dict(context=S, cache=kind, status=f"error: {type(e).__name__}: {e}"[:300])
+                row = dict(context=S, batch=batch, cache=kind, status=f"error: {type(e).__name__}: {e}"[:300])
                 traceback.print_exc()
             finally:
                 fused_encode.encode = orig_encode
@@ -536,13 +543,16 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
             del caches
             gc.collect()
             mx.clear_cache()
-    base = {r["context"]: r for r in rows if r.get("cache") == "bf16" and "tok_per_s" in r}
+    def at(r):
+        return r["context"], r.get("batch", 1)
+
+    base = {at(r): r for r in rows if r.get("cache") == "bf16" and "tok_per_s" in r}
     for r in rows:
-        if "tok_per_s" in r and r["context"] in base:
-            r["speedup"] = round(r["tok_per_s"] / base[r["context"]]["tok_per_s"], 3)
-            if "pipelined_tok_per_s" in r and "pipelined_tok_per_s" in base[r["context"]]:
+        if "tok_per_s" in r and at(r) in base:
+            r["speedup"] = round(r["tok_per_s"] / base[at(r)]["tok_per_s"], 3)
+            if "pipelined_tok_per_s" in r and "pipelined_tok_per_s" in base[at(r)]:
                 r["pipelined_speedup"] = round(
-                    r["pipelined_tok_per_s"] / base[r["context"]]["pipelined_tok_per_s"], 3)
+                    r["pipelined_tok_per_s"] / base[at(r)]["pipelined_tok_per_s"], 3)
     save()
 
 
@@ -556,6 +566,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
                     help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_w<W> "
                          "(with a W-token fp16 window)")
+    ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
+    ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     OUT = a.out
@@ -584,7 +596,8 @@ def main() -> None:
             elif name == "micro":
                 micro(a.quick, [int(x) for x in a.lengths.split(",")])
             elif name == "e2e":
-                e2e([int(x) for x in a.contexts.split(",")], kinds=a.kinds.split(","))
+                e2e([int(x) for x in a.contexts.split(",")], a.steps, kinds=a.kinds.split(","),
+                    batch=a.batch)
         except Exception as e:
             RESULTS.setdefault("section_errors", {})[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()

@@ -124,9 +124,10 @@ def _kernel_parts(name, x_dtype=None):
 
 def render_metal(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.metal_kernel would assemble it (signature generated from the
-    inputs, the thread attributes the body mentions), instantiated once."""
+    inputs, the thread attributes the body mentions), the template values baked into the
+    body as the kernels are built (decode.build_kernel)."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "metal")
+    header, src = decode.full_source(body, "metal", template)
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const device {METAL_TYPES[dt]}* {n}")
@@ -136,12 +137,8 @@ def render_metal(template, name="decode", x_dtype=None) -> str:
             args.append(f"const constant int64_t* {n}_strides")
     args += [f"device {METAL_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     args += [f"{t} {a}" for a, t in METAL_ATTRS if a in src]
-    tparams = ", ".join(f"typename {k}" if isinstance(v, str) else f"int {k}"
-                        for k, v in template)
-    tvals = ", ".join(METAL_TYPES[v] if isinstance(v, str) else str(v) for _, v in template)
     sig = ",\n  ".join(args)
-    return (METAL_SHIM + header + f"\ntemplate <{tparams}>\nkernel void turbo_{name}(\n  {sig}) {{\n"
-            + src + "\n}\n" + f"template void turbo_{name}<{tvals}>(\n  {sig});\n")
+    return (METAL_SHIM + header + f"\nkernel void turbo_{name}(\n  {sig}) {{\n" + src + "\n}\n")
 
 
 CUDA_STUB = r"""
@@ -160,9 +157,9 @@ using Strides = cuda::std::array<int64_t, 10>;
 
 def render_cuda(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.cuda_kernel assembles it (MLX's own device header replaced by
-    a stub declaring the Shape/Strides types it provides)."""
+    a stub declaring the Shape/Strides types it provides), template values baked in."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "cuda")
+    header, src = decode.full_source(body, "cuda", template)
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const {CUDA_TYPES[dt]}* {n}")
@@ -171,10 +168,8 @@ def render_cuda(template, name="decode", x_dtype=None) -> str:
         if _uses(src, n, "strides"):
             args.append(f"const __grid_constant__ Strides {n}_strides")
     args += [f"{CUDA_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
-    consts = "".join(f"  using {k} = {CUDA_TYPES[v]};\n" if isinstance(v, str)
-                     else f"  constexpr int {k} = {v};\n" for k, v in template)
     return (CUDA_STUB + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-            f"__global__ void turbo_{name}(\n  " + ",\n  ".join(args) + ") {\n" + consts
+            f"__global__ void turbo_{name}(\n  " + ",\n  ".join(args) + ") {\n"
             + src + "\n}\n}\n")
 
 
@@ -767,3 +762,34 @@ def test_encode_forced_returns_none_where_not_covered(monkeypatch):
     assert not ran
     assert encode.encode(_codec("mse", 3, 64), mx.random.normal((1, 2, 1, 64))) is not None
     assert ran == [1]
+
+
+@emu
+def test_decode_steps_reuse_the_plan(monkeypatch):
+    """Successive decode steps through the dispatcher (kernels emulated): the plan kept on
+    the cache is refreshed with each step's length and arrays (outputs equal the
+    reference at every step) and keeps no array (a kept view of a buffer would stop the
+    next append from updating it in place)."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "_checked", {})
+    lengths = []
+
+    def emulated(q, keys, values, cache, scale, mask, p, be):
+        lengths.append(p["S"])
+        return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
+    monkeypatch.setattr(decode, "run_fused", emulated)
+    monkeypatch.setattr(encode, "encode", lambda codec, x: None)   # appends: the codec's
+    mx.random.seed(5)
+    c = TurboKVCache("mse", 3, "mse", 3)
+    c.update_and_fetch(*(mx.random.normal((1, 2, 300, 64)).astype(mx.float16) for _ in "kv"))
+    for step in range(3):
+        kv = [mx.random.normal((1, 2, 1, 64)).astype(mx.float16) for _ in "kv"]
+        keys, values = c.update_and_fetch(*kv)
+        q = mx.random.normal((1, 8, 1, 64)).astype(mx.float16)
+        out = kernels.decode_attention(q, keys, values, c, 0.125)
+        ref = reference_attention(q, keys, values, c, 0.125)
+        assert mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() < 2e-3
+    assert lengths == [301, 302, 303]
+    assert not any(isinstance(v, mx.array) for v in c._fused_plan[1].values())

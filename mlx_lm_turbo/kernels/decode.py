@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import warnings
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -35,7 +36,7 @@ SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
 KEY_MODES = {"turboquant_mse": 0, "turboquant_rvq": 1, "turboquant_prod": 2}
 VALUE_MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 
-_kernels: dict = {}           # (backend, name) -> compiled kernel object
+_kernels: dict = {}           # (backend, name, template) -> compiled kernel object
 _checked: dict = {}           # shape key -> True (kernel agreed) / False (use the reference)
 
 
@@ -73,11 +74,39 @@ def env_mode() -> Optional[bool]:
 
 # --------------------------------------------------------------------------- sources
 
-def full_source(body: str, backend_name: str) -> tuple[str, str]:
-    """(header, source) for mx.fast.*_kernel: the shared body behind the backend prelude."""
+# What MLX writes for a dtype in kernel source, per backend.
+TYPE_NAMES = {
+    "cuda": {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+             mx.uint32: "uint32_t"},
+    "metal": {mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float",
+              mx.uint32: "uint32_t"},
+}
+
+
+def constants(template, backend_name: str) -> str:
+    """Template values as the first lines of the kernel body (the text MLX's CUDA backend
+    writes for them). A dtype may be given as an mx.Dtype or its name."""
+    names = TYPE_NAMES[backend_name]
+    lines = []
+    for k, v in template:
+        if isinstance(v, str):
+            v = getattr(mx, v)
+        if isinstance(v, mx.Dtype):
+            lines.append(f"  using {k} = {names[v]};")
+        elif isinstance(v, bool):
+            lines.append(f"  constexpr bool {k} = {'true' if v else 'false'};")
+        else:
+            lines.append(f"  constexpr int {k} = {int(v)};")
+    return "\n".join(lines) + "\n"
+
+
+def full_source(body: str, backend_name: str, template=()) -> tuple[str, str]:
+    """(header, source) for mx.fast.*_kernel: the template values baked in as constants,
+    then the backend prelude, then the shared body."""
+    head = constants(template, backend_name) if template else ""
     if backend_name == "metal":
-        return source.METAL_HEADER, source.METAL_PRELUDE + body
-    return source.CUDA_HEADER, source.CUDA_PRELUDE + body
+        return source.METAL_HEADER, head + source.METAL_PRELUDE + body
+    return source.CUDA_HEADER, head + source.CUDA_PRELUDE + body
 
 
 DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
@@ -87,29 +116,34 @@ REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
 
 
-def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list):
-    """``mx.fast.metal_kernel`` / ``cuda_kernel`` of a shared body. Inputs are read through
-    their strides (cache slices and transposed key views arrive without a copy)."""
-    header, src = full_source(body, backend_name)
+def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list,
+                 template=()):
+    """``mx.fast.metal_kernel`` / ``cuda_kernel`` of a shared body, specialised for one
+    ``template``: its values are baked into the source, so a call passes no template.
+    MLX re-renders the source and formats every template value on each call (~20 µs of
+    host time per launch on the H100 machine, which decode at batch 1 waits on); one
+    kernel object per specialisation pays that once. Inputs are read through their
+    strides (cache slices and transposed key views arrive without a copy)."""
+    header, src = full_source(body, backend_name, template)
     make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
-    # MLX caches compiled kernels by name and template values only (its CUDA backend also
-    # on disk): a hash of the text in the name keeps an edited body from loading a stale
-    # binary.
+    # MLX caches compiled kernels by name (its CUDA backend also on disk): a hash of the
+    # text, constants included, in the name keeps an edited body from loading a stale
+    # binary and gives each specialisation its own.
     tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
     return make(name=f"turbo_{name}_{tag}", input_names=inputs, output_names=outputs,
                 source=src, header=header, ensure_row_contiguous=False)
 
 
-def _kernel(backend_name: str, name: str):
-    key = (backend_name, name)
-    if key not in _kernels:
-        if name == "decode":
-            _kernels[key] = build_kernel(source.DECODE_BODY, backend_name, name,
-                                         DECODE_INPUTS, DECODE_OUTPUTS)
-        else:
-            _kernels[key] = build_kernel(source.REDUCE_BODY, backend_name, name,
-                                         REDUCE_INPUTS, REDUCE_OUTPUTS)
-    return _kernels[key]
+def _kernel(backend_name: str, name: str, template: tuple):
+    key = (backend_name, name, template)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        body, inputs, outputs = ((source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS)
+                                 if name == "decode" else
+                                 (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS))
+        kernel = _kernels[key] = build_kernel(body, backend_name, name, inputs, outputs,
+                                              template)
+    return kernel
 
 
 # --------------------------------------------------------------------------- plan
@@ -157,6 +191,23 @@ def _window(queries: mx.array, keys: dict, values: dict, cache, mask, S: int,
     return W, n
 
 
+@lru_cache(maxsize=256)
+def row_blocking(R: int, D: int, DV: int, nc: int, wv: int, nv: int, vb: int,
+                 budget: int) -> tuple[int, int, int]:
+    """(RB query rows per block, score-table floats, shared floats) for the largest RB
+    whose shared memory fits ``budget``; RB = 0 if none does."""
+    for cand in (8, 4, 2, 1):
+        if cand > 1 and cand > max(1, 4 * math.ceil(R / 4)):
+            continue
+        tabn = 4 * math.ceil(D * nc * cand / 4)
+        sh = max(tabn + max(cand * D, NT * wv * nv), (NT // 32) * cand * DV)
+        sh = 4 * math.ceil(sh / 4)
+        total = 4 * (sh + 2 * (1 << vb) + (NT // 32) * cand + 4 * math.ceil(NT * cand / 4))
+        if total <= budget:
+            return cand, tabn, sh
+    return 0, 0, 0
+
+
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
          backend_name: str) -> Optional[dict]:
     """Static description of the launch, or None when the fused path does not apply."""
@@ -200,20 +251,8 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     G = Hq // Hkv
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
-    wv = vs[0][1].shape[-1]
-    nv = len(vs)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    rb = 0
-    for cand in (8, 4, 2, 1):
-        if cand > 1 and cand > max(1, 4 * math.ceil(R / 4)):
-            continue
-        tabn = 4 * math.ceil(D * nc * cand / 4)
-        sh = max(tabn + max(cand * D, NT * wv * nv), (NT // 32) * cand * DV)
-        sh = 4 * math.ceil(sh / 4)
-        total = 4 * (sh + 2 * (1 << vb) + (NT // 32) * cand + 4 * math.ceil(NT * cand / 4))
-        if total <= budget:
-            rb = cand
-            break
+    rb, tabn, sh = row_blocking(R, D, DV, nc, vs[0][1].shape[-1], len(vs), vb, budget)
     if rb == 0:
         return None
     nrg = math.ceil(R / rb)
@@ -224,6 +263,32 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
                 WCTR=int(bool(W) and bool(getattr(cache, "center_keys", False))),
                 # codes are read below SC (the kernel derives the same from S, n and W)
                 SC=max(S - n_copies, S - W) if W else S)
+
+
+def cached_plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
+                backend_name: str) -> Optional[dict]:
+    """``plan`` for a decode step. Without an fp16 window, sinks or an array mask, plans
+    of successive steps differ only in S and the packed arrays: the rest is kept on the
+    cache (without the arrays: a kept view of a buffer would stop the next append from
+    updating it in place) and those are filled in."""
+    if sinks is not None or isinstance(mask, mx.array) or "recent" in keys:
+        return plan(queries, keys, values, cache, mask, sinks, backend_name)
+    kc, vc = cache.key_codec, cache.value_codec
+    S = keys["norm"].shape[2]
+    sig = (backend_name, tuple(queries.shape), queries.dtype, mask, kc, vc,
+           tuple(keys["norm"].shape[:2]))
+    memo = getattr(cache, "_fused_plan", None)
+    if memo is None or memo[0] != sig or S == 0:
+        p = plan(queries, keys, values, cache, mask, sinks, backend_name)
+        if S:
+            kept = None if p is None else {k: v for k, v in p.items()
+                                           if k not in ("kstreams", "vstreams")}
+            cache._fused_plan = (sig, kept)
+        return p
+    if memo[1] is None:
+        return None
+    return {**memo[1], "S": S, "SC": S, "kstreams": _streams(kc, keys, True),
+            "vstreams": _streams(vc, values, False)}
 
 
 def n_splits(S: int, blocks_per_split: int) -> int:
@@ -337,17 +402,17 @@ def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,
     -> (B, Hq, L, DV) in out_dtype."""
     B, Hkv, NRG, RB, DV = p["B"], p["Hkv"], p["NRG"], p["RB"], p["DV"]
     rows = B * Hkv * NRG
-    opart, mpart, lpart = _kernel(backend_name, "decode")(
-        inputs=inputs, template=template,
+    opart, mpart, lpart = _kernel(backend_name, "decode", tuple(template))(
+        inputs=inputs,
         grid=(nsp * NT, rows, 1), threadgroup=(NT, 1, 1),
         output_shapes=[(B, Hkv, NRG, nsp, RB, DV), (B, Hkv, NRG, nsp, RB),
                        (B, Hkv, NRG, nsp, RB)],
         output_dtypes=[mx.float32, mx.float32, mx.float32])
     sg = reduce_groups(DV)
-    (out,) = _kernel(backend_name, "reduce")(
+    reduce_template = (("RB", RB), ("DV", DV), ("GQ", p["G"]), ("QL", p["L"]),
+                       ("ROTV", int(rotv)), ("OT", out_dtype), ("SG", sg))
+    (out,) = _kernel(backend_name, "reduce", reduce_template)(
         inputs=[opart, mpart, lpart, vmul],
-        template=[("RB", RB), ("DV", DV), ("GQ", p["G"]), ("QL", p["L"]),
-                  ("ROTV", int(rotv)), ("OT", out_dtype), ("SG", sg)],
         grid=(rows * RB * DV * sg, 1, 1), threadgroup=(DV * sg, 1, 1),
         output_shapes=[(B, p["Hq"], p["L"], DV)], output_dtypes=[out_dtype])
     return out
@@ -385,7 +450,7 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     be = active_backend(mode)
     if be is None:
         return None
-    p = plan(queries, keys, values, cache, mask, sinks, be)
+    p = cached_plan(queries, keys, values, cache, mask, sinks, be)
     if p is None:
         if mode:
             raise RuntimeError(f"{ENV}=1 but the fused kernel does not cover this call "

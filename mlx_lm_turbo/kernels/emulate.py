@@ -198,9 +198,9 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     kernels see them as MLX hands them over (whole buffer + strides)."""
     captured = {}
 
-    def fake_kernel(backend_name, name):
-        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            captured[name] = (inputs, template, grid, threadgroup, output_shapes)
+    def fake_kernel(backend_name, name, template):
+        def call(inputs, grid, threadgroup, output_shapes, output_dtypes):
+            captured[name] = (inputs, list(template), grid, threadgroup, output_shapes)
             return [mx.zeros(s, mx.float32) for s in output_shapes]
         return call
 

@@ -38,7 +38,7 @@ TIE_MIN = 2                   # ... or this many, whichever is larger
 NORM_RTOL = 2e-3              # two fp16 ulps: ‖x‖ is rounded to fp16 before the division
 NORM_ATOL = 1.2e-7            # two fp16 subnormal steps, for near-zero vectors
 
-_kernels: dict = {}           # backend -> compiled kernel object
+_kernels: dict = {}           # (backend, template) -> compiled kernel object
 _checked: dict = {}           # (backend, method, bits, dim, dtype) -> agreed at first use
 
 
@@ -54,11 +54,13 @@ def supported(codec, x: mx.array) -> bool:
     return x.dtype in (mx.float16, mx.bfloat16, mx.float32)
 
 
-def _kernel(backend_name: str):
-    if backend_name not in _kernels:
-        _kernels[backend_name] = build_kernel(source.ENCODE_BODY, backend_name, "encode",
-                                              INPUTS, OUTPUTS)
-    return _kernels[backend_name]
+def _kernel(backend_name: str, template: tuple):
+    key = (backend_name, template)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = build_kernel(source.ENCODE_BODY, backend_name, "encode",
+                                              INPUTS, OUTPUTS, template)
+    return kernel
 
 
 def consts(codec) -> mx.array:
@@ -124,8 +126,20 @@ def as_packed(codec, x: mx.array, outs: list) -> dict:
 
 
 def run_kernel(codec, x: mx.array, backend_name: str) -> dict:
-    _, kwargs = launch_args(codec, x)
-    return as_packed(codec, x, _kernel(backend_name)(**kwargs))
+    # The launch for one (backend, shape, dtype) is prepared once and kept on the codec
+    # (without the input): a decode step appends the same shape every time, and host time
+    # is what batch-1 decode waits on.
+    call = getattr(codec, "_fused_encode_call", None)
+    sig = (backend_name, tuple(x.shape), x.dtype, MAX_BLOCKS)
+    if call is None or call[0] != sig:
+        x4, kwargs = launch_args(codec, x)
+        template = tuple(kwargs.pop("template"))
+        cst = kwargs.pop("inputs")[1]
+        call = codec._fused_encode_call = (sig, _kernel(backend_name, template), kwargs,
+                                           tuple(x4.shape), cst)
+    _, kernel, kwargs, shape4, cst = call
+    x4 = x if x.ndim == 4 else x.reshape(shape4)
+    return as_packed(codec, x, kernel(inputs=[x4, cst], **kwargs))
 
 
 def compare(codec, out: dict, ref: dict) -> tuple[bool, str]:

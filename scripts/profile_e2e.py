@@ -1,0 +1,188 @@
+"""Where end-to-end decode time goes: per-op wall cost of the operations one decode step
+queues, and decode tok/s of a Llama-3.2-3B-shaped model (random bf16 weights) with the
+cache append or the attention taken out, bf16 cache vs ours, in one run.
+
+    python scripts/profile_e2e.py --out DIR [--context 32768] [--kinds bf16,mse3]
+
+Rows (ms per token): ``full`` (as mlx_lm decodes, synchronous), ``build`` (host time to
+build one step's graph, no evaluation), ``no_append`` (the cache write skipped: attention
+over the same S tokens every step); per-op wall costs queued back to back (``op_us``) and
+the host time to build one layer's pieces (``host_us``).
+"""
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from mlx_lm_turbo import patch  # noqa: E402
+from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
+from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
+
+
+def per_op_us(fn, n: int = 200) -> float:
+    """Wall time per op of n ops queued then evaluated at once."""
+    mx.eval(fn())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    outs = [fn() for _ in range(n)]
+    mx.eval(outs)
+    mx.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def op_costs(S: int) -> dict:
+    x = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
+    buf = mx.zeros((1, 8, S + 256, 13), mx.uint32)
+    one = mx.zeros((1, 8, 1, 13), mx.uint32)
+    mx.eval(x, buf, one)
+    rows = {"add (1x8x1x128 bf16)": per_op_us(lambda: x + 1)}
+
+    def slice_update():
+        nonlocal buf
+        buf[:, :, S:S + 1] = one
+        return buf
+
+    rows["slice_update (1 token into 32k buffer)"] = per_op_us(slice_update)
+    c = TurboKVCache("turboquant_mse", 3, "turboquant_mse", 3)
+    c.update_and_fetch(x, x)
+    mx.eval(c.keys, c.values)
+    if fused_encode.encode(c.key_codec, x) is not None:  # GPU only
+        rows["fused encode (1 token, mse3)"] = per_op_us(
+            lambda: list(fused_encode.encode(c.key_codec, x).values()))
+    return rows
+
+
+def host_us(fn, n: int = 200) -> float:
+    """Host time per call of building ``fn``'s graph (evaluated afterwards, untimed)."""
+    mx.eval(fn())
+    t0 = time.perf_counter()
+    outs = [fn() for _ in range(n)]
+    dt = (time.perf_counter() - t0) / n * 1e6
+    mx.eval(outs)
+    return dt
+
+
+def host_costs() -> dict:
+    """Host time to build one layer's decode-step graph pieces (3-bit cache, 4096 tokens,
+    24 query / 8 KV heads, bf16), next to fp16 SDPA and a plain add."""
+    from mlx_lm_turbo.kernels import decode
+    k = mx.random.normal((1, 8, 4096, 128)).astype(mx.bfloat16)
+    q = mx.random.normal((1, 24, 1, 128)).astype(mx.bfloat16)
+    x = k[:, :, :1]
+    c = TurboKVCache("turboquant_mse", 3, "turboquant_mse", 3)
+    c.update_and_fetch(k, k)
+    mx.eval(c.keys, c.values, q, x)
+    keys, values = c.keys_and_values()
+    rows = {
+        "mx add": host_us(lambda: q + 1),
+        "fp16 SDPA (mx.fast)": host_us(
+            lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=0.088)),
+        "turbo decode_attention": host_us(
+            lambda: decode.decode_attention(q, keys, values, c, 0.088)),
+        "turbo plan": host_us(
+            lambda: (decode.cached_plan(q, keys, values, c, None, None, "cuda"), q)[1]),
+    }
+    if fused_encode.encode(c.key_codec, x) is not None:  # GPU only
+        rows["turbo fused encode (1 token)"] = host_us(
+            lambda: list(fused_encode.encode(c.key_codec, x).values()))
+
+    def append():
+        c.trim(1)
+        return c.update_and_fetch(x, x)[0]["codes"]
+    rows["turbo update_and_fetch (1 token: 2 encodes + 4 slice updates)"] = host_us(append)
+    return {name: round(v, 2) for name, v in rows.items()}
+
+
+def model_and_caches(kind: str, S: int, args, model):
+    from mlx_lm.models.cache import KVCache
+    caches = []
+    for layer in range(args.num_hidden_layers):
+        k = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
+        v = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
+        if kind == "bf16":
+            c = KVCache()
+        else:
+            b = int(kind[3])
+            c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer)
+        c.update_and_fetch(k, v)
+        mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
+        caches.append(c)
+    return caches
+
+
+def no_append(caches: list):
+    """Make every cache's update return its current S tokens without writing (the same
+    attention work each step, no append ops)."""
+    saved = []
+    for c in caches:
+        if isinstance(c, TurboKVCache):
+            views = c.keys_and_values()
+            saved.append((c, c.update_and_fetch))
+            c.update_and_fetch = lambda k, v, views=views: views
+        else:
+            ks, vs = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+            saved.append((c, c.update_and_fetch))
+            c.update_and_fetch = lambda k, v, ks=ks, vs=vs: (ks, vs)
+    return saved
+
+
+def time_steps(model, caches, steps: int) -> tuple[float, float]:
+    tok = mx.array([[1]])
+    for _ in range(3):
+        mx.eval(model(tok, cache=caches))
+    build = 0.0
+    t = time.perf_counter()
+    for _ in range(steps):
+        b0 = time.perf_counter()
+        logits = model(tok, cache=caches)
+        build += time.perf_counter() - b0
+        mx.eval(logits)
+    return (time.perf_counter() - t) / steps * 1e3, build / steps * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--kinds", default="bf16,mse3")
+    ap.add_argument("--steps", type=int, default=20)
+    a = ap.parse_args()
+    from mlx_lm.models import llama
+    patch.apply()
+    res = {"env": dict(mlx=mx.__version__, device=str(mx.default_device()), argv=sys.argv)}
+    res["op_us"] = op_costs(a.context)
+    res["host_us"] = host_costs()
+    print(json.dumps({k: res[k] for k in ("op_us", "host_us")}, indent=1), flush=True)
+    args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28,
+                           intermediate_size=8192, num_attention_heads=24,
+                           num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                           vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)
+    model = llama.Model(args)
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    rows = res["e2e"] = []
+    for kind in a.kinds.split(","):
+        caches = model_and_caches(kind, a.context, args, model)
+        full, build = time_steps(model, caches, a.steps)
+        no_append(caches)
+        attn_only, build_na = time_steps(model, caches, a.steps)
+        row = dict(cache=kind, context=a.context, full_ms=round(full, 3),
+                   build_ms=round(build, 3), no_append_ms=round(attn_only, 3),
+                   no_append_build_ms=round(build_na, 3))
+        rows.append(row)
+        print(row, flush=True)
+        del caches
+        gc.collect()
+        mx.clear_cache()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "profile_e2e.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
