@@ -165,12 +165,17 @@ class TurboKVCache(_BaseCache):
         steps of ``step`` tokens (shared with the batch cache)."""
         # Without centring key_mean is zero: skip the subtraction on the per-token path.
         kx = keys - self.key_mean if self.center_keys else keys
-        # One fused kernel launch where it applies (GPU, mse/rvq, power-of-two head dims),
-        # else the codec's MLX encode: both give the same packed dict.
-        k = fused_encode.encode(self.key_codec, kx)
-        k = self.key_codec.encode(kx) if k is None else k
-        v = fused_encode.encode(self.value_codec, values)
-        v = self.value_codec.encode(values) if v is None else v
+        # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
+        # K and V in one launch when their codecs match, else one each; otherwise the
+        # codecs' MLX encode. All give the same packed dicts.
+        pair = fused_encode.encode_pair(self.key_codec, self.value_codec, kx, values)
+        if pair is not None:
+            k, v = pair
+        else:
+            k = fused_encode.encode(self.key_codec, kx)
+            k = self.key_codec.encode(kx) if k is None else k
+            v = fused_encode.encode(self.value_codec, values)
+            v = self.value_codec.encode(values) if v is None else v
         n = keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step

@@ -487,9 +487,10 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
             caches = []
             # "_mlx_encode": the cache append runs the codecs' MLX encode (fused attention
             # kept), to show what the fused encode kernel buys end to end.
-            orig_encode = fused_encode.encode
+            orig_encode, orig_pair = fused_encode.encode, fused_encode.encode_pair
             if kind.endswith("_mlx_encode"):
                 fused_encode.encode = lambda codec, x: None
+                fused_encode.encode_pair = lambda kc, vc, k, v: None
             try:
                 for layer in range(args.num_hidden_layers):
                     k = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
@@ -536,7 +537,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 row = dict(context=S, batch=batch, cache=kind, status=f"error: {type(e).__name__}: {e}"[:300])
                 traceback.print_exc()
             finally:
-                fused_encode.encode = orig_encode
+                fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
             rows.append(row)
             log("e2e", row)
             save()

@@ -91,11 +91,13 @@ def host_costs() -> dict:
     if fused_encode.encode(c.key_codec, x) is not None:  # GPU only
         rows["turbo fused encode (1 token)"] = host_us(
             lambda: list(fused_encode.encode(c.key_codec, x).values()))
+        rows["turbo fused encode, K and V in one launch"] = host_us(
+            lambda: list(fused_encode.encode_pair(c.key_codec, c.value_codec, x, x)[0].values()))
 
     def append():
         c.trim(1)
         return c.update_and_fetch(x, x)[0]["codes"]
-    rows["turbo update_and_fetch (1 token: 2 encodes + 4 slice updates)"] = host_us(append)
+    rows["turbo update_and_fetch (1 token: encode + 4 slice updates)"] = host_us(append)
     return {name: round(v, 2) for name, v in rows.items()}
 
 

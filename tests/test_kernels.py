@@ -118,8 +118,8 @@ def _kernel_parts(name, x_dtype=None):
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
-    return (source.ENCODE_BODY, encode.INPUTS, [x_dtype, "float32"], encode.OUTPUTS,
-            ["uint32", "uint32", "float16"])
+    return (source.ENCODE_BODY, encode.INPUTS, [x_dtype, "float32", x_dtype, "float32"],
+            encode.OUTPUTS, ["uint32", "uint32", "float16"] * 2)
 
 
 def render_metal(template, name="decode", x_dtype=None) -> str:
@@ -416,11 +416,11 @@ def _codec(km, kb, D, seed=1):
     return codecs.make(km, kb, D, seed=seed)
 
 
-def _encode_template(km, kb, D, x_dtype):
+def _encode_template(km, kb, D, x_dtype, pair=1):
     """Encode-kernel template constants as encode.launch_args sets them."""
     return [("D", D), ("BITS", kb), ("W", (D * kb + 31) // 32),
             ("MODE", encode.MODES[codecs.canonical_name(km)]), ("NORMT", "float16"),
-            ("XT", x_dtype)]
+            ("XT", x_dtype), ("PAIR", pair)]
 
 
 @pytest.mark.parametrize("km,kb,D,x_dtype", [("mse", 3, 128, "float16"),
@@ -468,6 +468,44 @@ def test_emulated_encode_matches_codec(km, kb, D, L, dtype, monkeypatch):
     assert ok, why
     for k in ref:
         assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype, k
+
+
+@emu
+@pytest.mark.parametrize("km,kb,D", [("mse", 3, 64), ("rvq", 2, 128)])
+def test_emulated_pair_encode_matches_codecs(km, kb, D, monkeypatch):
+    """K and V in one launch (PAIR): each half of the grid codes its own tensor with its
+    own codec (different rotation signs), through strides (K a transposed view), 3 blocks
+    per tensor for 10 vectors each."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(encode, "MAX_BLOCKS", 3)
+    kc, vc = _codec(km, kb, D, seed=1), _codec(km, kb, D, seed=2)
+    mx.random.seed(7)
+    base = (3 * mx.random.normal((1, 5, 2, D))).astype(mx.float16)
+    k = base.transpose(0, 2, 1, 3)
+    v = (3 * mx.random.normal((1, 2, 5, D))).astype(mx.float16)
+    out_k, out_v = emulate.run_encode_emulated(kc, k, base, (0, 2, 1, 3), vc, v)
+    for codec, out, x in ((kc, out_k, k), (vc, out_v, v)):
+        ok, why = encode.compare(codec, out, codec.encode(x))
+        assert ok, why
+    # swapping the codecs breaks it: each half really uses its own table
+    swapped = emulate.run_encode_emulated(vc, k, base, (0, 2, 1, 3), kc, v)[0]
+    assert not encode.compare(kc, swapped, kc.encode(k))[0]
+
+
+def test_encode_pair_applies_to_matching_codecs_only(monkeypatch):
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    calls = []
+    monkeypatch.setattr(encode, "run_pair_kernel", lambda *a: calls.append(a) or ("k", "v"))
+    monkeypatch.setattr(encode, "_checked", {("cuda", "turboquant_mse", 3, 64, "mlx.core.float16",
+                                              "pair"): True})
+    x = mx.zeros((1, 2, 1, 64), mx.float16)
+    assert encode.encode_pair(_codec("mse", 3, 64, 1), _codec("mse", 3, 64, 2), x, x) == ("k", "v")
+    assert encode.encode_pair(_codec("mse", 3, 64), _codec("mse", 2, 64), x, x) is None
+    assert encode.encode_pair(_codec("mse", 3, 64), _codec("rvq", 3, 64), x, x) is None
+    assert encode.encode_pair(_codec("mse", 3, 64), _codec("mse", 3, 64), x,
+                              x.astype(mx.float32)) is None
+    assert len(calls) == 1
 
 
 def test_encode_compare_rule():
@@ -536,6 +574,7 @@ def test_encode_env_forces_kernel_raises_without_gpu(monkeypatch):
 
 def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
     calls = _kernel_fails_to_compile(monkeypatch, encode, "run_kernel")
+    pair_calls = _kernel_fails_to_compile(monkeypatch, encode, "run_pair_kernel")
     k = mx.random.normal((1, 2, 3, 64)).astype(mx.float16)
     ref = TurboKVCache("mse", 3, "mse", 3)
     monkeypatch.setenv(decode.ENV, "0")
@@ -546,7 +585,10 @@ def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter("always")
         got = c.update_and_fetch(k, k)
         c.update_and_fetch(k, k)
-    assert len(w) == 1 and "compile failed" in str(w[0].message)
+    # one warning per launch form (K and V together, then one tensor), each checked once
+    assert len(w) == 2 and all("compile failed" in str(m.message) for m in w)
+    assert "K and V in one launch" in str(w[0].message)
+    assert len(pair_calls) == 1
     assert len(calls) == 1  # keys and values share (method, bits, dim, dtype): one check
     for a, b in zip(got, want):
         for name in b:
@@ -607,6 +649,40 @@ def test_cache_append_through_emulated_kernel(monkeypatch):
         assert ok, why
 
 
+@emu
+def test_cache_append_through_emulated_pair_kernel(monkeypatch):
+    """Matching K/V codecs: the cache appends through the one-launch pair (emulated),
+    prefill then single tokens, and its buffers equal the codec path's."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(encode, "_checked", {})
+    used = []
+
+    def emulated(kc, vc, k, v, be):
+        used.append(k.shape[2])
+        return emulate.run_encode_emulated(kc, k, codec2=vc, x2=v)
+    monkeypatch.setattr(encode, "run_pair_kernel", emulated)
+    monkeypatch.setattr(encode, "run_kernel", lambda *a: pytest.fail("one-tensor launch"))
+    mx.random.seed(4)
+    k = mx.random.normal((1, 2, 6, 64)).astype(mx.float16)
+    v = mx.random.normal((1, 2, 6, 64)).astype(mx.float16)
+    caches = [TurboKVCache("mse", 3, "mse", 3, layer=2) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, c in enumerate(caches):
+            if i == 1:
+                monkeypatch.setenv(decode.ENV, "0")
+            c.update_and_fetch(k[:, :, :4], v[:, :, :4])
+            for t in (4, 5):
+                c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert used == [4, 1, 1]
+    (gk, gv), (rk, rv) = caches[0].keys_and_values(), caches[1].keys_and_values()
+    for got, ref, codec in ((gk, rk, caches[0].key_codec), (gv, rv, caches[0].value_codec)):
+        ok, why = encode.compare(codec, got, ref)
+        assert ok, why
+
+
 @gpu
 @pytest.mark.parametrize("km,kb,D", [("mse", 2, 64), ("mse", 3, 128), ("mse", 4, 256),
                                      ("rvq", 1, 128), ("rvq", 2, 64)])
@@ -617,6 +693,19 @@ def test_encode_kernel_matches_codec(km, kb, D, L, dtype):
     out = encode.run_kernel(c, x, decode.backend())
     ok, why = encode.compare(c, out, c.encode(x))
     assert ok, why
+
+
+@gpu
+@pytest.mark.parametrize("km,kb,D", [("mse", 3, 128), ("rvq", 2, 64)])
+@pytest.mark.parametrize("L,dtype", [(1, mx.bfloat16), (37, mx.float16)])
+def test_pair_encode_kernel_matches_codecs(km, kb, D, L, dtype):
+    kc, vc = _codec(km, kb, D, seed=3), _codec(km, kb, D, seed=4)
+    k = mx.random.normal((1, L, 8, D)).astype(dtype).transpose(0, 2, 1, 3)
+    v = mx.random.normal((1, 8, L, D)).astype(dtype)
+    out_k, out_v = encode.run_pair_kernel(kc, vc, k, v, decode.backend())
+    for codec, out, x in ((kc, out_k, k), (vc, out_v, v)):
+        ok, why = encode.compare(codec, out, codec.encode(x))
+        assert ok, why
 
 
 # ----------------------------------------------------------------- fp16 window
@@ -780,7 +869,8 @@ def test_decode_steps_reuse_the_plan(monkeypatch):
         lengths.append(p["S"])
         return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
     monkeypatch.setattr(decode, "run_fused", emulated)
-    monkeypatch.setattr(encode, "encode", lambda codec, x: None)   # appends: the codec's
+    monkeypatch.setattr(encode, "encode", lambda codec, x: None)   # appends: the codecs'
+    monkeypatch.setattr(encode, "encode_pair", lambda *a: None)
     mx.random.seed(5)
     c = TurboKVCache("mse", 3, "mse", 3)
     c.update_and_fetch(*(mx.random.normal((1, 2, 300, 64)).astype(mx.float16) for _ in "kv"))

@@ -247,14 +247,16 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     return o.astype(queries.dtype)
 
 
-def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None) -> dict:
+def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, codec2=None,
+                        x2: mx.array = None):
     """encode.run_kernel with the kernel executed on the CPU. ``base`` and ``axes``
     (optional): ``x`` is ``base.transpose(axes)``, and the kernel is handed base's buffer
-    with the permuted strides, as MLX hands over a transposed view."""
+    with the permuted strides, as MLX hands over a transposed view. ``codec2``/``x2``: the
+    one-launch pair (encode.run_pair_kernel); returns the two dicts."""
     from . import encode
 
-    x4, kw = encode.launch_args(codec, x)
-    xin, cst = kw["inputs"]
+    x4, kw = encode.launch_args(codec, x, codec2, x2)
+    xin, cst, x2in, cst2 = kw["inputs"]
     # Inputs are read through static_cast<float>: fp16/bf16 -> fp32 on the host is exact.
     if base is not None:
         buf = np.ascontiguousarray(np.array(base.astype(mx.float32)))
@@ -262,7 +264,6 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None) ->
         xh = (buf, list(xin.shape), strides)
     else:
         xh = _np(xin.astype(mx.float32))
-    ch = _np(cst)
 
     def tpl(t):
         return [(k, "emu_half" if k == "NORMT" else "float") if isinstance(v, mx.Dtype)
@@ -272,9 +273,14 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None) ->
     out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
     outs = [np.zeros(s, np.uint16 if d == np.float16 else d)
             for s, d in zip(kw["output_shapes"], out_dtypes)]
-    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS, [np.float32, np.float32],
+    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS, [np.float32] * 4,
                          encode.OUTPUTS, tpl(kw["template"]), out_dtypes)
     nt = kw["threadgroup"][0]
-    run([xh, ch], outs, (kw["grid"][0] // nt, 1), nt)
-    outs[2] = outs[2].view(np.float16)
-    return encode.as_packed(codec, x, [mx.array(o) for o in outs])
+    run([xh, _np(cst), _np(x2in.astype(mx.float32)), _np(cst2)], outs,
+        (kw["grid"][0] // nt, 1), nt)
+    for j in (2, 5):
+        outs[j] = outs[j].view(np.float16)
+    first = encode.as_packed(codec, x, [mx.array(o) for o in outs[:3]])
+    if x2 is None:
+        return first
+    return first, encode.as_packed(codec2, x2, [mx.array(o) for o in outs[3:]])

@@ -3,7 +3,9 @@ in one launch (``source.ENCODE_BODY``), instead of the dozen small MLX ops of th
 ``encode``. Covers turboquant_mse and turboquant_rvq with power-of-two head dims 32..1024
 (the randomized-Hadamard rotation), fp16/bf16/fp32 input; ``encode`` returns exactly the
 dict the codec's ``encode`` returns, or None where the kernel does not apply (the caller
-then runs the codec).
+then runs the codec). ``encode_pair`` codes a cache append's keys and values in one launch
+when their codecs share method, bits and head dim (batch-1 decode waits on host time per
+launch).
 
 First use per (backend, method, bits, dim, input dtype): the kernel's output is compared
 with the codec's MLX encode of the same input (see ``compare`` for the rule); a compile
@@ -26,8 +28,8 @@ from . import source
 from .decode import ENV, active_backend, build_kernel, env_mode, first_use
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
-INPUTS = ["x", "cst"]
-OUTPUTS = ["codes1", "codes2", "rho"]
+INPUTS = ["x", "cst", "x2", "cst2"]
+OUTPUTS = ["codes1", "codes2", "rho", "codes1b", "codes2b", "rhob"]
 MIN_DIM, MAX_DIM = 32, 1024   # one thread per coordinate, whole warps, <= 1024 per block
 MAX_BLOCKS = 4096             # beyond this many vectors, blocks loop over them
 
@@ -90,31 +92,52 @@ def consts(codec) -> mx.array:
     return c
 
 
-def launch_args(codec, x: mx.array) -> tuple[mx.array, dict]:
-    """(x as the 4-D array the kernel reads, the kernel call's keyword arguments)."""
-    d, bits = codec.dim, codec.bits
+def _dummy() -> mx.array:
+    global _DUMMY
+    if _DUMMY is None:
+        _DUMMY = mx.zeros((1, 1, 1, 1), mx.float32)
+        mx.eval(_DUMMY)
+    return _DUMMY
+
+
+_DUMMY: Optional[mx.array] = None
+
+
+def _as4(x: mx.array, d: int) -> mx.array:
     if x.ndim < 4:
-        x4 = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-    elif x.ndim > 4:
-        x4 = x.reshape(-1, 1, 1, d)
-    else:
-        x4 = x
+        return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    if x.ndim > 4:
+        return x.reshape(-1, 1, 1, d)
+    return x
+
+
+def launch_args(codec, x: mx.array, codec2=None, x2: Optional[mx.array] = None
+                ) -> tuple[mx.array, dict]:
+    """(x as the 4-D array the kernel reads, the kernel call's keyword arguments).
+    ``codec2``/``x2``: code x2 with codec2 in the same launch (see ``encode_pair``)."""
+    d, bits = codec.dim, codec.bits
+    x4 = _as4(x, d)
     B, H, L, _ = x4.shape
     nvec = B * H * L
     W = words_per_vector(d, bits)
     mode = MODES[codec.METHOD]
+    pair = x2 is not None
+    codes2 = (B, H, L, W) if mode == 1 else (1,)
     kwargs = dict(
-        inputs=[x4, consts(codec)],
+        inputs=[x4, consts(codec), _as4(x2, d) if pair else _dummy(),
+                consts(codec2) if pair else _dummy()],
         template=[("D", d), ("BITS", bits), ("W", W), ("MODE", mode), ("NORMT", NORM_DTYPE),
-                  ("XT", x.dtype)],
-        grid=(min(nvec, MAX_BLOCKS) * d, 1, 1), threadgroup=(d, 1, 1),
-        output_shapes=[(B, H, L, W), (B, H, L, W) if mode == 1 else (1,), (B, H, L)],
-        output_dtypes=[mx.uint32, mx.uint32, NORM_DTYPE])
+                  ("XT", x.dtype), ("PAIR", int(pair))],
+        grid=(min(nvec, MAX_BLOCKS) * (2 if pair else 1) * d, 1, 1), threadgroup=(d, 1, 1),
+        output_shapes=[(B, H, L, W), codes2, (B, H, L)]
+        + ([(B, H, L, W), codes2, (B, H, L)] if pair else [(1,), (1,), (1,)]),
+        output_dtypes=[mx.uint32, mx.uint32, NORM_DTYPE] * 2)
     return x4, kwargs
 
 
 def as_packed(codec, x: mx.array, outs: list) -> dict:
-    """The kernel's outputs as the codec's dict (same keys, shapes and dtypes)."""
+    """The kernel's outputs (one tensor's three) as the codec's dict (same keys, shapes
+    and dtypes)."""
     c1, c2, rho = outs
     if x.ndim != 4:  # (the cache's 4-D case needs no reshape op)
         lead = tuple(x.shape[:-1])
@@ -125,21 +148,32 @@ def as_packed(codec, x: mx.array, outs: list) -> dict:
     return {"codes": c1, "norm": rho}
 
 
-def run_kernel(codec, x: mx.array, backend_name: str) -> dict:
-    # The launch for one (backend, shape, dtype) is prepared once and kept on the codec
-    # (without the input): a decode step appends the same shape every time, and host time
-    # is what batch-1 decode waits on.
+def _call(codec, x: mx.array, backend_name: str, codec2=None, x2=None) -> list:
+    # The launch for one (backend, shape, dtype[, second codec]) is prepared once and kept
+    # on the codec (without the inputs): a decode step appends the same shape every time,
+    # and host time is what batch-1 decode waits on.
     call = getattr(codec, "_fused_encode_call", None)
-    sig = (backend_name, tuple(x.shape), x.dtype, MAX_BLOCKS)
+    sig = (backend_name, tuple(x.shape), x.dtype, MAX_BLOCKS, codec2)
     if call is None or call[0] != sig:
-        x4, kwargs = launch_args(codec, x)
+        x4, kwargs = launch_args(codec, x, codec2, x2)
         template = tuple(kwargs.pop("template"))
-        cst = kwargs.pop("inputs")[1]
+        _, cst, _, cst2 = kwargs.pop("inputs")
         call = codec._fused_encode_call = (sig, _kernel(backend_name, template), kwargs,
-                                           tuple(x4.shape), cst)
-    _, kernel, kwargs, shape4, cst = call
-    x4 = x if x.ndim == 4 else x.reshape(shape4)
-    return as_packed(codec, x, kernel(inputs=[x4, cst], **kwargs))
+                                           tuple(x4.shape), cst, cst2)
+    _, kernel, kwargs, shape4, cst, cst2 = call
+
+    def as4(a):
+        return a if a.ndim == 4 else a.reshape(shape4)
+    return kernel(inputs=[as4(x), cst, _dummy() if x2 is None else as4(x2), cst2], **kwargs)
+
+
+def run_kernel(codec, x: mx.array, backend_name: str) -> dict:
+    return as_packed(codec, x, _call(codec, x, backend_name)[:3])
+
+
+def run_pair_kernel(kc, vc, k: mx.array, v: mx.array, backend_name: str) -> tuple[dict, dict]:
+    outs = _call(kc, k, backend_name, vc, v)
+    return as_packed(kc, k, outs[:3]), as_packed(vc, v, outs[3:])
 
 
 def compare(codec, out: dict, ref: dict) -> tuple[bool, str]:
@@ -210,3 +244,33 @@ def encode(codec, x: mx.array) -> Optional[dict]:
     return first_use(_checked, key, mode, "fused encode kernel", "the codec's MLX encode",
                      lambda: run_kernel(codec, x, be),
                      lambda out: compare(codec, out, codec.encode(x)))
+
+
+def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]:
+    """``(kc.encode(k), vc.encode(v))`` in one kernel launch where both codecs share
+    method, bits and head dim and k, v share shape and dtype (the common K/V setting), else
+    None (the caller encodes each: ``encode``). Checked at first use per (backend, method,
+    bits, dim, dtype) against the codecs, like ``encode``."""
+    mode = env_mode()
+    be = active_backend(mode)
+    if be is None:
+        return None
+    if (kc.METHOD != vc.METHOD or kc.bits != vc.bits or kc.dim != vc.dim
+            or k.shape != v.shape or k.dtype != v.dtype
+            or not supported(kc, k) or not supported(vc, v)):
+        return None
+    key = (be, kc.METHOD, kc.bits, kc.dim, str(k.dtype), "pair")
+    state = _checked.get(key)
+    if state is True:
+        return run_pair_kernel(kc, vc, k, v, be)
+    if state is False:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
+        return None
+
+    def agree(out):
+        ok_k, why_k = compare(kc, out[0], kc.encode(k))
+        ok_v, why_v = compare(vc, out[1], vc.encode(v))
+        return ok_k and ok_v, f"keys: {why_k}; values: {why_v}"
+    return first_use(_checked, key, mode, "fused encode kernel (K and V in one launch)",
+                     "one launch per tensor", lambda: run_pair_kernel(kc, vc, k, v, be), agree)

@@ -634,7 +634,11 @@ REDUCE_BODY = """
 #   thread w < W packs word w of each code stream (code i in bits [i*b, (i+1)*b)).
 # The quantiser is the codebooks.quantize binary search, bit for bit (strict >).
 # Template constants: D (power of two, 32..1024) threads and dims, BITS, W words per
-# vector, MODE, NORMT the stored norm type, XT the input dtype (only to key MLX's cache).
+# vector, MODE, NORMT the stored norm type, XT the input dtype (only to key MLX's cache),
+# PAIR: 1 codes a second tensor x2 (same shape, own table cst2: the values of the same
+# append) in the same launch, the second half of the blocks writing codes1b/codes2b/rhob
+# (one launch per append instead of two: batch-1 decode waits on host time per launch);
+# 0: x2, cst2 and the b outputs are one-element dummies.
 # cst = [signs (D) | boundaries1, centroids1, boundaries2, centroids2 (2^BITS each, padded)
 #        | 1/√D, scale]. codes2 is a one-word dummy in MODE 0.
 ENCODE_BODY = """
@@ -650,19 +654,26 @@ ENCODE_BODY = """
   const int H = int(x_shape[1]);
   const int L = int(x_shape[2]);
   const int nvec = int(x_shape[0]) * H * L;
-  for (int e = i; e < 4 * NL; e += D) tab[e] = cst[D + e];
-  const float sgn = cst[i];
+  // PAIR: blocks [0, nb) code x, blocks [nb, 2 nb) code x2 (the grid is even).
+  const int nb = PAIR ? kv_nbx / 2 : kv_nbx;
+  const bool second = PAIR && kv_bx >= nb;
+  const int bx = second ? kv_bx - nb : kv_bx;
+  for (int e = i; e < 4 * NL; e += D) tab[e] = second ? cst2[D + e] : cst[D + e];
+  const float sgn = second ? cst2[i] : cst[i];
   const float hs = cst[D + 4 * NL];
-  const float rs = cst[D + 4 * NL + 1];
+  const float rs = second ? cst2[D + 4 * NL + 1] : cst[D + 4 * NL + 1];
   KV_BARRIER();
 
-  for (int vec = kv_bx; vec < nvec; vec += kv_nbx) {
+  for (int vec = bx; vec < nvec; vec += nb) {
     const int l = vec % L;
     const int bh = vec / L;
     const int h = bh % H;
     const int b = bh / H;
-    const float v = static_cast<float>(x[long(b) * x_strides[0] + long(h) * x_strides[1]
-                                         + long(l) * x_strides[2] + long(i) * x_strides[3]]);
+    const float v = second
+        ? static_cast<float>(x2[long(b) * x2_strides[0] + long(h) * x2_strides[1]
+                                + long(l) * x2_strides[2] + long(i) * x2_strides[3]])
+        : static_cast<float>(x[long(b) * x_strides[0] + long(h) * x_strides[1]
+                               + long(l) * x_strides[2] + long(i) * x_strides[3]]);
     const float ss = KV_WARP_SUM(v * v);
     if (kv_lane == 0) red[kv_warp] = ss;
     KV_BARRIER();
@@ -717,14 +728,20 @@ ENCODE_BODY = """
         w1 |= (sh >= 0) ? (cs1[c] << sh) : (cs1[c] >> (-sh));
         if (MODE == 1) w2 |= (sh >= 0) ? (cs2[c] << sh) : (cs2[c] >> (-sh));
       }
-      codes1[long(vec) * W + i] = w1;
-      if (MODE == 1) codes2[long(vec) * W + i] = w2;
+      if (second) {
+        codes1b[long(vec) * W + i] = w1;
+        if (MODE == 1) codes2b[long(vec) * W + i] = w2;
+      } else {
+        codes1[long(vec) * W + i] = w1;
+        if (MODE == 1) codes2[long(vec) * W + i] = w2;
+      }
     }
     if (i == 0) {
       float rt = 0.0f;
       for (int w = 0; w < NW; ++w) rt += red[NW + w];
       const float n16 = static_cast<float>(static_cast<NORMT>(nrm));
-      rho[vec] = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
+      const NORMT r16 = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
+      if (second) rhob[vec] = r16; else rho[vec] = r16;
     }
     KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
   }
