@@ -616,6 +616,27 @@ def test_encode_first_use_check_rejects_wrong_output(monkeypatch):
     assert len(w) == 1 and "disabled" in str(w[0].message)
 
 
+def _append_kernel_then_codec(monkeypatch, methods: tuple, dtype) -> None:
+    """Append 4 tokens then 2 single ones to a cache with the kernels on (as patched by
+    the caller) and to one with MLX_LM_TURBO_KERNELS=0; their buffers must agree."""
+    mx.random.seed(3)
+    k = mx.random.normal((1, 2, 6, 64)).astype(dtype)
+    v = mx.random.normal((1, 2, 6, 64)).astype(dtype)
+    caches = [TurboKVCache(*methods, layer=1) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, c in enumerate(caches):
+            if i == 1:
+                monkeypatch.setenv(decode.ENV, "0")
+            c.update_and_fetch(k[:, :, :4], v[:, :, :4])
+            for t in (4, 5):
+                c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    (gk, gv), (rk, rv) = caches[0].keys_and_values(), caches[1].keys_and_values()
+    for got, ref, codec in ((gk, rk, caches[0].key_codec), (gv, rv, caches[0].value_codec)):
+        ok, why = encode.compare(codec, got, ref)
+        assert ok, why
+
+
 @emu
 def test_cache_append_through_emulated_kernel(monkeypatch):
     """The cache hook end to end: with the kernel (emulated) taking the append, the
@@ -630,23 +651,8 @@ def test_cache_append_through_emulated_kernel(monkeypatch):
         used.append(codec.METHOD)
         return emulate.run_encode_emulated(codec, x)
     monkeypatch.setattr(encode, "run_kernel", emulated)
-    mx.random.seed(3)
-    k = mx.random.normal((1, 2, 6, 64)).astype(mx.bfloat16)
-    v = mx.random.normal((1, 2, 6, 64)).astype(mx.bfloat16)
-    caches = [TurboKVCache("rvq", 1, "mse", 2, layer=1) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for i, c in enumerate(caches):
-            if i == 1:
-                monkeypatch.setenv(decode.ENV, "0")
-            c.update_and_fetch(k[:, :, :4], v[:, :, :4])
-            for t in (4, 5):
-                c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    _append_kernel_then_codec(monkeypatch, ("rvq", 1, "mse", 2), mx.bfloat16)
     assert len(used) == 6 and set(used) == {"turboquant_rvq", "turboquant_mse"}
-    (gk, gv), (rk, rv) = caches[0].keys_and_values(), caches[1].keys_and_values()
-    for got, ref, codec in ((gk, rk, caches[0].key_codec), (gv, rv, caches[0].value_codec)):
-        ok, why = encode.compare(codec, got, ref)
-        assert ok, why
 
 
 @emu
@@ -664,23 +670,8 @@ def test_cache_append_through_emulated_pair_kernel(monkeypatch):
         return emulate.run_encode_emulated(kc, k, codec2=vc, x2=v)
     monkeypatch.setattr(encode, "run_pair_kernel", emulated)
     monkeypatch.setattr(encode, "run_kernel", lambda *a: pytest.fail("one-tensor launch"))
-    mx.random.seed(4)
-    k = mx.random.normal((1, 2, 6, 64)).astype(mx.float16)
-    v = mx.random.normal((1, 2, 6, 64)).astype(mx.float16)
-    caches = [TurboKVCache("mse", 3, "mse", 3, layer=2) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for i, c in enumerate(caches):
-            if i == 1:
-                monkeypatch.setenv(decode.ENV, "0")
-            c.update_and_fetch(k[:, :, :4], v[:, :, :4])
-            for t in (4, 5):
-                c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    _append_kernel_then_codec(monkeypatch, ("mse", 3, "mse", 3), mx.float16)
     assert used == [4, 1, 1]
-    (gk, gv), (rk, rv) = caches[0].keys_and_values(), caches[1].keys_and_values()
-    for got, ref, codec in ((gk, rk, caches[0].key_codec), (gv, rv, caches[0].value_codec)):
-        ok, why = encode.compare(codec, got, ref)
-        assert ok, why
 
 
 @gpu
