@@ -18,6 +18,7 @@ codec's MLX encode while attention is forced onto the fused decode.
 """
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -92,15 +93,12 @@ def consts(codec) -> mx.array:
     return c
 
 
+@lru_cache(maxsize=1)
 def _dummy() -> mx.array:
-    global _DUMMY
-    if _DUMMY is None:
-        _DUMMY = mx.zeros((1, 1, 1, 1), mx.float32)
-        mx.eval(_DUMMY)
-    return _DUMMY
-
-
-_DUMMY: Optional[mx.array] = None
+    """The one-element stand-in for x2/cst2 when a launch codes one tensor."""
+    d = mx.zeros((1, 1, 1, 1), mx.float32)
+    mx.eval(d)
+    return d
 
 
 def _as4(x: mx.array, d: int) -> mx.array:
