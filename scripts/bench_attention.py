@@ -466,14 +466,9 @@ def micro(quick: bool, lengths) -> None:
 
 # ----------------------------------------------------------------- end to end
 
-def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4"),
-        batch: int = 1) -> None:
-    import mlx.nn as nn
+def llama_3b_shaped():
+    """A Llama-3.2-3B-shaped model with random bf16 weights (28 layers, 24/8 heads, d=128)."""
     from mlx_lm.models import llama
-    from mlx_lm.models.cache import KVCache
-
-    from mlx_lm_turbo import patch
-    patch.apply()
     args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28,
                            intermediate_size=8192, num_attention_heads=24,
                            num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -481,6 +476,36 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
     model = llama.Model(args)
     model.set_dtype(mx.bfloat16)
     mx.eval(model.parameters())
+    return model
+
+
+def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
+    """One cache per layer holding S random bf16 tokens: ``bf16`` (mlx-lm's KVCache) or
+    ``mse<b>[_w<W>]`` (ours, b bits, optional W-token fp16 window)."""
+    from mlx_lm.models.cache import KVCache
+    caches = []
+    for layer in range(layers):
+        k = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
+        v = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
+        if kind == "bf16":
+            c = KVCache()
+        else:
+            b = int(kind[3])
+            W = int(kind.split("_w")[1]) if "_w" in kind else 0
+            c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer,
+                             fp16_window=W)
+        c.update_and_fetch(k, v)
+        mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
+        caches.append(c)
+    return caches
+
+
+def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4"),
+        batch: int = 1) -> None:
+    from mlx_lm_turbo import patch
+    patch.apply()
+    model = llama_3b_shaped()
+    layers = len(model.layers)
     rows = RESULTS.setdefault("e2e", [])
     for S in contexts:
         for kind in kinds:
@@ -492,19 +517,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 fused_encode.encode = lambda codec, x: None
                 fused_encode.encode_pair = lambda kc, vc, k, v: None
             try:
-                for layer in range(args.num_hidden_layers):
-                    k = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
-                    v = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
-                    if kind == "bf16":
-                        c = KVCache()
-                    else:
-                        b = int(kind[3])
-                        W = int(kind.split("_w")[1]) if "_w" in kind else 0
-                        c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer,
-                                         fp16_window=W)
-                    c.update_and_fetch(k, v)
-                    mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
-                    caches.append(c)
+                caches = filled_caches(kind.replace("_mlx_encode", ""), S, layers, batch)
                 tok = mx.ones((batch, 1), mx.int32)
                 for _ in range(3):
                     mx.eval(model(tok, cache=caches))

@@ -23,17 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mlx_lm_turbo import patch  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
 from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
-
-
-def per_op_us(fn, n: int = 200) -> float:
-    """Wall time per op of n ops queued then evaluated at once."""
-    mx.eval(fn())
-    mx.synchronize()
-    t0 = time.perf_counter()
-    outs = [fn() for _ in range(n)]
-    mx.eval(outs)
-    mx.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+# (scripts/ is on sys.path when this runs as a script)
+from bench_attention import filled_caches, llama_3b_shaped  # noqa: E402
+from profile_decode import per_call_us  # noqa: E402
 
 
 def op_costs(S: int) -> dict:
@@ -41,20 +33,20 @@ def op_costs(S: int) -> dict:
     buf = mx.zeros((1, 8, S + 256, 13), mx.uint32)
     one = mx.zeros((1, 8, 1, 13), mx.uint32)
     mx.eval(x, buf, one)
-    rows = {"add (1x8x1x128 bf16)": per_op_us(lambda: x + 1)}
+    rows = {"add (1x8x1x128 bf16)": per_call_us(lambda: x + 1, 200)}
 
     def slice_update():
         nonlocal buf
         buf[:, :, S:S + 1] = one
         return buf
 
-    rows["slice_update (1 token into 32k buffer)"] = per_op_us(slice_update)
+    rows["slice_update (1 token into 32k buffer)"] = per_call_us(slice_update, 200)
     c = TurboKVCache("turboquant_mse", 3, "turboquant_mse", 3)
     c.update_and_fetch(x, x)
     mx.eval(c.keys, c.values)
     if fused_encode.encode(c.key_codec, x) is not None:  # GPU only
-        rows["fused encode (1 token, mse3)"] = per_op_us(
-            lambda: list(fused_encode.encode(c.key_codec, x).values()))
+        rows["fused encode (1 token, mse3)"] = per_call_us(
+            lambda: list(fused_encode.encode(c.key_codec, x).values()), 200)
     return rows
 
 
@@ -101,37 +93,16 @@ def host_costs() -> dict:
     return {name: round(v, 2) for name, v in rows.items()}
 
 
-def model_and_caches(kind: str, S: int, args, model):
-    from mlx_lm.models.cache import KVCache
-    caches = []
-    for layer in range(args.num_hidden_layers):
-        k = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
-        v = mx.random.normal((1, 8, S, 128)).astype(mx.bfloat16)
-        if kind == "bf16":
-            c = KVCache()
-        else:
-            b = int(kind[3])
-            c = TurboKVCache("turboquant_mse", b, "turboquant_mse", b, layer=layer)
-        c.update_and_fetch(k, v)
-        mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
-        caches.append(c)
-    return caches
-
-
-def no_append(caches: list):
+def no_append(caches: list) -> None:
     """Make every cache's update return its current S tokens without writing (the same
     attention work each step, no append ops)."""
-    saved = []
     for c in caches:
         if isinstance(c, TurboKVCache):
             views = c.keys_and_values()
-            saved.append((c, c.update_and_fetch))
             c.update_and_fetch = lambda k, v, views=views: views
         else:
             ks, vs = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
-            saved.append((c, c.update_and_fetch))
             c.update_and_fetch = lambda k, v, ks=ks, vs=vs: (ks, vs)
-    return saved
 
 
 def time_steps(model, caches, steps: int) -> tuple[float, float]:
@@ -155,22 +126,15 @@ def main():
     ap.add_argument("--kinds", default="bf16,mse3")
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    from mlx_lm.models import llama
     patch.apply()
     res = {"env": dict(mlx=mx.__version__, device=str(mx.default_device()), argv=sys.argv)}
     res["op_us"] = op_costs(a.context)
     res["host_us"] = host_costs()
     print(json.dumps({k: res[k] for k in ("op_us", "host_us")}, indent=1), flush=True)
-    args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28,
-                           intermediate_size=8192, num_attention_heads=24,
-                           num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                           vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)
-    model = llama.Model(args)
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
+    model = llama_3b_shaped()
     rows = res["e2e"] = []
     for kind in a.kinds.split(","):
-        caches = model_and_caches(kind, a.context, args, model)
+        caches = filled_caches(kind, a.context, len(model.layers))
         full, build = time_steps(model, caches, a.steps)
         no_append(caches)
         attn_only, build_na = time_steps(model, caches, a.steps)
