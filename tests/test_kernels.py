@@ -788,21 +788,28 @@ def test_plan_window():
     assert decode._shape_key(p, q, c, "cuda") != decode._shape_key(plain, q, c, "cuda")
 
 
+def _dispatch_to_emulator(monkeypatch, field: str) -> list:
+    """Fake a GPU backend with nothing checked yet and run the fused attention through the
+    C++ emulation; returns the list each launch's plan[field] is appended to."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "_checked", {})
+    seen = []
+
+    def emulated(q, keys, values, cache, scale, mask, p, be):
+        seen.append(p[field])
+        return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
+    monkeypatch.setattr(decode, "run_fused", emulated)
+    return seen
+
+
 @emu
 def test_window_dispatcher_checks_against_reference(monkeypatch):
     """decode_attention on a windowed cache: the first use compares with the reference
     (window included) and the kernel's output is returned; no warning."""
-    from mlx_lm_turbo.kernels import emulate
     c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 8, 2, 1, 300, 64, 16)
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
-    monkeypatch.setattr(decode, "_checked", {})
-    runs = []
-
-    def emulated(q, keys, values, cache, scale, mask, p, be):
-        runs.append(p["WIN"])
-        return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
-    monkeypatch.setattr(decode, "run_fused", emulated)
+    runs = _dispatch_to_emulator(monkeypatch, "WIN")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = kernels.decode_attention(q, keys, values, c, 0.125)
@@ -850,16 +857,7 @@ def test_decode_steps_reuse_the_plan(monkeypatch):
     the cache is refreshed with each step's length and arrays (outputs equal the
     reference at every step) and keeps no array (a kept view of a buffer would stop the
     next append from updating it in place)."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
-    monkeypatch.setattr(decode, "_checked", {})
-    lengths = []
-
-    def emulated(q, keys, values, cache, scale, mask, p, be):
-        lengths.append(p["S"])
-        return emulate.run_fused_emulated(q, keys, values, cache, scale, mask, p)
-    monkeypatch.setattr(decode, "run_fused", emulated)
+    lengths = _dispatch_to_emulator(monkeypatch, "S")
     monkeypatch.setattr(encode, "encode", lambda codec, x: None)   # appends: the codecs'
     monkeypatch.setattr(encode, "encode_pair", lambda *a: None)
     mx.random.seed(5)

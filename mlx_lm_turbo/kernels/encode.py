@@ -221,6 +221,19 @@ def compare(codec, out: dict, ref: dict) -> tuple[bool, str]:
     return ok, why
 
 
+def _checked_launch(key: tuple, mode: Optional[bool], what: str, fallback: str, run, agree):
+    """``run()`` once ``key`` passed its first-use check; None (or, forced, an error) once
+    it failed; else the check itself (``decode.first_use``)."""
+    state = _checked.get(key)
+    if state is True:
+        return run()
+    if state is False:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
+        return None
+    return first_use(_checked, key, mode, what, fallback, run, agree)
+
+
 def encode(codec, x: mx.array) -> Optional[dict]:
     """The codec's ``encode(x)`` in one kernel launch, or None where the kernel does not
     apply (CPU backend, other methods, other head dims, a failed first-use check)."""
@@ -230,18 +243,11 @@ def encode(codec, x: mx.array) -> Optional[dict]:
         return None
     if not supported(codec, x):
         return None   # (also under =1: see the module docstring)
-    key = (be, codec.METHOD, codec.bits, codec.dim, str(x.dtype))
-    state = _checked.get(key)
-    if state is True:
-        return run_kernel(codec, x, be)
-    if state is False:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
-        return None
-    # First use for this backend, codec shape and dtype: compare with the codec once.
-    return first_use(_checked, key, mode, "fused encode kernel", "the codec's MLX encode",
-                     lambda: run_kernel(codec, x, be),
-                     lambda out: compare(codec, out, codec.encode(x)))
+    # Checked once per backend, codec shape and input dtype against the codec's encode.
+    return _checked_launch((be, codec.METHOD, codec.bits, codec.dim, str(x.dtype)), mode,
+                           "fused encode kernel", "the codec's MLX encode",
+                           lambda: run_kernel(codec, x, be),
+                           lambda out: compare(codec, out, codec.encode(x)))
 
 
 def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]:
@@ -257,18 +263,12 @@ def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]
             or k.shape != v.shape or k.dtype != v.dtype
             or not supported(kc, k) or not supported(vc, v)):
         return None
-    key = (be, kc.METHOD, kc.bits, kc.dim, str(k.dtype), "pair")
-    state = _checked.get(key)
-    if state is True:
-        return run_pair_kernel(kc, vc, k, v, be)
-    if state is False:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
-        return None
 
     def agree(out):
         ok_k, why_k = compare(kc, out[0], kc.encode(k))
         ok_v, why_v = compare(vc, out[1], vc.encode(v))
         return ok_k and ok_v, f"keys: {why_k}; values: {why_v}"
-    return first_use(_checked, key, mode, "fused encode kernel (K and V in one launch)",
-                     "one launch per tensor", lambda: run_pair_kernel(kc, vc, k, v, be), agree)
+    return _checked_launch((be, kc.METHOD, kc.bits, kc.dim, str(k.dtype), "pair"), mode,
+                           "fused encode kernel (K and V in one launch)",
+                           "one launch per tensor", lambda: run_pair_kernel(kc, vc, k, v, be),
+                           agree)
