@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import glob
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def main(argv=None):
     p.add_argument("--bits", default="3", help="comma list of K/V bits (turboquant_mse)")
     p.add_argument("--blocks", default=str(decode.TARGET_BLOCKS),
                    help="comma list of the decode kernel's target grid sizes to try")
+    p.add_argument("--kernels", default="mma,scalar",
+                   help="decode kernels to time where both apply: mma (matrix units) and/or "
+                        "scalar (MLX_LM_TURBO_MMA=0)")
     p.add_argument("--out", default=None, help="JSON of the per-call times")
     args = p.parse_args(argv)
     start, stop = cuda_profiler()
@@ -79,26 +83,32 @@ def main(argv=None):
         def sdpa(q=q, k=k, v=v):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
-        ops = [("sdpa_fp16", None, sdpa)]
+        ops = [("sdpa_fp16", None, "", sdpa)]
         for bits in bits_list:
-            c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
-            c.update_and_fetch(k, v)
-            mx.eval(c.keys, c.values)
+            for kernel in args.kernels.split(","):
+                c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
+                c.update_and_fetch(k, v)
+                mx.eval(c.keys, c.values)
 
-            def attend(c=c, q=q):
-                kv, vv = c.keys_and_values()
-                return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
+                def attend(c=c, q=q):
+                    kv, vv = c.keys_and_values()
+                    return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
+
+                # The plan (kept on each cache) is made at the first call, under this env.
+                env = "0" if kernel == "scalar" else ""
+                for blocks in blocks_list:
+                    ops.append((f"fused_attention_{kernel}_mse{bits}_blocks{blocks}", blocks,
+                                env, attend))
 
             def append(c=c, k1=k1):
                 c.update_and_fetch(k1, k1)
                 c.trim(1)
                 return list(c.keys.values()) + list(c.values.values())
 
-            for blocks in blocks_list:
-                ops.append((f"fused_attention_mse{bits}_blocks{blocks}", blocks, attend))
-            ops.append((f"append_1_token_mse{bits}", None, append))
+            ops.append((f"append_1_token_mse{bits}", None, "", append))
         row = {"S": S}
-        for name, blocks, fn in ops:
+        for name, blocks, env, fn in ops:
+            os.environ[decode.MMA_ENV] = env
             if blocks:
                 decode.TARGET_BLOCKS = blocks
             row[name + "_us"] = round(per_call_us(fn), 2)
@@ -110,7 +120,8 @@ def main(argv=None):
     mx.synchronize()
     start()
     for S, ops in cases:
-        for name, blocks, fn in ops:
+        for name, blocks, env, fn in ops:
+            os.environ[decode.MMA_ENV] = env
             if blocks:
                 decode.TARGET_BLOCKS = blocks
             for _ in range(2):

@@ -42,6 +42,18 @@ def _decode_dtypes(window_dtype=None):
         return DECODE_DTYPES + ["float32"] * 5
     return DECODE_DTYPES + ["float16", window_dtype, window_dtype, "float16", "float32"]
 REDUCE_DTYPES = ["float32"] * 4
+MMA_DTYPES = ["float16", "float32", "uint32", "float16", "uint32", "float16", "uint32",
+              "uint32"]
+
+
+def _mma_template(kb, vb, d, mask=1):
+    """Template of the matrix-unit decode kernel as the dispatcher sets it (G=4, L=2)."""
+    reps = decode.mma_reps(codecs.make("turboquant_mse", kb, d),
+                           codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
+                           decode.SHARED_BUDGET["metal"])
+    return [("D", d), ("DV", d), ("KB", kb), ("WK", d * kb // 32), ("VB", vb),
+            ("WV", (d * vb + 31) // 32), ("GQ", 4), ("QL", 2), ("MASK", mask), ("NT", 128),
+            ("KREPL", reps[0]), ("VREPL", reps[1]), ("QT", "float16")]
 METAL_ATTRS = [("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                ("thread_position_in_threadgroup", "uint3"),
                ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3")]
@@ -74,6 +86,18 @@ struct bfloat16_t {
 };
 enum class mem_flags { mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
+inline void simdgroup_barrier(mem_flags) {}
+typedef unsigned short ushort;
+inline float simd_shuffle_xor(float x, ushort) { return x; }
+struct half2 { half x, y; half2() = default; half2(half a, half b) : x(a), y(b) {} };
+template <typename T, typename U> T as_type(U u) { T t; static_assert(sizeof(T) == sizeof(U)); (void)u; return t; }
+template <typename T, int R, int C> struct simdgroup_matrix {
+  T e[2];
+  T* thread_elements() { return e; }
+};
+template <typename C, typename A, typename B>
+inline void simdgroup_multiply_accumulate(C&, const A&, const B&, const C&) {}
+#define thread
 inline float simd_max(float x) { return x; }
 inline float simd_sum(float x) { return x; }
 namespace metal {
@@ -115,6 +139,9 @@ def _kernel_parts(name, x_dtype=None):
     if name == "decode":  # x_dtype: the window copies' dtype (None: no window)
         return (source.DECODE_BODY, decode.DECODE_INPUTS, _decode_dtypes(x_dtype),
                 decode.DECODE_OUTPUTS, ["float32"] * 3)
+    if name == "decode_mma":
+        return (source.DECODE_MMA_BODY, decode.MMA_INPUTS, MMA_DTYPES, decode.DECODE_OUTPUTS,
+                ["float32"] * 3)
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
@@ -127,7 +154,7 @@ def render_metal(template, name="decode", x_dtype=None) -> str:
     inputs, the thread attributes the body mentions), the template values baked into the
     body as the kernels are built (decode.build_kernel)."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "metal", template)
+    header, src = decode.full_source(body, "metal", template, mma=name == "decode_mma")
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const device {METAL_TYPES[dt]}* {n}")
@@ -159,7 +186,7 @@ def render_cuda(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.cuda_kernel assembles it (MLX's own device header replaced by
     a stub declaring the Shape/Strides types it provides), template values baked in."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "cuda", template)
+    header, src = decode.full_source(body, "cuda", template, mma=name == "decode_mma")
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const {CUDA_TYPES[dt]}* {n}")
@@ -222,6 +249,17 @@ def test_cuda_source_compiles(cfg, tmp_path):
     for name in ("decode", "reduce"):
         tpl = _config_template(cfg) if name == "decode" else REDUCE_TEMPLATE
         assert_cuda_compiles(render_cuda(tpl, name), tmp_path / f"{name}.cu")
+
+
+@pytest.mark.parametrize("kb,vb,d", [(3, 3, 128), (4, 2, 64)])
+def test_mma_metal_source_parses(kb, vb, d, tmp_path):
+    assert_metal_parses(render_metal(_mma_template(kb, vb, d), "decode_mma"),
+                        tmp_path / "decode_mma_metal.cpp")
+
+
+def test_mma_cuda_source_compiles(tmp_path):
+    assert_cuda_compiles(render_cuda(_mma_template(3, 3, 128), "decode_mma"),
+                         tmp_path / "decode_mma.cu", ptx=True)
 
 
 def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
@@ -300,6 +338,26 @@ def test_fused_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S):
     assert err < 5e-3, err
 
 
+@gpu
+@pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
+                                                (2, 4, 128, 24, 8, 2, 999),
+                                                (4, 4, 64, 8, 1, 1, 20000)])
+def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D)
+    q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
+    mask = "causal" if L > 1 else None
+    outs = []
+    for env in ("", "0"):
+        monkeypatch.setenv(decode.MMA_ENV, env)
+        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+        assert (p["MMA"] is None) == (env == "0")
+        outs.append(decode.run_fused(q, keys, values, c, D ** -0.5, mask, p,
+                                     decode.backend()).astype(mx.float32))
+    ref = reference_attention(q, keys, values, c, D ** -0.5, mask).astype(mx.float32)
+    for out in outs:
+        assert mx.max(mx.abs(out - ref)).item() < 5e-3
+
+
 # The very kernel text, executed on the CPU by the C++ thread emulation (emulate.py):
 # layouts, rotations in-kernel, masks, GQA rows, splits and strides against the reference.
 def _emulator_available():
@@ -325,6 +383,7 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
                                            monkeypatch):
     from mlx_lm_turbo.kernels import emulate
     monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    monkeypatch.setenv(decode.MMA_ENV, "0")   # the scalar kernel (the mma one: below)
     c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = mx.random.normal((1, Hq, L, D)).astype(mx.float16)
     if mask == "bool":
@@ -338,6 +397,50 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
     ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 2e-3, err
+
+
+@emu
+@pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S,mask,blocks,dtype", [
+    (3, 3, 128, 8, 2, 1, 517, None, 528, mx.float16),
+    (2, 4, 64, 4, 4, 4, 300, "causal", 528, mx.float16),     # GQA 1, L = 4
+    (4, 2, 128, 8, 1, 1, 1000, None, 2, mx.bfloat16),       # 8 rows; many sub-tiles a warp
+    (1, 1, 128, 2, 2, 3, 77, "causal", 528, mx.float32),    # one partial tile, 3 rows
+    (3, 4, 128, 12, 4, 2, 1300, "causal", 7, mx.float16),   # GQA 3 x L 2 = 6 rows
+])
+def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, blocks, dtype,
+                                               monkeypatch):
+    """The matrix-unit kernel (fragments from pair tables, permuted dims, per-warp online
+    softmax) against the reference; its fp16 fragments (rotated queries, P) bound the
+    error at ~1e-3 of outputs of magnitude ~2."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
+    q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
+    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    assert p["MMA"] is not None
+    out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, mask, p,
+                                     full=(c.keys, c.values))
+    ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err   # bf16 ulp at 2: 7.8e-3
+
+
+def test_plan_chooses_mma_kernel(monkeypatch):
+    """mse keys and values at <= 4 bits, <= 8 rows, whole-word key quarters: the mma
+    kernel; otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
+    def reps(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1):
+        c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=40, D=D)
+        q = mx.zeros((1, Hq, L, D), mx.float16)
+        return decode.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
+    assert reps("mse", 3, "mse", 3) == (5, 5)
+    assert reps("mse", 4, "mse", 4) == (4, 4)          # 256-entry pair tables: 16 copies
+    assert reps("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
+    assert reps("mse", 2, "mse", 3, D=64) is not None
+    assert reps("mse", 5, "mse", 3) is None
+    assert reps("rvq", 2, "mse", 3) is None
+    assert reps("mse", 3, "mse", 3, Hq=8, Hkv=2, L=3) is None   # 12 rows
+    monkeypatch.setenv(decode.MMA_ENV, "0")
+    assert reps("mse", 3, "mse", 3) is None
 
 
 @emu
@@ -814,7 +917,7 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
         warnings.simplefilter("error")
         out = kernels.decode_attention(q, keys, values, c, 0.125)
     assert runs == [16] and out is not None
-    assert [k[-2:] for k, ok in decode._checked.items() if ok] == [(16, 0)]
+    assert [k[-3:-1] for k, ok in decode._checked.items() if ok] == [(16, 0)]
     ref = reference_attention(q, keys, values, c, 0.125)
     assert mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() < 2e-3
 
@@ -833,6 +936,26 @@ def test_fused_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, tri
     ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 5e-3, err
+
+
+@gpu
+@pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
+                                                (2, 4, 128, 24, 8, 2, 999),
+                                                (4, 4, 64, 8, 1, 1, 20000)])
+def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D)
+    q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
+    mask = "causal" if L > 1 else None
+    outs = []
+    for env in ("", "0"):
+        monkeypatch.setenv(decode.MMA_ENV, env)
+        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+        assert (p["MMA"] is None) == (env == "0")
+        outs.append(decode.run_fused(q, keys, values, c, D ** -0.5, mask, p,
+                                     decode.backend()).astype(mx.float32))
+    ref = reference_attention(q, keys, values, c, D ** -0.5, mask).astype(mx.float32)
+    for out in outs:
+        assert mx.max(mx.abs(out - ref)).item() < 5e-3
 
 
 def test_encode_forced_returns_none_where_not_covered(monkeypatch):

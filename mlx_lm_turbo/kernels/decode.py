@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 from . import source
 
@@ -30,6 +31,7 @@ MAX_QUERY_LEN = 8
 NT = 128                      # threads per block = keys per tile
 TARGET_BLOCKS = int(os.environ.get("MLX_LM_TURBO_BLOCKS", "528"))  # ~4 blocks per H100 SM
 ENV = "MLX_LM_TURBO_KERNELS"
+MMA_ENV = "MLX_LM_TURBO_MMA"  # "0": the scalar decode kernel even where the mma one applies
 # Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
 SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
 
@@ -100,31 +102,35 @@ def constants(template, backend_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def full_source(body: str, backend_name: str, template=()) -> tuple[str, str]:
+def full_source(body: str, backend_name: str, template=(), mma: bool = False) -> tuple[str, str]:
     """(header, source) for mx.fast.*_kernel: the template values baked in as constants,
-    then the backend prelude, then the shared body."""
+    then the backend prelude, then the shared body. ``mma``: the header also carries the
+    matrix-unit helpers (DECODE_MMA_BODY)."""
     head = constants(template, backend_name) if template else ""
     if backend_name == "metal":
-        return source.METAL_HEADER, head + source.METAL_PRELUDE + body
-    return source.CUDA_HEADER, head + source.CUDA_PRELUDE + body
+        extra = source.METAL_MMA_HEADER if mma else ""
+        return source.METAL_HEADER + extra, head + source.METAL_PRELUDE + body
+    extra = source.CUDA_MMA_HEADER if mma else ""
+    return source.CUDA_HEADER + extra, head + source.CUDA_PRELUDE + body
 
 
 DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
                  "cbk1", "cbk2", "cbv1", "cbv2", "qw", "rk", "rv", "kmu", "vmul"]
 DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
+MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
 
 
 def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list,
-                 template=()):
+                 template=(), mma: bool = False):
     """``mx.fast.metal_kernel`` / ``cuda_kernel`` of a shared body, specialised for one
     ``template``: its values are baked into the source, so a call passes no template.
     MLX re-renders the source and formats every template value on each call; with one
     kernel object per specialisation the two decode launches took 26 instead of 39 µs of
     host time on the H100 machine (batch-1 decode waits on host time). Inputs are read through their
     strides (cache slices and transposed key views arrive without a copy)."""
-    header, src = full_source(body, backend_name, template)
+    header, src = full_source(body, backend_name, template, mma)
     make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
     # MLX caches compiled kernels by name (its CUDA backend also on disk): a hash of the
     # text, constants included, in the name keeps an edited body from loading a stale
@@ -138,12 +144,15 @@ def _kernel(backend_name: str, name: str, template: tuple):
     key = (backend_name, name, template)
     kernel = _kernels.get(key)
     if kernel is None:
-        body, inputs, outputs = ((source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS)
-                                 if name == "decode" else
-                                 (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS))
+        body, inputs, outputs = KERNELS[name]
         kernel = _kernels[key] = build_kernel(body, backend_name, name, inputs, outputs,
-                                              template)
+                                              template, mma=name == "decode_mma")
     return kernel
+
+
+KERNELS = {"decode": (source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS),
+           "decode_mma": (source.DECODE_MMA_BODY, MMA_INPUTS, DECODE_OUTPUTS),
+           "reduce": (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS)}
 
 
 # --------------------------------------------------------------------------- plan
@@ -208,6 +217,32 @@ def row_blocking(R: int, D: int, DV: int, nc: int, wv: int, nv: int, vb: int,
     return 0, 0, 0
 
 
+def mma_reps(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
+             budget: int) -> Optional[tuple[int, int]]:
+    """(log2 key-table copies, log2 value-table copies) of the matrix-unit kernel
+    (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it does
+    not apply: more than 8 rows, bits above 4, a key quarter not whole words, a lane's
+    value bits not within two words, or tables that do not fit ``budget``."""
+    if os.environ.get(MMA_ENV, "").strip() == "0":
+        return None
+    if kc.METHOD != "turboquant_mse" or vc.METHOD != "turboquant_mse":
+        return None
+    if kc.rotation.signs is None or R > 8 or not (1 <= kb <= 4 and 1 <= vb <= 4):
+        return None
+    if D % 16 or DV % 16 or (D // 4) * kb % 32:
+        return None
+    vg = DV // 8
+    if any((g * vg * vb) % 32 + vg * vb > 64 for g in range(8)):
+        return None
+    nw = NT // 32
+    fixed = 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8)
+    for rep in (5, 4, 3, 2, 1, 0):
+        tabs = max((1 << 2 * kb << rep) + (1 << 2 * vb << rep), nw * 8 * DV)
+        if 4 * tabs + fixed <= budget:
+            return rep, rep
+    return None
+
+
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
          backend_name: str) -> Optional[dict]:
     """Static description of the launch, or None when the fused path does not apply."""
@@ -252,12 +287,17 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    rb, tabn, sh = row_blocking(R, D, DV, nc, vs[0][1].shape[-1], len(vs), vb, budget)
+    reps = None if W or mask_mode == 2 else mma_reps(kc, vc, R, D, DV, ks[0][0], vb, budget)
+    if reps is not None:
+        rb, tabn, sh = 8, 0, 0
+    else:
+        rb, tabn, sh = row_blocking(R, D, DV, nc, vs[0][1].shape[-1], len(vs), vb, budget)
     if rb == 0:
         return None
     nrg = math.ceil(R / rb)
     kmode = KEY_MODES[kc.METHOD]
     return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, DV=DV, S=S, G=G, R=R, RB=rb, NRG=nrg, SH=sh,
+                MMA=reps,
                 TABN=tabn, KMODE=kmode, VMODE=VALUE_MODES[vc.METHOD], MASK=mask_mode,
                 kstreams=ks, vstreams=vs, WIN=W, NCOPY=n_copies,
                 WCTR=int(bool(W) and bool(getattr(cache, "center_keys", False))),
@@ -338,6 +378,20 @@ def _consts(cache, scale: float, p: dict) -> dict:
     return c
 
 
+def pair_table(codec, rep: int) -> mx.array:
+    """The mma kernel's pair table of an mse codec: word x holds (c[x mod 2^b], c[x >> b])
+    as two fp16 (low half first), each word repeated 2^rep times. Kept on the codec."""
+    memo = codec.__dict__.setdefault("_pair_tables", {})
+    if rep not in memo:
+        b = codec.bits
+        c = np.array(codec.centroids.astype(mx.float32)).astype(np.float16).view(np.uint16)
+        x = np.arange(1 << 2 * b)
+        words = c[x & ((1 << b) - 1)].astype(np.uint32) | (c[x >> b].astype(np.uint32) << 16)
+        memo[rep] = mx.array(np.repeat(words, 1 << rep))
+        mx.eval(memo[rep])
+    return memo[rep]
+
+
 def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: float, mask,
                  p: dict) -> tuple[list, list, int]:
     """MLX-side preparation: (kernel inputs, template constants, number of splits). On the
@@ -369,6 +423,14 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
     else:
         m = c["f32_dummy"]
     rows = B * Hkv * NRG
+    if p["MMA"] is not None:
+        template = [("D", D), ("DV", DV), ("KB", kb1), ("WK", kc1.shape[-1]), ("VB", vb),
+                    ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
+                    ("NT", NT), ("KREPL", p["MMA"][0]), ("VREPL", p["MMA"][1]),
+                    ("QT", q.dtype)]
+        inputs = [q, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
+                  pair_table(kc, p["MMA"][0]), pair_table(cache.value_codec, p["MMA"][1])]
+        return inputs, template, n_splits(S, rows)
     if p["WIN"]:
         # One more split: the window block (kernel 1's last along x).
         qw, rk, rv = queries, keys["recent"], values["recent"]
@@ -402,7 +464,8 @@ def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,
     -> (B, Hq, L, DV) in out_dtype."""
     B, Hkv, NRG, RB, DV = p["B"], p["Hkv"], p["NRG"], p["RB"], p["DV"]
     rows = B * Hkv * NRG
-    opart, mpart, lpart = _kernel(backend_name, "decode", tuple(template))(
+    name = "decode" if p.get("MMA") is None else "decode_mma"
+    opart, mpart, lpart = _kernel(backend_name, name, tuple(template))(
         inputs=inputs,
         grid=(nsp * NT, rows, 1), threadgroup=(NT, 1, 1),
         output_shapes=[(B, Hkv, NRG, nsp, RB, DV), (B, Hkv, NRG, nsp, RB),
@@ -433,7 +496,8 @@ def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, 
 def _shape_key(p: dict, queries: mx.array, cache, backend_name: str) -> tuple:
     kc, vc = cache.key_codec, cache.value_codec
     return (backend_name, p["B"], p["Hq"], p["Hkv"], p["L"], p["D"], p["DV"], p["MASK"],
-            str(queries.dtype), kc.METHOD, kc.bits, vc.METHOD, vc.bits, p["WIN"], p["WCTR"])
+            str(queries.dtype), kc.METHOD, kc.bits, vc.METHOD, vc.bits, p["WIN"], p["WCTR"],
+            p["MMA"])
 
 
 def _agrees(out: mx.array, ref: mx.array) -> tuple[bool, float]:

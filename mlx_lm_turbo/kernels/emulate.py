@@ -83,6 +83,52 @@ struct emu_half {
   operator float() const { return emu_h2f(bits); }
 };
 #define KV_NEG_INF (-INFINITY)
+// The matrix-unit helpers of DECODE_MMA_BODY with CUDA's fragment layout (G = lane/4,
+// L = lane%4): each lane posts its fragments, then computes its own C elements.
+#define KV_TH
+#define KV_MG(lane) ((lane) >> 2)
+#define KV_ML(lane) ((lane) & 3)
+#define KV_GX0 4
+#define KV_GX1 8
+#define KV_GX2 16
+#define KV_WARP_SYNC() emu_warps[emu_tid >> 5]->arrive_and_wait()
+static float emu_shfl_xor(float x, int o) {
+  const int w = emu_tid >> 5, l = emu_tid & 31;
+  emu_scratch[w][l] = x;
+  emu_warps[w]->arrive_and_wait();
+  const float r = emu_scratch[w][l ^ o];
+  emu_warps[w]->arrive_and_wait();
+  return r;
+}
+#define KV_SHFL_XOR(x, o) emu_shfl_xor(x, o)
+static uint32_t kv_pack_h2(float lo, float hi) {
+  return uint32_t(emu_f2h(lo)) | (uint32_t(emu_f2h(hi)) << 16);
+}
+static void kv_load_b(uint32_t* b, const float* p, int ldk, int ldn, int lane) {
+  const int g = lane >> 2, l = lane & 3;
+  b[0] = kv_pack_h2(p[(2 * l) * ldk + g * ldn], p[(2 * l + 1) * ldk + g * ldn]);
+  b[1] = kv_pack_h2(p[(2 * l + 8) * ldk + g * ldn], p[(2 * l + 9) * ldk + g * ldn]);
+}
+static uint32_t emu_frag[32][32][6];
+static float emu_half_of(uint32_t x, int k) { return emu_h2f(uint16_t(x >> (16 * (k & 1)))); }
+static void kv_mma(float* c, const uint32_t* a, const uint32_t* b) {
+  const int w = emu_tid >> 5, l = emu_tid & 31;
+  for (int i = 0; i < 4; ++i) emu_frag[w][l][i] = a[i];
+  emu_frag[w][l][4] = b[0];
+  emu_frag[w][l][5] = b[1];
+  emu_warps[w]->arrive_and_wait();
+  for (int e = 0; e < 4; ++e) {
+    const int row = (l >> 2) + 8 * (e >> 1), n = 2 * (l & 3) + (e & 1);
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t* fa = emu_frag[w][(row % 8) * 4 + (k % 8) / 2];
+      const uint32_t* fb = emu_frag[w][n * 4 + (k % 8) / 2];
+      s += emu_half_of(fa[(row >= 8) + 2 * (k >= 8)], k) * emu_half_of(fb[4 + (k >= 8)], k);
+    }
+    c[e] += s;
+  }
+  emu_warps[w]->arrive_and_wait();
+}
 """
 
 CPU_PRELUDE = """
@@ -227,12 +273,13 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     def tpl(t):
         return [(k, "float" if isinstance(v, mx.Dtype) else v) for k, v in t]
 
-    inputs, template, grid, tg, oshapes = captured["decode"]
+    name = "decode_mma" if "decode_mma" in captured else "decode"
+    body, names, onames = decode.KERNELS[name]
+    inputs, template, grid, tg, oshapes = captured[name]
     nt = tg[0]
-    arrs = [host(n, a) for n, a in zip(decode.DECODE_INPUTS, inputs)]
+    arrs = [host(n, a) for n, a in zip(names, inputs)]
     outs = [np.zeros(s, np.float32) for s in oshapes]
-    run = compile_kernel(source.DECODE_BODY, decode.DECODE_INPUTS, [x.dtype.type for x, _, _ in arrs],
-                         decode.DECODE_OUTPUTS, tpl(template))
+    run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, tpl(template))
     run(arrs, outs, (grid[0] // nt, grid[1]), nt)
     rin, rtpl, rgrid, rtg, rshapes = captured["reduce"]
     vmul = _np(rin[3])

@@ -557,6 +557,7 @@ REDUCE_BODY = """
   const int d = kv_tid % DV;
   const int g = kv_tid / DV;
   const long sbase = long(rb) * nsp;
+  if (rg * RB + r >= GQ * QL) return;    // a padding row (the whole block leaves)
   // M = max_s m_s over the block.
   float mloc = KV_NEG_INF;
   for (int s = kv_tid; s < nsp; s += NTR) mloc = KV_MAX(mloc, mpart[(sbase + s) * RB + r]);
@@ -744,5 +745,385 @@ ENCODE_BODY = """
       if (second) rhob[vec] = r16; else rho[vec] = r16;
     }
     KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
+  }
+"""
+
+# ---------------------------------------------------------------- tensor-core decode
+# Matrix-unit helpers for DECODE_MMA_BODY, appended to the backend header of that kernel
+# only. One warp computes C (16x8, fp32) += A (16x16, fp16) B (16x8, fp16). Fragments are
+# uint32 words holding two fp16 (low half = lower k). A lane owns, with G = KV_MG(lane) in
+# 0..7 and L = KV_ML(lane) in 0..3 (a bijection of the 32 lanes):
+#   a[0]: A[G][2L, 2L+1]   a[1]: A[G+8][2L, 2L+1]   a[2]: A[G][2L+8, 2L+9]   a[3]: A[G+8][..]
+#   c[0], c[1]: C[G][2L], C[G][2L+1]                c[2], c[3]: C[G+8][2L], C[G+8][2L+1]
+# B is opaque: kv_load_b fills it from shared memory (B[k][n] = p[k*ldk + n*ldn]).
+# KV_GX0..2: the lane xor-masks that change G and keep L (a reduction over G).
+# CUDA: mma.sync m16n8k16 (its documented fragment layout). Metal: four 8x8
+# simdgroup_matrix products per call (A[G][2L..] is where thread_elements() keeps a lane's
+# two elements of an 8x8 block).
+CUDA_MMA_HEADER = """
+#define KV_TH
+#define KV_MG(lane) ((lane) >> 2)
+#define KV_ML(lane) ((lane) & 3)
+#define KV_GX0 4
+#define KV_GX1 8
+#define KV_GX2 16
+#define KV_SHFL_XOR(x, o) __shfl_xor_sync(0xffffffffu, x, o)
+#define KV_WARP_SYNC() __syncwarp()
+__device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) {
+  return uint32_t(__half_as_ushort(__float2half_rn(lo)))
+         | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+__device__ __forceinline__ void kv_load_b(uint32_t* b, const float* p, int ldk, int ldn,
+                                          int lane) {
+  const int g = lane >> 2, l = lane & 3;
+  b[0] = kv_pack_h2(p[(2 * l) * ldk + g * ldn], p[(2 * l + 1) * ldk + g * ldn]);
+  b[1] = kv_pack_h2(p[(2 * l + 8) * ldk + g * ldn], p[(2 * l + 9) * ldk + g * ldn]);
+}
+__device__ __forceinline__ void kv_mma(float* c, const uint32_t* a, const uint32_t* b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+"""
+
+METAL_MMA_HEADER = """
+#define KV_TH thread
+#define KV_MG(lane) ((((lane) >> 2) & 4) + (((lane) >> 1) & 3))
+#define KV_ML(lane) ((((lane) >> 2) & 2) + ((lane) & 1))
+#define KV_GX0 2
+#define KV_GX1 4
+#define KV_GX2 16
+#define KV_SHFL_XOR(x, o) simd_shuffle_xor(x, ushort(o))
+#define KV_WARP_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
+inline uint32_t kv_pack_h2(float lo, float hi) {
+  return as_type<uint32_t>(half2(half(lo), half(hi)));
+}
+inline void kv_load_b(thread uint32_t* b, const threadgroup float* p, int ldk, int ldn,
+                      int lane) {
+  const int fm = KV_MG(lane), fn = 2 * KV_ML(lane);
+  b[0] = kv_pack_h2(p[fm * ldk + fn * ldn], p[fm * ldk + (fn + 1) * ldn]);
+  b[1] = kv_pack_h2(p[(fm + 8) * ldk + fn * ldn], p[(fm + 8) * ldk + (fn + 1) * ldn]);
+}
+inline simdgroup_matrix<half, 8, 8> kv_frag8(uint32_t x) {
+  simdgroup_matrix<half, 8, 8> m;
+  const half2 h = as_type<half2>(x);
+  m.thread_elements()[0] = h.x;
+  m.thread_elements()[1] = h.y;
+  return m;
+}
+inline void kv_mma(thread float* c, thread const uint32_t* a, thread const uint32_t* b) {
+  simdgroup_matrix<float, 8, 8> c0, c1;
+  c0.thread_elements()[0] = c[0];
+  c0.thread_elements()[1] = c[1];
+  c1.thread_elements()[0] = c[2];
+  c1.thread_elements()[1] = c[3];
+  const simdgroup_matrix<half, 8, 8> b0 = kv_frag8(b[0]);
+  const simdgroup_matrix<half, 8, 8> b1 = kv_frag8(b[1]);
+  simdgroup_multiply_accumulate(c0, kv_frag8(a[0]), b0, c0);
+  simdgroup_multiply_accumulate(c0, kv_frag8(a[2]), b1, c0);
+  simdgroup_multiply_accumulate(c1, kv_frag8(a[1]), b0, c1);
+  simdgroup_multiply_accumulate(c1, kv_frag8(a[3]), b1, c1);
+  c[0] = c0.thread_elements()[0];
+  c[1] = c0.thread_elements()[1];
+  c[2] = c1.thread_elements()[0];
+  c[3] = c1.thread_elements()[1];
+}
+"""
+
+# Split-K decode attention on the matrix units, for mse keys and values of KB, VB <= 4
+# bits with Hadamard rotations, no fp16 window, mask None/causal, and at most 8 query rows
+# per KV head (GQ*QL <= 8: the mma's n). Same grid, partials and combine kernel as
+# DECODE_BODY (RB = 8 rows, one row group). Each warp runs its own online softmax over
+# 16-key sub-tiles (keys start + 16*warp, then every 16*NW), and the block merges its warps
+# at the end; no block barrier inside the loop.
+#
+# Codes become mma fragments by *pair tables* (kpt, vpt: decode.pair_table): entry x is
+# (c[x & m], c[x >> KB]) as two fp16, so the 2*KB bits of two adjacent codes index one
+# 32-bit fragment word. Each entry is repeated 2^KREPL times and lane l reads copy
+# l mod 2^KREPL, so the 32 lanes' lookups never collide on a shared-memory bank
+# (2^KREPL = 32) or rarely (16). The block copies both tables to shared memory.
+#   Scores S (16 keys x 8 rows) = K~ Q~ᵀ: A = the codes of keys G, G+8; the lane with
+#   class L reads the contiguous quarter [L*D/4, (L+1)*D/4) of their code words, so mma
+#   step s (of D/16) takes dims L*D/4 + 4s + {0,1} (pair L) and + {2,3} (pair L+4): the
+#   k axis is a fixed permutation of the dims, applied to the query rows when the block
+#   stages them as B. ρ_key scales the fp32 result.
+#   Values O (DV x 8 rows) += Ṽᵀ Pᵀ: A = value codes, pairs of keys (2L, 2L+1) and
+#   (2L+8, 2L+9) at one dim; lane group G owns the DV/8 contiguous dims [G*DV/8, ...), tile
+#   t's rows G and G+8 are dims G*DV/8 + 2t and + 2t + 1 (at most 64 code bits per key
+#   and lane: two words and one funnel shift). P (with ρ_value folded in) goes to B
+#   through a per-warp shared tile.
+
+def mma_loads(p: str, j0: str) -> str:
+    """Kernel text: the global loads of the mma kernel's sub-tile at key ``j0`` into the
+    registers named with prefix ``p`` (key code quarters, value code words, norms; zeros
+    past ``end``)."""
+    return f"""    {{
+      const int ja_ = {j0} + G;
+      const int jb_ = ja_ + 8;
+#pragma unroll
+      for (int w = 0; w < KQW; ++w) {{
+        {p}ka[w] = ja_ < end ? kc[kbase + long(ja_) * WK + Lc * KQW + w] : 0u;
+        {p}kb[w] = jb_ < end ? kc[kbase + long(jb_) * WK + Lc * KQW + w] : 0u;
+      }}
+      {p}rha = ja_ < end ? KV_H2F(kn[knb + ja_]) : 0.0f;
+      {p}rhb = jb_ < end ? KV_H2F(kn[knb + jb_]) : 0.0f;
+      {p}vna = ja_ < end ? KV_H2F(vn[vnb + ja_]) : 0.0f;
+      {p}vnb_ = jb_ < end ? KV_H2F(vn[vnb + jb_]) : 0.0f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {{
+        const int j = {j0} + 2 * Lc + (u & 1) + 8 * (u >> 1);
+        const long o = vbase + long(j) * WV + vw0;
+        {p}vw[2 * u] = j < end ? vc[o] : 0u;
+        {p}vw[2 * u + 1] = (j < end && vtwo) ? vc[o + 1] : 0u;
+      }}
+    }}
+"""
+
+
+DECODE_MMA_BODY = """
+  constexpr int NW = NT / 32;
+  constexpr int RB = 8;
+  constexpr int KS = D / 16;
+  constexpr int MT = DV / 16;
+  constexpr int KQ = D / 4;
+  constexpr int KQW = KQ * KB / 32;         // code words of a key quarter (whole words)
+  constexpr int VG = DV / 8;
+  constexpr uint32_t KPM = (1u << (2 * KB)) - 1u;
+  constexpr uint32_t VM = (1u << VB) - 1u;
+  constexpr int KTN = (1 << (2 * KB)) << KREPL;
+  constexpr int VTN = (1 << (2 * VB)) << VREPL;
+  constexpr int TABW = (KTN + VTN > NW * RB * DV) ? KTN + VTN : NW * RB * DV;
+  KV_SHARED uint32_t tabs[TABW];
+  KV_SHARED float qs[RB * D];
+  KV_SHARED float qb[D * RB];
+  KV_SHARED float pst[NW * 16 * RB];
+  KV_SHARED float red_m[NW * RB];
+  KV_SHARED float red_l[NW * RB];
+  KV_TG uint32_t* ktab = tabs;
+  KV_TG uint32_t* vtab = tabs + KTN;
+
+  const int split = kv_bx;
+  const int nsp = kv_nbx;
+  const int S = int(kn_shape[2]);
+  const int H = int(kn_shape[1]);
+  const int b = kv_by / H;
+  const int h = kv_by - b * H;
+  int chunk = (S + nsp - 1) / nsp;
+  chunk = ((chunk + NT - 1) / NT) * NT;
+  const int start = split * chunk;
+  const int end = KV_MIN(S, start + chunk);
+
+  // ---- query rows (row g*QL + l; rows past GQ*QL are zero) x signs*scale/sqrt(D) ----
+  for (int e = kv_tid; e < RB * D; e += NT) {
+    const int r = e / D;
+    const int i = e - r * D;
+    float v = 0.0f;
+    if (r < GQ * QL) {
+      const int g = r / QL;
+      const int l = r - g * QL;
+      v = static_cast<float>(q[long(b) * q_strides[0] + long(h * GQ + g) * q_strides[1]
+                               + long(l) * q_strides[2] + i]) * qmul[i];
+    }
+    qs[e] = v;
+  }
+  // ---- pair tables (built once per codec by the dispatcher, copied in) ----
+  for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e];
+  for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e];
+  KV_BARRIER();
+""" + rows_hadamard("qs", "D") + """
+  // ---- B staging of the rotated rows: k index kk of step s is dim
+  //      (P & 3) * KQ + 4s + 2 (P >> 2) + (kk & 1), P = kk >> 1 ----
+  for (int e = kv_tid; e < D * RB; e += NT) {
+    const int n = e % RB;
+    const int k = e / RB;
+    const int s = k >> 4;
+    const int kk = k & 15;
+    const int P = kk >> 1;
+    qb[e] = qs[n * D + (P & 3) * KQ + 4 * s + 2 * (P >> 2) + (kk & 1)];
+  }
+  KV_BARRIER();
+
+  const int G = KV_MG(kv_lane);
+  const int Lc = KV_ML(kv_lane);
+  const int rl = kv_lane & ((1 << KREPL) - 1);
+  const int vrl = kv_lane & ((1 << VREPL) - 1);
+  uint32_t bq[KS][2];
+#pragma unroll
+  for (int s = 0; s < KS; ++s) kv_load_b(bq[s], qb + s * 16 * RB, RB, 1, kv_lane);
+
+  const long kbase = long(b) * kc_strides[0] + long(h) * kc_strides[1];
+  const long vbase = long(b) * vc_strides[0] + long(h) * vc_strides[1];
+  const long knb = long(b) * kn_strides[0] + long(h) * kn_strides[1];
+  const long vnb = long(b) * vn_strides[0] + long(h) * vn_strides[1];
+  // This lane's value code bits: [G*VG*VB, +VG*VB) of each key, inside words vw0, vw0+1.
+  const int vbit = G * VG * VB;
+  const int vw0 = vbit >> 5;
+  const int voff = vbit & 31;
+  const bool vtwo = vw0 + 1 < WV;
+  KV_TG float* pw = pst + kv_warp * 16 * RB;
+
+  float m_run[2] = {KV_NEG_INF, KV_NEG_INF};
+  float l_run[2] = {0.0f, 0.0f};
+  float acc[MT * 4];
+#pragma unroll
+  for (int k = 0; k < MT * 4; ++k) acc[k] = 0.0f;
+
+  // Registers of the current sub-tile; the next one's loads are issued before the
+  // current one is computed (the loop is latency-bound otherwise).
+  uint32_t ka[KQW], kb[KQW], vw[8];
+  float rha, rhb, vna, vnb_;
+""" + mma_loads("", "start + 16 * kv_warp") + """
+  for (int j0 = start + 16 * kv_warp; j0 < end; j0 += 16 * NW) {
+    const int ja = j0 + G;
+    const int jb = ja + 8;
+    uint32_t nka[KQW], nkb[KQW], nvw[8];
+    float nrha, nrhb, nvna, nvnb_;
+""" + mma_loads("n", "j0 + 16 * NW") + """
+    // ---- scores of keys ja, jb for rows 2Lc, 2Lc+1 (two mma chains) ----
+    float sc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      uint32_t a[4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int bit = (4 * s + 2 * jj) * KB;
+        const int wi = bit >> 5;
+        const int off = bit & 31;
+        uint32_t xa = ka[wi] >> off;
+        uint32_t xb = kb[wi] >> off;
+        if (off + 2 * KB > 32 && wi + 1 < KQW) {
+          xa |= ka[wi + 1] << (32 - off);
+          xb |= kb[wi + 1] << (32 - off);
+        }
+        a[2 * jj] = ktab[((xa & KPM) << KREPL) + rl];
+        a[2 * jj + 1] = ktab[((xb & KPM) << KREPL) + rl];
+      }
+      kv_mma(sc + 4 * (s & 1), a, bq[s]);
+    }
+    float s4[4] = {(sc[0] + sc[4]) * rha, (sc[1] + sc[5]) * rha, (sc[2] + sc[6]) * rhb,
+                   (sc[3] + sc[7]) * rhb};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = (e < 2) ? ja : jb;
+      bool ok = j < end;
+      if (MASK == 1) ok = ok && j <= S - QL + (2 * Lc + (e & 1)) % QL;
+      if (!ok) s4[e] = KV_NEG_INF;
+    }
+
+    // ---- online softmax per row (rows 2Lc, 2Lc+1; the max over G by shuffles) ----
+    float mx0 = KV_MAX(s4[0], s4[2]);
+    float mx1 = KV_MAX(s4[1], s4[3]);
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX0));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX0));
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX1));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
+    const float mn0 = KV_MAX(m_run[0], mx0);
+    const float mn1 = KV_MAX(m_run[1], mx1);
+    const float al0 = (m_run[0] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[0] - mn0);
+    const float al1 = (m_run[1] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[1] - mn1);
+    m_run[0] = mn0;
+    m_run[1] = mn1;
+    const float p0a = (s4[0] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[0] - mn0);
+    const float p1a = (s4[1] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[1] - mn1);
+    const float p0b = (s4[2] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[2] - mn0);
+    const float p1b = (s4[3] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[3] - mn1);
+    l_run[0] = l_run[0] * al0 + p0a + p0b;
+    l_run[1] = l_run[1] * al1 + p1a + p1b;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      acc[4 * t] *= al0;
+      acc[4 * t + 1] *= al1;
+      acc[4 * t + 2] *= al0;
+      acc[4 * t + 3] *= al1;
+    }
+    // ---- P (x value norms) -> B, through this warp's shared tile [key][row] ----
+    pw[G * RB + 2 * Lc] = p0a * vna;
+    pw[G * RB + 2 * Lc + 1] = p1a * vna;
+    pw[(G + 8) * RB + 2 * Lc] = p0b * vnb_;
+    pw[(G + 8) * RB + 2 * Lc + 1] = p1b * vnb_;
+    KV_WARP_SYNC();
+    uint32_t bp[2];
+    kv_load_b(bp, pw, RB, 1, kv_lane);
+    KV_WARP_SYNC();
+
+    // ---- values: keys j0+2Lc+{0,1} (pair Lc) and j0+2Lc+{8,9} (pair Lc+4) ----
+    uint64_t xv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) xv[u] = ((uint64_t(vw[2 * u + 1]) << 32) | vw[2 * u]) >> voff;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      uint32_t a[4];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int sh = (2 * t + hh) * VB;
+        // Pair index: two shifts and two masks (the second key's code lands at bit VB).
+        const uint32_t h1 = sh >= VB ? uint32_t(xv[1] >> (sh - VB)) : uint32_t(xv[1]) << VB;
+        const uint32_t h3 = sh >= VB ? uint32_t(xv[3] >> (sh - VB)) : uint32_t(xv[3]) << VB;
+        const uint32_t i01 = (uint32_t(xv[0] >> sh) & VM) | (h1 & (VM << VB));
+        const uint32_t i23 = (uint32_t(xv[2] >> sh) & VM) | (h3 & (VM << VB));
+        a[hh] = vtab[(i01 << VREPL) + vrl];
+        a[2 + hh] = vtab[(i23 << VREPL) + vrl];
+      }
+      kv_mma(acc + 4 * t, a, bp);
+    }
+#pragma unroll
+    for (int w = 0; w < KQW; ++w) { ka[w] = nka[w]; kb[w] = nkb[w]; }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) vw[u] = nvw[u];
+    rha = nrha; rhb = nrhb; vna = nvna; vnb_ = nvnb_;
+  }
+
+  // ---- merge the warps: l summed over G, then over warps at the block maximum ----
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float lv = l_run[e];
+    lv += KV_SHFL_XOR(lv, KV_GX0);
+    lv += KV_SHFL_XOR(lv, KV_GX1);
+    lv += KV_SHFL_XOR(lv, KV_GX2);
+    l_run[e] = lv;
+  }
+  if (G == 0) {
+    red_m[kv_warp * RB + 2 * Lc] = m_run[0];
+    red_m[kv_warp * RB + 2 * Lc + 1] = m_run[1];
+    red_l[kv_warp * RB + 2 * Lc] = l_run[0];
+    red_l[kv_warp * RB + 2 * Lc + 1] = l_run[1];
+  }
+  KV_BARRIER();   // also: every warp is past its table reads, tabs may be reused
+  float fw[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float M = KV_NEG_INF;
+    for (int w = 0; w < NW; ++w) M = KV_MAX(M, red_m[w * RB + 2 * Lc + e]);
+    fw[e] = (m_run[e] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[e] - M);
+  }
+  KV_TG float* osh = (KV_TG float*)tabs;
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = 2 * Lc + (e & 1);
+      const int d = G * VG + 2 * t + (e >> 1);
+      osh[(kv_warp * RB + n) * DV + d] = acc[4 * t + e] * fw[e & 1];
+    }
+  KV_BARRIER();
+  const long pidx = long(kv_by) * nsp + split;
+  for (int e = kv_tid; e < RB * DV; e += NT) {
+    float o = 0.0f;
+    for (int w = 0; w < NW; ++w) o += osh[w * RB * DV + e];
+    opart[pidx * RB * DV + e] = o;
+  }
+  if (kv_tid < RB) {
+    float M = KV_NEG_INF;
+    for (int w = 0; w < NW; ++w) M = KV_MAX(M, red_m[w * RB + kv_tid]);
+    float lt = 0.0f;
+    for (int w = 0; w < NW; ++w) {
+      const float m = red_m[w * RB + kv_tid];
+      if (m != KV_NEG_INF) lt += KV_EXP(m - M) * red_l[w * RB + kv_tid];
+    }
+    mpart[pidx * RB + kv_tid] = M;
+    lpart[pidx * RB + kv_tid] = lt;
   }
 """
