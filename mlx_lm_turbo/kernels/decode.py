@@ -5,6 +5,8 @@ Pipeline (rotation is linear, so it never touches the keys or values):
      per KV head as (G query heads x L positions), padded to whole row groups.
   2. Kernel 1 (split-K): per (batch, KV head, row group, split) block, scores from packed
      key words, online softmax, value sums in Π_V's domain -> partial (o, m, l).
+     For mse keys and values at <= 4 bits with <= 8 rows per KV head, kernel 1 is the
+     matrix-unit variant (DECODE_MMA_BODY: mma fragments from pair tables; mma_reps).
   3. Kernel 2: combine the splits.
   4. MLX: Π_Vᵀ once, cast to the queries' dtype.
 
