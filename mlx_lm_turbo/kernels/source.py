@@ -874,8 +874,8 @@ def mma_loads(p: str, j0: str) -> str:
       }}
       {p}rha = ja_ < end ? KV_H2F(kn[knb + ja_]) : 0.0f;
       {p}rhb = jb_ < end ? KV_H2F(kn[knb + jb_]) : 0.0f;
-      {p}vna = ja_ < end ? KV_H2F(vn[vnb + ja_]) : 0.0f;
-      {p}vnb_ = jb_ < end ? KV_H2F(vn[vnb + jb_]) : 0.0f;
+      {p}vra = ja_ < end ? KV_H2F(vn[vnb + ja_]) : 0.0f;
+      {p}vrb = jb_ < end ? KV_H2F(vn[vnb + jb_]) : 0.0f;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {{
         const int j = {j0} + 2 * Lc + (u & 1) + 8 * (u >> 1);
@@ -888,6 +888,10 @@ def mma_loads(p: str, j0: str) -> str:
 
 
 DECODE_MMA_BODY = """
+// Bits of the 64-bit x from bit s on (s < 0: shifted up by -s), as 32 bits; s is a
+// compile-time constant after unrolling, so this is one shift (a funnel shift for s > 0).
+#define KV_FIELD(x, s) ((s) >= 0 ? uint32_t((x) >> ((s) >= 0 ? (s) : 0)) \\
+                                 : uint32_t(x) << ((s) >= 0 ? 0 : -(s)))
   constexpr int NW = NT / 32;
   constexpr int RB = 8;
   constexpr int KS = D / 16;
@@ -983,13 +987,13 @@ DECODE_MMA_BODY = """
   // Registers of the current sub-tile; the next one's loads are issued before the
   // current one is computed (the loop is latency-bound otherwise).
   uint32_t ka[KQW], kb[KQW], vw[8];
-  float rha, rhb, vna, vnb_;
+  float rha, rhb, vra, vrb;
 """ + mma_loads("", "start + 16 * kv_warp") + """
   for (int j0 = start + 16 * kv_warp; j0 < end; j0 += 16 * NW) {
     const int ja = j0 + G;
     const int jb = ja + 8;
     uint32_t nka[KQW], nkb[KQW], nvw[8];
-    float nrha, nrhb, nvna, nvnb_;
+    float nrha, nrhb, nvra, nvrb;
 """ + mma_loads("n", "j0 + 16 * NW") + """
     // ---- scores of keys ja, jb for rows 2Lc, 2Lc+1 (two mma chains) ----
     float sc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -1005,10 +1009,8 @@ DECODE_MMA_BODY = """
         const int sh = (bit & 31) - TSH;
         const uint32_t ha = (wi + 1 < KQW) ? ka[wi + 1 < KQW ? wi + 1 : wi] : 0u;
         const uint32_t hb = (wi + 1 < KQW) ? kb[wi + 1 < KQW ? wi + 1 : wi] : 0u;
-        const uint32_t xa = sh >= 0 ? uint32_t(((uint64_t(ha) << 32) | ka[wi]) >> sh)
-                                    : ka[wi] << (-sh);
-        const uint32_t xb = sh >= 0 ? uint32_t(((uint64_t(hb) << 32) | kb[wi]) >> sh)
-                                    : kb[wi] << (-sh);
+        const uint32_t xa = KV_FIELD((uint64_t(ha) << 32) | ka[wi], sh);
+        const uint32_t xb = KV_FIELD((uint64_t(hb) << 32) | kb[wi], sh);
         a[2 * jj] = *(const KV_TG uint32_t*)(tabb + ((xa & (KPM << TSH)) | rl4));
         a[2 * jj + 1] = *(const KV_TG uint32_t*)(tabb + ((xb & (KPM << TSH)) | rl4));
       }
@@ -1053,10 +1055,10 @@ DECODE_MMA_BODY = """
       acc[4 * t + 3] *= al1;
     }
     // ---- P (x value norms) -> B, through this warp's shared tile [key][row] ----
-    pw[G * RB + 2 * Lc] = p0a * vna;
-    pw[G * RB + 2 * Lc + 1] = p1a * vna;
-    pw[(G + 8) * RB + 2 * Lc] = p0b * vnb_;
-    pw[(G + 8) * RB + 2 * Lc + 1] = p1b * vnb_;
+    pw[G * RB + 2 * Lc] = p0a * vra;
+    pw[G * RB + 2 * Lc + 1] = p1a * vra;
+    pw[(G + 8) * RB + 2 * Lc] = p0b * vrb;
+    pw[(G + 8) * RB + 2 * Lc + 1] = p1b * vrb;
     KV_WARP_SYNC();
     uint32_t bp[2];
     kv_load_b(bp, pw, RB, 1, kv_lane);
@@ -1071,16 +1073,14 @@ DECODE_MMA_BODY = """
       uint32_t a[4];
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int sh = (2 * t + hh) * VB;
         // Byte offset of the pair (first key's code, second's): two shifts, two masks.
         const int s0 = (2 * t + hh) * VB - VSH;
-        const int s1 = s0 - VB;
-        const uint32_t l0 = s0 >= 0 ? uint32_t(xv[0] >> (s0 >= 0 ? s0 : 0)) : uint32_t(xv[0]) << (s0 >= 0 ? 0 : -s0);
-        const uint32_t l1 = s1 >= 0 ? uint32_t(xv[1] >> (s1 >= 0 ? s1 : 0)) : uint32_t(xv[1]) << (s1 >= 0 ? 0 : -s1);
-        const uint32_t l2 = s0 >= 0 ? uint32_t(xv[2] >> (s0 >= 0 ? s0 : 0)) : uint32_t(xv[2]) << (s0 >= 0 ? 0 : -s0);
-        const uint32_t l3 = s1 >= 0 ? uint32_t(xv[3] >> (s1 >= 0 ? s1 : 0)) : uint32_t(xv[3]) << (s1 >= 0 ? 0 : -s1);
-        a[hh] = *(const KV_TG uint32_t*)(vtabb + ((l0 & (VM << VSH)) | (l1 & (VM << (VSH + VB))) | vrl4));
-        a[2 + hh] = *(const KV_TG uint32_t*)(vtabb + ((l2 & (VM << VSH)) | (l3 & (VM << (VSH + VB))) | vrl4));
+        const uint32_t m0 = VM << VSH;
+        const uint32_t m1 = VM << (VSH + VB);
+        const uint32_t o01 = (KV_FIELD(xv[0], s0) & m0) | (KV_FIELD(xv[1], s0 - VB) & m1);
+        const uint32_t o23 = (KV_FIELD(xv[2], s0) & m0) | (KV_FIELD(xv[3], s0 - VB) & m1);
+        a[hh] = *(const KV_TG uint32_t*)(vtabb + (o01 | vrl4));
+        a[2 + hh] = *(const KV_TG uint32_t*)(vtabb + (o23 | vrl4));
       }
       kv_mma(acc + 4 * t, a, bp);
     }
@@ -1088,7 +1088,7 @@ DECODE_MMA_BODY = """
     for (int w = 0; w < KQW; ++w) { ka[w] = nka[w]; kb[w] = nkb[w]; }
 #pragma unroll
     for (int u = 0; u < 8; ++u) vw[u] = nvw[u];
-    rha = nrha; rhb = nrhb; vna = nvna; vnb_ = nvnb_;
+    rha = nrha; rhb = nrhb; vra = nvra; vrb = nvrb;
   }
 
   // ---- merge the warps: l summed over G, then over warps at the block maximum ----
