@@ -60,6 +60,18 @@ def test_importing_json_does_not_import_mlx(tmp_path):
     assert r.stdout.split() == ["False", "False", "False", "True"]
 
 
+def test_importing_our_modules_first_still_patches(tmp_path):
+    """A program that imports one of our modules before mlx_lm (scripts, tests): mlx_lm
+    finishes importing inside our package's import, and the hook's patch must still apply
+    (it used to fail on a half-initialised mlx_lm_turbo.cache and print 'not activated')."""
+    r = _run_with_pth(tmp_path, "import mlx_lm_turbo.cache\n"
+                      "import mlx_lm.models.base as base\n"
+                      "print(getattr(base, '_mlx_lm_turbo_patched', False))")
+    assert r.returncode == 0, r.stderr
+    assert "not activated" not in r.stderr, r.stderr
+    assert r.stdout.split() == ["True"]
+
+
 HAS_SERVER = "def apply_server(" in (ROOT / "mlx_lm_turbo" / "patch.py").read_text()
 
 
@@ -108,8 +120,7 @@ fake = types.ModuleType("mlx_lm_turbo.patch")
 def apply():
     raise RuntimeError("mlx_lm_turbo supports mlx-lm >= X")
 fake.apply = apply
-import mlx_lm_turbo
-sys.modules["mlx_lm_turbo.patch"] = mlx_lm_turbo.patch = fake
+sys.modules["mlx_lm_turbo.patch"] = fake
 import mlx_lm.generate
 print(sys.modules["mlx_lm.generate"].generate.__module__)
 """)
