@@ -48,12 +48,12 @@ MMA_DTYPES = ["float16", "float32", "uint32", "float16", "uint32", "float16", "u
 
 def _mma_template(kb, vb, d, mask=1):
     """Template of the matrix-unit decode kernel as the dispatcher sets it (G=4, L=2)."""
-    reps = decode.mma_reps(codecs.make("turboquant_mse", kb, d),
-                           codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
-                           decode.SHARED_BUDGET["metal"])
+    rep = decode.mma_rep(codecs.make("turboquant_mse", kb, d),
+                         codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
+                         decode.SHARED_BUDGET["metal"])
     return [("D", d), ("DV", d), ("KB", kb), ("WK", d * kb // 32), ("VB", vb),
             ("WV", (d * vb + 31) // 32), ("GQ", 4), ("QL", 2), ("MASK", mask), ("NT", 128),
-            ("KREPL", reps[0]), ("VREPL", reps[1]), ("QT", "float16")]
+            ("KREPL", rep), ("VREPL", rep), ("QT", "float16")]
 METAL_ATTRS = [("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                ("thread_position_in_threadgroup", "uint3"),
                ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3")]
@@ -428,19 +428,19 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
 def test_plan_chooses_mma_kernel(monkeypatch):
     """mse keys and values at <= 4 bits, <= 8 rows, whole-word key quarters: the mma
     kernel; otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
-    def reps(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1):
+    def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1):
         c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=40, D=D)
         q = mx.zeros((1, Hq, L, D), mx.float16)
         return decode.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
-    assert reps("mse", 3, "mse", 3) == (5, 5)
-    assert reps("mse", 4, "mse", 4) == (4, 4)          # 256-entry pair tables: 16 copies
-    assert reps("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
-    assert reps("mse", 2, "mse", 3, D=64) is not None
-    assert reps("mse", 5, "mse", 3) is None
-    assert reps("rvq", 2, "mse", 3) is None
-    assert reps("mse", 3, "mse", 3, Hq=8, Hkv=2, L=3) is None   # 12 rows
+    assert rep("mse", 3, "mse", 3) == 5
+    assert rep("mse", 4, "mse", 4) == 4                # 256-entry pair tables: 16 copies
+    assert rep("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
+    assert rep("mse", 2, "mse", 3, D=64) is not None
+    assert rep("mse", 5, "mse", 3) is None
+    assert rep("rvq", 2, "mse", 3) is None
+    assert rep("mse", 3, "mse", 3, Hq=8, Hkv=2, L=3) is None   # 12 rows
     monkeypatch.setenv(decode.MMA_ENV, "0")
-    assert reps("mse", 3, "mse", 3) is None
+    assert rep("mse", 3, "mse", 3) is None
 
 
 @emu
@@ -937,25 +937,6 @@ def test_fused_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, tri
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 5e-3, err
 
-
-@gpu
-@pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
-                                                (2, 4, 128, 24, 8, 2, 999),
-                                                (4, 4, 64, 8, 1, 1, 20000)])
-def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
-    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D)
-    q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
-    mask = "causal" if L > 1 else None
-    outs = []
-    for env in ("", "0"):
-        monkeypatch.setenv(decode.MMA_ENV, env)
-        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
-        assert (p["MMA"] is None) == (env == "0")
-        outs.append(decode.run_fused(q, keys, values, c, D ** -0.5, mask, p,
-                                     decode.backend()).astype(mx.float32))
-    ref = reference_attention(q, keys, values, c, D ** -0.5, mask).astype(mx.float32)
-    for out in outs:
-        assert mx.max(mx.abs(out - ref)).item() < 5e-3
 
 
 def test_encode_forced_returns_none_where_not_covered(monkeypatch):

@@ -6,7 +6,7 @@ Pipeline (rotation is linear, so it never touches the keys or values):
   2. Kernel 1 (split-K): per (batch, KV head, row group, split) block, scores from packed
      key words, online softmax, value sums in Π_V's domain -> partial (o, m, l).
      For mse keys and values at <= 4 bits with <= 8 rows per KV head, kernel 1 is the
-     matrix-unit variant (DECODE_MMA_BODY: mma fragments from pair tables; mma_reps).
+     matrix-unit variant (DECODE_MMA_BODY: mma fragments from pair tables; mma_rep).
   3. Kernel 2: combine the splits.
   4. MLX: Π_Vᵀ once, cast to the queries' dtype.
 
@@ -219,10 +219,10 @@ def row_blocking(R: int, D: int, DV: int, nc: int, wv: int, nv: int, vb: int,
     return 0, 0, 0
 
 
-def mma_reps(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
-             budget: int) -> Optional[tuple[int, int]]:
-    """(log2 key-table copies, log2 value-table copies) of the matrix-unit kernel
-    (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it does
+def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
+            budget: int) -> Optional[int]:
+    """log2 of the copies of each pair table (key and value alike) of the matrix-unit
+    kernel (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it does
     not apply: more than 8 rows, bits above 4, a key quarter not whole words, a lane's
     value bits not within two words, or tables that do not fit ``budget``."""
     if os.environ.get(MMA_ENV, "").strip() == "0":
@@ -241,7 +241,7 @@ def mma_reps(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
     for rep in (5, 4, 3, 2, 1, 0):
         tabs = max((1 << 2 * kb << rep) + (1 << 2 * vb << rep), nw * 8 * DV)
         if 4 * tabs + fixed <= budget:
-            return rep, rep
+            return rep
     return None
 
 
@@ -289,8 +289,8 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    reps = None if W or mask_mode == 2 else mma_reps(kc, vc, R, D, DV, ks[0][0], vb, budget)
-    if reps is not None:
+    rep = None if W or mask_mode == 2 else mma_rep(kc, vc, R, D, DV, ks[0][0], vb, budget)
+    if rep is not None:
         rb, tabn, sh = 8, 0, 0
     else:
         rb, tabn, sh = row_blocking(R, D, DV, nc, vs[0][1].shape[-1], len(vs), vb, budget)
@@ -299,7 +299,7 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     nrg = math.ceil(R / rb)
     kmode = KEY_MODES[kc.METHOD]
     return dict(B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, DV=DV, S=S, G=G, R=R, RB=rb, NRG=nrg, SH=sh,
-                MMA=reps,
+                MMA=rep,
                 TABN=tabn, KMODE=kmode, VMODE=VALUE_MODES[vc.METHOD], MASK=mask_mode,
                 kstreams=ks, vstreams=vs, WIN=W, NCOPY=n_copies,
                 WCTR=int(bool(W) and bool(getattr(cache, "center_keys", False))),
@@ -401,16 +401,25 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
     kc = cache.key_codec
     c = _consts(cache, scale, p)
     B, Hkv, L, D, DV, S, RB, NRG = (p[k] for k in ("B", "Hkv", "L", "D", "DV", "S", "RB", "NRG"))
+    (kb1, kc1, _), *rest = p["kstreams"]
+    (vb, vc1, _), *vrest = p["vstreams"]
+    rows = B * Hkv * NRG
+    if p["MMA"] is not None:   # mse keys/values, Hadamard keys: none of the inputs below
+        rep = p["MMA"]
+        template = [("D", D), ("DV", DV), ("KB", kb1), ("WK", kc1.shape[-1]), ("VB", vb),
+                    ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
+                    ("NT", NT), ("KREPL", rep), ("VREPL", rep), ("QT", queries.dtype)]
+        inputs = [queries, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
+                  pair_table(kc, rep), pair_table(cache.value_codec, rep)]
+        return inputs, template, n_splits(S, rows)
     if c["rotq"]:
         q = queries
         q2 = c["f32_dummy"]
     else:
         q = kc.rotate(queries) * scale
         q2 = (q @ kc.sketch.T) if p["KMODE"] == 2 else c["f32_dummy"]
-    (kb1, kc1, _), *rest = p["kstreams"]
     kb2, kc2 = (rest[0][0], rest[0][1]) if rest else (0, c["codes_dummy"])
     krn = keys["residual_norm"] if p["KMODE"] == 2 else c["norm_dummy"]
-    (vb, vc1, _), *vrest = p["vstreams"]
     vc2 = vrest[0][1] if vrest else c["codes_dummy"]
     if p["MASK"] == 2:
         m = mask
@@ -424,15 +433,6 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
         m = mx.contiguous(m)
     else:
         m = c["f32_dummy"]
-    rows = B * Hkv * NRG
-    if p["MMA"] is not None:
-        template = [("D", D), ("DV", DV), ("KB", kb1), ("WK", kc1.shape[-1]), ("VB", vb),
-                    ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
-                    ("NT", NT), ("KREPL", p["MMA"][0]), ("VREPL", p["MMA"][1]),
-                    ("QT", q.dtype)]
-        inputs = [q, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
-                  pair_table(kc, p["MMA"][0]), pair_table(cache.value_codec, p["MMA"][1])]
-        return inputs, template, n_splits(S, rows)
     if p["WIN"]:
         # One more split: the window block (kernel 1's last along x).
         qw, rk, rv = queries, keys["recent"], values["recent"]

@@ -85,7 +85,6 @@ struct emu_half {
 #define KV_NEG_INF (-INFINITY)
 // The matrix-unit helpers of DECODE_MMA_BODY with CUDA's fragment layout (G = lane/4,
 // L = lane%4): each lane posts its fragments, then computes its own C elements.
-#define KV_TH
 #define KV_MG(lane) ((lane) >> 2)
 #define KV_ML(lane) ((lane) & 3)
 #define KV_GX0 4

@@ -767,7 +767,6 @@ ENCODE_BODY = """
 # simdgroup_matrix products per call (A[G][2L..] is where thread_elements() keeps a lane's
 # two elements of an 8x8 block).
 CUDA_MMA_HEADER = """
-#define KV_TH
 #define KV_MG(lane) ((lane) >> 2)
 #define KV_ML(lane) ((lane) & 3)
 #define KV_GX0 4
@@ -794,7 +793,6 @@ __device__ __forceinline__ void kv_mma(float* c, const uint32_t* a, const uint32
 """
 
 METAL_MMA_HEADER = """
-#define KV_TH thread
 #define KV_MG(lane) ((((lane) >> 2) & 4) + (((lane) >> 1) & 3))
 #define KV_ML(lane) ((((lane) >> 2) & 2) + ((lane) & 1))
 #define KV_GX0 2
