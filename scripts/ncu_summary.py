@@ -9,7 +9,7 @@ JSON and a PNG (µs per call vs sequence length, speedup over fp16 SDPA).
 ncu lists the kernels in launch order and profile_decode.py runs each operation twice,
 synchronised, in the order of ``profiled_calls``: fp16 SDPA is two kernels (cuDNN flash +
 reduction), a fused attention two (decode + combine), a one-token append five (encode +
-four slice writes). A call's time is the sum of its kernels; an operation's is the faster
+four slice writes), mlx-lm's quantized attention however many its ops launch. A call's time is the sum of its kernels; an operation's is the faster
 of its two calls (the first launch of a kernel in the profiled region sometimes carries
 a one-off load).
 """
@@ -19,8 +19,10 @@ import csv
 import json
 from collections import OrderedDict
 
-KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": 5}
-FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode"}
+# mlx-lm's quantized attention is a sequence of MLX ops (None: the kernels up to the next
+# call, found by its first kernel's name: this call's first one again, or another kind's).
+KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": 5, "mlx": None}
+FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode", "mlx": ""}
 
 
 def read_kernels(path: str) -> list[dict]:
@@ -37,10 +39,18 @@ def read_kernels(path: str) -> list[dict]:
 
 def per_call(kernels: list[dict], calls: list[str]) -> list[dict]:
     out, i = [], 0
-    for call in calls:
+    for c, call in enumerate(calls):
         S, op = call.split(" ", 1)
         kind = op.split("_", 1)[0]
-        ks = kernels[i:i + KERNELS_PER_CALL[kind]]
+        n = KERNELS_PER_CALL[kind]
+        if n is None:   # up to the next call: a repeat of this one, or another kind's
+            nxt = FIRST_KERNEL[calls[c + 1].split(" ", 1)[1].split("_", 1)[0]] \
+                if c + 1 < len(calls) else None
+            n = 1
+            while i + n < len(kernels) and kernels[i + n]["name"] != kernels[i]["name"] \
+                    and not (nxt and nxt in kernels[i + n]["name"]):
+                n += 1
+        ks = kernels[i:i + n]
         i += len(ks)
         if FIRST_KERNEL[kind] not in ks[0]["name"]:
             raise ValueError(f"{call}: expected a {FIRST_KERNEL[kind]} kernel, "

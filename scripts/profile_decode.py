@@ -1,5 +1,6 @@
 """Where one decode step's attention time goes on the GPU: every kernel of a 3-bit cache
-append and of the fused attention call, and of fp16 SDPA, timed one by one.
+append and of the fused attention call, and of fp16 SDPA (and, with 4 in --bits, of
+mlx-lm's 4-bit quantized attention), timed one by one.
 
 Run under Nsight Compute to get each kernel's own duration (only the marked region is
 profiled; the warm-up and the JIT compiles are not):
@@ -63,7 +64,7 @@ def main(argv=None):
                    help="comma list of the decode kernel's target grid sizes to try")
     p.add_argument("--kernels", default="mma,scalar",
                    help="decode kernels to time where both apply: mma (matrix units) and/or "
-                        "scalar (MLX_LM_TURBO_MMA=0)")
+                        "scalar (MLX_LM_TURBO_MMA=1 / 0)")
     p.add_argument("--out", default=None, help="JSON of the per-call times")
     args = p.parse_args(argv)
     start, stop = cuda_profiler()
@@ -84,6 +85,16 @@ def main(argv=None):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
         ops = [("sdpa_fp16", None, "", sdpa)]
+        if 4 in bits_list:   # mlx-lm's own quantized cache at 4 bits (group 64)
+            from mlx_lm.models.base import quantized_scaled_dot_product_attention as qsdpa
+            qk = mx.quantize(k, group_size=64, bits=4)
+            qv = mx.quantize(v, group_size=64, bits=4)
+            mx.eval(qk, qv)
+
+            def mlx_quant(q=q, qk=qk, qv=qv):
+                return qsdpa(q, qk, qv, scale=scale, mask=None, group_size=64, bits=4)
+
+            ops.append(("mlx_lm_quant4", None, "", mlx_quant))
         for bits in bits_list:
             for kernel in args.kernels.split(","):
                 c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
@@ -95,7 +106,7 @@ def main(argv=None):
                     return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
 
                 # The plan (kept on each cache) is made at the first call, under this env.
-                env = "0" if kernel == "scalar" else ""
+                env = "0" if kernel == "scalar" else "1"   # (mma: short sequences too)
                 for blocks in blocks_list:
                     ops.append((f"fused_attention_{kernel}_mse{bits}_blocks{blocks}", blocks,
                                 env, attend))

@@ -258,8 +258,11 @@ def test_mma_metal_source_parses(kb, vb, d, tmp_path):
 
 
 def test_mma_cuda_source_compiles(tmp_path):
+    """...with launch bounds (4 blocks of NT threads per SM: at most 128 registers)."""
     assert_cuda_compiles(render_cuda(_mma_template(3, 3, 128), "decode_mma"),
                          tmp_path / "decode_mma.cu", ptx=True)
+    ptx = (tmp_path / "decode_mma.ptx").read_text()
+    assert f".maxntid {decode.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
 
 
 def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
@@ -347,7 +350,7 @@ def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
     q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
     mask = "causal" if L > 1 else None
     outs = []
-    for env in ("", "0"):
+    for env in ("1", "0"):
         monkeypatch.setenv(decode.MMA_ENV, env)
         p = decode.plan(q, keys, values, c, mask, None, decode.backend())
         assert (p["MMA"] is None) == (env == "0")
@@ -406,6 +409,7 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
     (4, 2, 128, 8, 1, 1, 1000, None, 2, mx.bfloat16),       # 8 rows; many sub-tiles a warp
     (1, 1, 128, 2, 2, 3, 77, "causal", 528, mx.float32),    # one partial tile, 3 rows
     (3, 4, 128, 12, 4, 2, 1300, "causal", 7, mx.float16),   # GQA 3 x L 2 = 6 rows
+    (2, 3, 64, 4, 2, 4, 1024, "causal", 2, mx.float16),     # last tile whole, causal keys
 ])
 def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, blocks, dtype,
                                                monkeypatch):
@@ -414,6 +418,7 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
     error at ~1e-3 of outputs of magnitude ~2."""
     from mlx_lm_turbo.kernels import emulate
     monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    monkeypatch.setenv(decode.MMA_ENV, "1")   # short sequences too
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
     p = decode.plan(q, keys, values, c, mask, None, "cuda")
@@ -426,13 +431,20 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
 
 
 def test_plan_chooses_mma_kernel(monkeypatch):
-    """mse keys and values at <= 4 bits, <= 8 rows, whole-word key quarters: the mma
-    kernel; otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
-    def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1):
-        c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=40, D=D)
+    """mse keys and values at <= 4 bits, <= 8 rows, whole-word key quarters and at least
+    two tiles of keys per block: the mma kernel; otherwise, or with MLX_LM_TURBO_MMA=0,
+    the scalar one (MLX_LM_TURBO_MMA=1: the mma one for short sequences too)."""
+    def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1, S=300):
+        c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D)
         q = mx.zeros((1, Hq, L, D), mx.float16)
         return decode.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
+    assert decode.mma_short(4096, 8) and not decode.mma_short(32768, 8)  # 528 blocks
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", 2)   # 1 split per KV head: 3 tiles a block
     assert rep("mse", 3, "mse", 3) == 5
+    assert rep("mse", 3, "mse", 3, S=128) is None      # one tile per block: scalar
+    monkeypatch.setenv(decode.MMA_ENV, "1")
+    assert rep("mse", 3, "mse", 3, S=128) == 5
+    monkeypatch.setenv(decode.MMA_ENV, "")
     assert rep("mse", 4, "mse", 4) == 4                # 256-entry pair tables: 16 copies
     assert rep("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
     assert rep("mse", 2, "mse", 3, D=64) is not None
@@ -444,30 +456,43 @@ def test_plan_chooses_mma_kernel(monkeypatch):
 
 
 @emu
-@pytest.mark.parametrize("DV,nsp", [(64, 700), (128, 3), (256, 33)])
-def test_emulated_combine_matches_numpy(DV, nsp):
+@pytest.mark.parametrize("DV,nsp,rotv", [(64, 700, 0), (128, 3, 1), (256, 33, 1), (32, 9, 1)])
+def test_emulated_combine_matches_numpy(DV, nsp, rotv):
     """The combine kernel alone on random partials, some splits fully masked (m = -inf),
-    more splits than threads for DV=64: sum_s e^(m_s-M) o_s / sum_s e^(m_s-M) l_s."""
+    more splits than threads for DV=64, a padding row (GQ < RB) left unwritten:
+    sum_s e^(m_s-M) o_s / sum_s e^(m_s-M) l_s, then (rotv) Hadamard x signs / sqrt(DV)."""
     from mlx_lm_turbo.kernels import emulate
     rng = np.random.default_rng(DV)
-    B, H, NRG, RB, GQ = 1, 2, 1, 2, 2
+    B, H, NRG, RB, GQ = 1, 2, 1, 3, 2
     o = rng.standard_normal((B, H, NRG, nsp, RB, DV)).astype(np.float32)
     m = rng.standard_normal((B, H, NRG, nsp, RB)).astype(np.float32) * 3
     m[..., ::3, :] = -np.inf
     o[..., ::3, :, :] = 0.0   # what a fully masked split writes
     lsum = rng.uniform(0.5, 2.0, (B, H, NRG, nsp, RB)).astype(np.float32)
-    vmul = np.ones(DV, np.float32)
+    signs = rng.choice([-1.0, 1.0], DV).astype(np.float32)
+    vmul = (signs / np.sqrt(DV)).astype(np.float32) if rotv else np.ones(DV, np.float32)
     sg = decode.reduce_groups(DV)
-    tpl = [("RB", RB), ("DV", DV), ("GQ", GQ), ("QL", 1), ("ROTV", 0), ("OT", "float"),
+    tpl = [("RB", RB), ("DV", DV), ("GQ", GQ), ("QL", 1), ("ROTV", rotv), ("OT", "float"),
            ("SG", sg)]
     run = emulate.compile_kernel(source.REDUCE_BODY, decode.REDUCE_INPUTS, [np.float32] * 4,
                                  decode.REDUCE_OUTPUTS, tpl)
-    out = np.zeros((B, H * GQ, 1, DV), np.float32)
+    out = np.full((B, H * GQ, 1, DV), 7.0, np.float32)
     run([(a, list(a.shape), [s // 4 for s in a.strides]) for a in (o, m, lsum, vmul)],
         [out], (B * H * NRG * RB, 1), DV * sg)
     w = np.exp(m - m.max(axis=3, keepdims=True))
     want = (w[..., None] * o).sum(3) / (w * lsum).sum(3)[..., None]   # (B, H, NRG, RB, DV)
-    np.testing.assert_allclose(out.reshape(B, H, RB, DV), want[:, :, 0], rtol=1e-5, atol=1e-6)
+    want = want[:, :, 0, :GQ]
+    if rotv:
+        want = want @ scipy_free_hadamard(DV) * vmul
+    np.testing.assert_allclose(out.reshape(B, H, GQ, DV), want, rtol=1e-5, atol=2e-6)
+
+
+def scipy_free_hadamard(n: int) -> np.ndarray:
+    """Sylvester's Hadamard matrix H_n (entries +-1), MLX's order."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
 
 
 def _kernel_fails_to_compile(monkeypatch, module, launcher: str) -> list:

@@ -33,7 +33,9 @@ MAX_QUERY_LEN = 8
 NT = 128                      # threads per block = keys per tile
 TARGET_BLOCKS = int(os.environ.get("MLX_LM_TURBO_BLOCKS", "528"))  # ~4 blocks per H100 SM
 ENV = "MLX_LM_TURBO_KERNELS"
-MMA_ENV = "MLX_LM_TURBO_MMA"  # "0": the scalar decode kernel even where the mma one applies
+# "0": the scalar decode kernel even where the mma one applies; "1": the mma kernel wherever
+# it applies, short sequences included (mma_short).
+MMA_ENV = "MLX_LM_TURBO_MMA"
 # Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
 SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
 
@@ -104,16 +106,33 @@ def constants(template, backend_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact(text: str) -> str:
+    """Kernel text without comments, indentation or blank lines. MLX hashes a custom
+    kernel's whole source each time it evaluates one (host time of every decode step):
+    the mma kernel's text is 20 KB with comments, 15.5 KB without."""
+    lines = []
+    for line in text.splitlines():
+        if '"' not in line:   # no string literal on the line, so // starts a comment
+            line = line.split("//", 1)[0]
+        line = line.strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def full_source(body: str, backend_name: str, template=(), mma: bool = False) -> tuple[str, str]:
     """(header, source) for mx.fast.*_kernel: the template values baked in as constants,
-    then the backend prelude, then the shared body. ``mma``: the header also carries the
-    matrix-unit helpers (DECODE_MMA_BODY)."""
+    then the backend prelude, then the shared body, compacted. ``mma``: the header also
+    carries the matrix-unit helpers (DECODE_MMA_BODY)."""
     head = constants(template, backend_name) if template else ""
     if backend_name == "metal":
         extra = source.METAL_MMA_HEADER if mma else ""
-        return source.METAL_HEADER + extra, head + source.METAL_PRELUDE + body
-    extra = source.CUDA_MMA_HEADER if mma else ""
-    return source.CUDA_HEADER + extra, head + source.CUDA_PRELUDE + body
+        header, src = source.METAL_HEADER + extra, head + source.METAL_PRELUDE + body
+    else:
+        extra = (source.CUDA_MMA_HEADER + source.CUDA_LAUNCH_BOUNDS.format(nt=NT, blocks=4)
+                 if mma else "")
+        header, src = source.CUDA_HEADER + extra, head + source.CUDA_PRELUDE + body
+    return compact(header), compact(src)
 
 
 DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
@@ -245,6 +264,16 @@ def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
     return None
 
 
+def mma_short(S: int, heads: int) -> bool:
+    """True where the split-K grid gives each block of ``heads`` (batch x KV heads) a single
+    tile of keys: there the mma kernel's per-block set-up (query rotation, table copies,
+    fragment staging) costs more than it saves, and the scalar kernel runs (H100, S=4096
+    with 8 KV heads: 19.0 vs 21.2 µs in one run, 19.1 vs 20.9 and 20.7 vs 23.1 in others;
+    at 32k the mma kernel is 1.3x faster)."""
+    tiles = math.ceil(S / NT)
+    return math.ceil(tiles / max(1, TARGET_BLOCKS // max(1, heads))) < 2
+
+
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
          backend_name: str) -> Optional[dict]:
     """Static description of the launch, or None when the fused path does not apply."""
@@ -289,7 +318,9 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    rep = None if W or mask_mode == 2 else mma_rep(kc, vc, R, D, DV, ks[0][0], vb, budget)
+    short = mma_short(S, B * Hkv) and os.environ.get(MMA_ENV, "").strip() != "1"
+    rep = None if W or mask_mode == 2 or short else mma_rep(kc, vc, R, D, DV, ks[0][0], vb,
+                                                            budget)
     if rep is not None:
         rb, tabn, sh = 8, 0, 0
     else:
@@ -317,8 +348,9 @@ def cached_plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
         return plan(queries, keys, values, cache, mask, sinks, backend_name)
     kc, vc = cache.key_codec, cache.value_codec
     S = keys["norm"].shape[2]
-    sig = (backend_name, tuple(queries.shape), queries.dtype, mask, kc, vc,
-           tuple(keys["norm"].shape[:2]))
+    Bk, Hkv = keys["norm"].shape[:2]
+    sig = (backend_name, tuple(queries.shape), queries.dtype, mask, kc, vc, (Bk, Hkv),
+           mma_short(S, Bk * Hkv))   # (a plan is remade when a sequence outgrows it)
     memo = getattr(cache, "_fused_plan", None)
     if memo is None or memo[0] != sig or S == 0:
         p = plan(queries, keys, values, cache, mask, sinks, backend_name)
@@ -380,18 +412,19 @@ def _consts(cache, scale: float, p: dict) -> dict:
     return c
 
 
-def pair_table(codec, rep: int) -> mx.array:
+def pair_table(codec) -> mx.array:
     """The mma kernel's pair table of an mse codec: word x holds (c[x mod 2^b], c[x >> b])
-    as two fp16 (low half first), each word repeated 2^rep times. Kept on the codec."""
-    memo = codec.__dict__.setdefault("_pair_tables", {})
-    if rep not in memo:
+    as two fp16 (low half first). The kernel repeats each word 2^KREPL times in shared
+    memory. Kept on the codec."""
+    t = codec.__dict__.get("_pair_table")
+    if t is None:
         b = codec.bits
         c = np.array(codec.centroids.astype(mx.float32)).astype(np.float16).view(np.uint16)
         x = np.arange(1 << 2 * b)
         words = c[x & ((1 << b) - 1)].astype(np.uint32) | (c[x >> b].astype(np.uint32) << 16)
-        memo[rep] = mx.array(np.repeat(words, 1 << rep))
-        mx.eval(memo[rep])
-    return memo[rep]
+        t = codec.__dict__["_pair_table"] = mx.array(words)
+        mx.eval(t)
+    return t
 
 
 def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: float, mask,
@@ -410,7 +443,7 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
                     ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
                     ("NT", NT), ("KREPL", rep), ("VREPL", rep), ("QT", queries.dtype)]
         inputs = [queries, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
-                  pair_table(kc, rep), pair_table(cache.value_codec, rep)]
+                  pair_table(kc), pair_table(cache.value_codec)]
         return inputs, template, n_splits(S, rows)
     if c["rotq"]:
         q = queries

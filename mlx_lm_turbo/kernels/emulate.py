@@ -100,6 +100,9 @@ static float emu_shfl_xor(float x, int o) {
   return r;
 }
 #define KV_SHFL_XOR(x, o) emu_shfl_xor(x, o)
+#define KV_TAB_BASE const char*
+#define KV_TAB_ADDR(p) ((const char*)(p))
+#define KV_TAB_LOAD(base, off) (*(const uint32_t*)((base) + (off)))
 static uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(emu_f2h(lo)) | (uint32_t(emu_f2h(hi)) << 16);
 }

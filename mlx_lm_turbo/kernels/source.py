@@ -7,6 +7,7 @@ The bodies use only the macros and names below, so the same text compiles as Met
     KV_TG, KV_DEV    address spaces for pointer casts (threadgroup / device; empty in CUDA)
     KV_BARRIER()     block-wide barrier
     KV_WARP_MAX/SUM  reductions over the 32 lanes of a SIMD group / warp
+    KV_SHFL_XOR(x, o)  lane l reads x of lane l ^ o (all 32 lanes take part)
     KV_EXP, KV_MAX, KV_MIN, KV_SQRT, KV_H2F, KV_NEG_INF, KV_IMAX (int max)
     kv_tid, kv_lane, kv_warp, kv_bx, kv_by, kv_nbx   thread / group indices (set by the prelude)
 
@@ -34,6 +35,7 @@ METAL_HEADER = """
 #define KV_SQRT(x) metal::sqrt(x)
 #define KV_H2F(x) float(x)
 #define KV_NEG_INF (-INFINITY)
+#define KV_SHFL_XOR(x, o) simd_shuffle_xor(x, ushort(o))
 """
 
 METAL_PRELUDE = """
@@ -75,6 +77,7 @@ __device__ __forceinline__ float kv_warp_sum(float x) {
 }
 #define KV_WARP_MAX(x) kv_warp_max(x)
 #define KV_WARP_SUM(x) kv_warp_sum(x)
+#define KV_SHFL_XOR(x, o) __shfl_xor_sync(0xffffffffu, x, o)
 """
 
 CUDA_PRELUDE = """
@@ -541,18 +544,22 @@ DECODE_BODY = """
 """
 
 # Combines the splits of one output row: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,
-# then (ROTV) Π_Vᵀ = Hadamard + random signs in shared memory, written straight into the
-# (B, Hq, L, DV) output in the queries' dtype OT. One block of DV*SG threads per row: thread
-# (g, d) sums dim d over the splits s = g, g+SG, ..., so each thread issues few independent
-# loads (a loop over every split per thread was latency-bound: ~24 µs for 64 splits on the
-# H100). Partials are [B, Hkv, NRG, split, RB, DV].
+# then (ROTV) Π_Vᵀ = Hadamard + random signs, written straight into the (B, Hq, L, DV)
+# output in the queries' dtype OT. One block of DV*SG threads per row (padding rows of the
+# last row group return at once): thread (g, d) runs an online softmax over the splits
+# s = g, g+SG, ..., U splits at a time with their loads issued together, then group 0
+# merges the SG groups and applies the Hadamard transform: its stages within a warp by
+# shuffles, the last log2(DV/32) as one DV/32-point transform through shared memory.
+# The kernel is a chain of L2 round trips, not bandwidth: a loop over every split per
+# thread took ~24 µs for 64 splits on the H100, one round trip per split; the previous
+# version (one round trip per phase, seven barrier stages of Hadamard) 6.4-8.2 µs.
+# Partials are [B, Hkv, NRG, split, RB, DV].
 REDUCE_BODY = """
   constexpr int NTR = DV * SG;
-  constexpr int NWR = NTR / 32;
-  KV_SHARED float buf[NTR];
-  KV_SHARED float wsh[NTR];
-  KV_SHARED float red_m[NWR];
-  KV_SHARED float red_l[NWR];
+  constexpr int U = 8;
+  KV_SHARED float osg[NTR];
+  KV_SHARED float msg[SG];
+  KV_SHARED float lsg[SG];
   const int Hkv = int(opart_shape[1]);
   const int nrg = int(opart_shape[2]);
   const int nsp = int(opart_shape[3]);
@@ -561,70 +568,95 @@ REDUCE_BODY = """
   const int rb = row / RB;               // (b, h, rg)
   const int rg = rb % nrg;
   const int bh = rb / nrg;
+  const int rr = rg * RB + r;
+  if (rr >= GQ * QL) return;             // a padding row (the whole block): no output
   const int d = kv_tid % DV;
   const int g = kv_tid / DV;
   const long sbase = long(rb) * nsp;
-  // M = max_s m_s over the block.
-  float mloc = KV_NEG_INF;
-  for (int s = kv_tid; s < nsp; s += NTR) mloc = KV_MAX(mloc, mpart[(sbase + s) * RB + r]);
-  mloc = KV_WARP_MAX(mloc);
-  if (kv_lane == 0) red_m[kv_warp] = mloc;
-  KV_BARRIER();
-  float M = red_m[0];
-  for (int w = 1; w < NWR; ++w) M = KV_MAX(M, red_m[w]);
-  // Per chunk of NTR splits: weights e^(m_s - M) to shared, then the weighted value sums.
-  float num = 0.0f;
-  float lloc = 0.0f;
-  for (int s0 = 0; s0 < nsp; s0 += NTR) {
-    const int s = s0 + kv_tid;
-    float w = 0.0f;
-    if (s < nsp && M != KV_NEG_INF) {
-      const float m = mpart[(sbase + s) * RB + r];
-      if (m != KV_NEG_INF) {
-        w = KV_EXP(m - M);
-        lloc += w * lpart[(sbase + s) * RB + r];
-      }
-    }
-    wsh[kv_tid] = w;
-    KV_BARRIER();
-    const int n = KV_MIN(NTR, nsp - s0);
-#pragma unroll 4
-    for (int t = g; t < n; t += SG)
-      num += wsh[t] * opart[((sbase + s0 + t) * RB + r) * DV + d];
-    KV_BARRIER();
-  }
-  lloc = KV_WARP_SUM(lloc);
-  if (kv_lane == 0) red_l[kv_warp] = lloc;
-  buf[kv_tid] = num;
-  KV_BARRIER();
+  float M = KV_NEG_INF;
   float den = 0.0f;
-  for (int w = 0; w < NWR; ++w) den += red_l[w];
-  if (g == 0) {
-    float o = 0.0f;
-    for (int k = 0; k < SG; ++k) o += buf[k * DV + d];
-    buf[d] = den > 0.0f ? o / den : 0.0f;   // only this thread reads slots d, DV+d, ...
-  }
-  KV_BARRIER();
-  if (ROTV == 1) {
-    for (int hh = 1; hh < DV; hh <<= 1) {
-      if (g == 0 && d < DV / 2) {
-        const int i = (d / hh) * 2 * hh + (d % hh);
-        const float x0 = buf[i];
-        const float x1 = buf[i + hh];
-        buf[i] = x0 + x1;
-        buf[i + hh] = x0 - x1;
+  float num = 0.0f;
+  for (int s0 = g; s0 < nsp; s0 += U * SG) {
+    float m[U], l[U], o[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * SG;
+      const long i = (sbase + (s < nsp ? s : 0)) * RB + r;
+      m[u] = s < nsp ? mpart[i] : KV_NEG_INF;
+      l[u] = s < nsp ? lpart[i] : 0.0f;
+      o[u] = s < nsp ? opart[i * DV + d] : 0.0f;
+    }
+    float mc = M;
+#pragma unroll
+    for (int u = 0; u < U; ++u) mc = KV_MAX(mc, m[u]);
+    if (mc != KV_NEG_INF) {              // (all splits so far fully masked: nothing yet)
+      const float a = (M == KV_NEG_INF) ? 0.0f : KV_EXP(M - mc);
+      den *= a;
+      num *= a;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float w = (m[u] == KV_NEG_INF) ? 0.0f : KV_EXP(m[u] - mc);
+        den += w * l[u];
+        num += w * o[u];
       }
-      KV_BARRIER();
+      M = mc;
     }
   }
-  const int rr = rg * RB + r;
-  if (g == 0 && rr < GQ * QL) {
+  osg[kv_tid] = num;
+  if (d == 0) {
+    msg[g] = M;
+    lsg[g] = den;
+  }
+  KV_BARRIER();
+  float x = 0.0f;
+  if (g == 0) {
+    float Mx = msg[0];
+    for (int k = 1; k < SG; ++k) Mx = KV_MAX(Mx, msg[k]);
+    float dn = 0.0f;
+    float o = 0.0f;
+    for (int k = 0; k < SG; ++k) {
+      if (msg[k] != KV_NEG_INF) {
+        const float w = KV_EXP(msg[k] - Mx);
+        dn += w * lsg[k];
+        o += w * osg[k * DV + d];
+      }
+    }
+    x = dn > 0.0f ? o / dn : 0.0f;
+    if (ROTV == 1) {
+      // Butterflies (i, i + hh) of the lanes of a warp (g == 0 is whole warps: DV % 32 == 0).
+      for (int hh = 1; hh < 32 && hh < DV; hh <<= 1) {
+        const float y = KV_SHFL_XOR(x, hh);
+        x = (kv_lane & hh) ? y - x : x + y;
+      }
+    }
+  }
+  if (ROTV == 1 && DV > 32) {
+    // H_DV = H_(DV/32) (x) H_32: the warps' 32-point transforms, then the DV/32-point one
+    // across warps, entry (w, w2) = (-1)^popcount(w & w2).
+    KV_BARRIER();                        // every thread is past reading osg
+    if (g == 0) osg[d] = x;
+    KV_BARRIER();
+    if (g == 0) {
+      const int w = d >> 5;
+      float y = 0.0f;
+      for (int w2 = 0; w2 < DV / 32; ++w2) {
+        int t = w & w2;
+        t ^= t >> 4;
+        t ^= t >> 2;
+        t ^= t >> 1;
+        const float v = osg[(d & 31) + 32 * w2];
+        y += (t & 1) ? -v : v;
+      }
+      x = y;
+    }
+  }
+  if (g == 0) {
     const int b = bh / Hkv;
     const int h = bh - b * Hkv;
     const int gq = rr / QL;
     const int l = rr - gq * QL;
     const long o = (long(b * Hkv * GQ + h * GQ + gq) * QL + l) * DV + d;
-    out[o] = static_cast<OT>(buf[d] * vmul[d]);
+    out[o] = static_cast<OT>(x * vmul[d]);
   }
 """
 
@@ -772,8 +804,16 @@ CUDA_MMA_HEADER = """
 #define KV_GX0 4
 #define KV_GX1 8
 #define KV_GX2 16
-#define KV_SHFL_XOR(x, o) __shfl_xor_sync(0xffffffffu, x, o)
 #define KV_WARP_SYNC() __syncwarp()
+// Pair-table lookups: a 32-bit shared-window address plus a byte offset, one ld.shared.
+#define KV_TAB_BASE uint32_t
+#define KV_TAB_ADDR(p) uint32_t(__cvta_generic_to_shared(p))
+__device__ __forceinline__ uint32_t kv_tab_load(uint32_t base, uint32_t off) {
+  uint32_t r;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(base + off));
+  return r;
+}
+#define KV_TAB_LOAD(base, off) kv_tab_load(base, off)
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(__half_as_ushort(__float2half_rn(lo)))
          | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
@@ -792,14 +832,25 @@ __device__ __forceinline__ void kv_mma(float* c, const uint32_t* a, const uint32
 }
 """
 
+# MLX writes the kernel's declaration itself, after the header: launch bounds reach it only
+# through the __global__ macro. With (NT, 4) the mma kernel keeps to 128 registers, so 4
+# blocks share an SM and the 528-block grid is one wave on the H100 (at 144 registers,
+# 3 per SM: 82.5 instead of ~76 µs at 128k, 3 bits).
+CUDA_LAUNCH_BOUNDS = """
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__({nt}, {blocks})
+"""
+
 METAL_MMA_HEADER = """
 #define KV_MG(lane) ((((lane) >> 2) & 4) + (((lane) >> 1) & 3))
 #define KV_ML(lane) ((((lane) >> 2) & 2) + ((lane) & 1))
 #define KV_GX0 2
 #define KV_GX1 4
 #define KV_GX2 16
-#define KV_SHFL_XOR(x, o) simd_shuffle_xor(x, ushort(o))
 #define KV_WARP_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
+#define KV_TAB_BASE const threadgroup char*
+#define KV_TAB_ADDR(p) ((const threadgroup char*)(p))
+#define KV_TAB_LOAD(base, off) (*(const threadgroup uint32_t*)((base) + (off)))
 inline uint32_t kv_pack_h2(float lo, float hi) {
   return as_type<uint32_t>(half2(half(lo), half(hi)));
 }
@@ -846,7 +897,8 @@ inline void kv_mma(thread float* c, thread const uint32_t* a, thread const uint3
 # (c[x & m], c[x >> KB]) as two fp16, so the 2*KB bits of two adjacent codes index one
 # 32-bit fragment word. Each entry is repeated 2^KREPL times and lane l reads copy
 # l mod 2^KREPL, so the 32 lanes' lookups never collide on a shared-memory bank
-# (2^KREPL = 32) or rarely (16). The block copies both tables to shared memory.
+# (2^KREPL = 32) or rarely (16). The block copies both tables to shared memory, making the
+# copies (reading 2^KREPL times fewer global words: ~16 KB a block at 3 bits before).
 #   Scores S (16 keys x 8 rows) = K~ Q~ᵀ: A = the codes of keys G, G+8; the lane with
 #   class L reads the contiguous quarter [L*D/4, (L+1)*D/4) of their code words, so mma
 #   step s (of D/16) takes dims L*D/4 + 4s + {0,1} (pair L) and + {2,3} (pair L+4): the
@@ -858,30 +910,143 @@ inline void kv_mma(thread float* c, thread const uint32_t* a, thread const uint3
 #   and lane: two words and one funnel shift). P (with ρ_value folded in) goes to B
 #   through a per-warp shared tile.
 
-def mma_loads(p: str, j0: str) -> str:
+def mma_loads(p: str, j0: str, guarded: bool = True) -> str:
     """Kernel text: the global loads of the mma kernel's sub-tile at key ``j0`` into the
-    registers named with prefix ``p`` (key code quarters, value code words, norms; zeros
-    past ``end``)."""
+    registers named with prefix ``p`` (key code quarters, value code words, norms).
+    ``guarded``: keys at or past ``end`` read as zeros; else the caller knows the 16 keys
+    are below ``end``."""
+    def g(j, expr, zero="0u"):
+        return f"{j} < end ? {expr} : {zero}" if guarded else expr
+    vtwo = "(j < end && vtwo)" if guarded else "vtwo"
     return f"""    {{
       const int ja_ = {j0} + G;
       const int jb_ = ja_ + 8;
 #pragma unroll
       for (int w = 0; w < KQW; ++w) {{
-        {p}ka[w] = ja_ < end ? kc[kbase + long(ja_) * WK + Lc * KQW + w] : 0u;
-        {p}kb[w] = jb_ < end ? kc[kbase + long(jb_) * WK + Lc * KQW + w] : 0u;
+        {p}ka[w] = {g("ja_", "kc[kbase + long(ja_) * WK + Lc * KQW + w]")};
+        {p}kb[w] = {g("jb_", "kc[kbase + long(jb_) * WK + Lc * KQW + w]")};
       }}
-      {p}rha = ja_ < end ? KV_H2F(kn[knb + ja_]) : 0.0f;
-      {p}rhb = jb_ < end ? KV_H2F(kn[knb + jb_]) : 0.0f;
-      {p}vra = ja_ < end ? KV_H2F(vn[vnb + ja_]) : 0.0f;
-      {p}vrb = jb_ < end ? KV_H2F(vn[vnb + jb_]) : 0.0f;
+      {p}rha = {g("ja_", "KV_H2F(kn[knb + ja_])", "0.0f")};
+      {p}rhb = {g("jb_", "KV_H2F(kn[knb + jb_])", "0.0f")};
+      {p}vra = {g("ja_", "KV_H2F(vn[vnb + ja_])", "0.0f")};
+      {p}vrb = {g("jb_", "KV_H2F(vn[vnb + jb_])", "0.0f")};
 #pragma unroll
       for (int u = 0; u < 4; ++u) {{
         const int j = {j0} + 2 * Lc + (u & 1) + 8 * (u >> 1);
         const long o = vbase + long(j) * WV + vw0;
-        {p}vw[2 * u] = j < end ? vc[o] : 0u;
-        {p}vw[2 * u + 1] = (j < end && vtwo) ? vc[o + 1] : 0u;
+        {p}vw[2 * u] = {g("j", "vc[o]")};
+        {p}vw[2 * u + 1] = {vtwo} ? vc[o + 1] : 0u;
       }}
     }}
+"""
+
+
+def mma_tile(masked: bool) -> str:
+    """Kernel text: one 16-key sub-tile at ``j0`` of the mma kernel, from the registers
+    of the current sub-tile (ka, kb, vw, rha, rhb, vra, vrb) into the running softmax and
+    the value accumulators. ``masked``: keys at or past ``end`` (and, causal, after a
+    row's position) get no weight; else the caller knows all 16 keys count, so there is
+    no mask and no -inf case (m_run = -inf before the first sub-tile gives e^-inf = 0)."""
+    def live(x, m):
+        return f"(({x} == KV_NEG_INF) ? 0.0f : KV_EXP({x} - {m}))" if masked \
+            else f"KV_EXP({x} - {m})"
+    mask = """#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = (e < 2) ? ja : jb;
+      bool ok = j < end;
+      if (MASK == 1) ok = ok && j <= S - QL + (2 * Lc + (e & 1)) % QL;
+      if (!ok) s4[e] = KV_NEG_INF;
+    }
+""" if masked else ""
+    return """    const int ja = j0 + G;
+    const int jb = ja + 8;
+    // ---- scores of keys ja, jb for rows 2Lc, 2Lc+1 (two mma chains) ----
+    float sc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      uint32_t a[4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        // The pair's 2*KB bits, shifted straight to their byte offset in the table
+        // (x 4 bytes x 2^KREPL copies): a funnel shift and one mask-and-or per lookup.
+        const int bit = (4 * s + 2 * jj) * KB;
+        const int wi = bit >> 5;
+        const int sh = (bit & 31) - TSH;
+        const uint32_t ha = (wi + 1 < KQW) ? ka[wi + 1 < KQW ? wi + 1 : wi] : 0u;
+        const uint32_t hb = (wi + 1 < KQW) ? kb[wi + 1 < KQW ? wi + 1 : wi] : 0u;
+        const uint32_t xa = KV_FIELD((uint64_t(ha) << 32) | ka[wi], sh);
+        const uint32_t xb = KV_FIELD((uint64_t(hb) << 32) | kb[wi], sh);
+        a[2 * jj] = KV_TAB_LOAD(tabl, xa & (KPM << TSH));
+        a[2 * jj + 1] = KV_TAB_LOAD(tabl, xb & (KPM << TSH));
+      }
+      kv_mma(sc + 4 * (s & 1), a, bq[s]);
+    }
+    float s4[4] = {(sc[0] + sc[4]) * rha, (sc[1] + sc[5]) * rha, (sc[2] + sc[6]) * rhb,
+                   (sc[3] + sc[7]) * rhb};
+""" + mask + """
+    // ---- online softmax per row (rows 2Lc, 2Lc+1; the max over G by shuffles) ----
+    float mx0 = KV_MAX(s4[0], s4[2]);
+    float mx1 = KV_MAX(s4[1], s4[3]);
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX0));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX0));
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX1));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
+    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
+    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
+    const float mn0 = KV_MAX(m_run[0], mx0);
+    const float mn1 = KV_MAX(m_run[1], mx1);
+    const float al0 = """ + live("m_run[0]", "mn0") + """;
+    const float al1 = """ + live("m_run[1]", "mn1") + """;
+    m_run[0] = mn0;
+    m_run[1] = mn1;
+    const float p0a = """ + live("s4[0]", "mn0") + """;
+    const float p1a = """ + live("s4[1]", "mn1") + """;
+    const float p0b = """ + live("s4[2]", "mn0") + """;
+    const float p1b = """ + live("s4[3]", "mn1") + """;
+    l_run[0] = l_run[0] * al0 + p0a + p0b;
+    l_run[1] = l_run[1] * al1 + p1a + p1b;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      acc[4 * t] *= al0;
+      acc[4 * t + 1] *= al1;
+      acc[4 * t + 2] *= al0;
+      acc[4 * t + 3] *= al1;
+    }
+    // ---- P (x value norms) -> B, through this warp's shared tile [key][row] ----
+    pw[G * RB + 2 * Lc] = p0a * vra;
+    pw[G * RB + 2 * Lc + 1] = p1a * vra;
+    pw[(G + 8) * RB + 2 * Lc] = p0b * vrb;
+    pw[(G + 8) * RB + 2 * Lc + 1] = p1b * vrb;
+    KV_WARP_SYNC();
+    uint32_t bp[2];
+    kv_load_b(bp, pw, RB, 1, kv_lane);
+    KV_WARP_SYNC();
+
+    // ---- values: keys j0+2Lc+{0,1} (pair Lc) and j0+2Lc+{8,9} (pair Lc+4) ----
+    uint64_t xv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) xv[u] = ((uint64_t(vw[2 * u + 1]) << 32) | vw[2 * u]) >> voff;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      uint32_t a[4];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        // Byte offset of the pair (first key's code, second's): two shifts, two masks.
+        const int s0 = (2 * t + hh) * VB - VSH;
+        const uint32_t m0 = VM << VSH;
+        const uint32_t m1 = VM << (VSH + VB);
+        const uint32_t o01 = (KV_FIELD(xv[0], s0) & m0) | (KV_FIELD(xv[1], s0 - VB) & m1);
+        const uint32_t o23 = (KV_FIELD(xv[2], s0) & m0) | (KV_FIELD(xv[3], s0 - VB) & m1);
+        a[hh] = KV_TAB_LOAD(vtabl, o01);
+        a[2 + hh] = KV_TAB_LOAD(vtabl, o23);
+      }
+      kv_mma(acc + 4 * t, a, bp);
+    }
+#pragma unroll
+    for (int w = 0; w < KQW; ++w) { ka[w] = nka[w]; kb[w] = nkb[w]; }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) vw[u] = nvw[u];
+    rha = nrha; rhb = nrhb; vra = nvra; vrb = nvrb;
 """
 
 
@@ -935,9 +1100,9 @@ DECODE_MMA_BODY = """
     }
     qs[e] = v;
   }
-  // ---- pair tables (built once per codec by the dispatcher, copied in) ----
-  for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e];
-  for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e];
+  // ---- pair tables (built once per codec by the dispatcher), each word repeated ----
+  for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e >> KREPL];
+  for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e >> VREPL];
   KV_BARRIER();
 """ + rows_hadamard("qs", "D") + """
   // ---- B staging of the rotated rows: k index kk of step s is dim
@@ -957,10 +1122,12 @@ DECODE_MMA_BODY = """
   // Tables read through byte offsets: entry x, copy c at 4 * (x * 2^REPL + c).
   constexpr int TSH = KREPL + 2;
   constexpr int VSH = VREPL + 2;
-  const KV_TG char* tabb = (const KV_TG char*)tabs;
-  const KV_TG char* vtabb = (const KV_TG char*)(tabs + KTN);
-  const uint32_t rl4 = uint32_t(kv_lane & ((1 << KREPL) - 1)) << 2;
-  const uint32_t vrl4 = uint32_t(kv_lane & ((1 << VREPL) - 1)) << 2;
+  // This lane's copy of each table (byte offset 4 * (lane mod 2^REPL)) in its base
+  // address: a lookup is then shift, mask, add and the load (KV_TAB_LOAD: on CUDA one
+  // ld.shared at a 32-bit address; through plain pointers the compiler folds the offset
+  // back into every lookup, one instruction more).
+  KV_TAB_BASE tabl = KV_TAB_ADDR(tabs) + ((kv_lane & ((1 << KREPL) - 1)) << 2);
+  KV_TAB_BASE vtabl = KV_TAB_ADDR(tabs + KTN) + ((kv_lane & ((1 << VREPL) - 1)) << 2);
   uint32_t bq[KS][2];
 #pragma unroll
   for (int s = 0; s < KS; ++s) kv_load_b(bq[s], qb + s * 16 * RB, RB, 1, kv_lane);
@@ -984,110 +1151,17 @@ DECODE_MMA_BODY = """
 
   // Registers of the current sub-tile; the next one's loads are issued before the
   // current one is computed (the loop is latency-bound otherwise).
-  uint32_t ka[KQW], kb[KQW], vw[8];
-  float rha, rhb, vra, vrb;
+  uint32_t ka[KQW], kb[KQW], vw[8], nka[KQW], nkb[KQW], nvw[8];
+  float rha, rhb, vra, vrb, nrha, nrhb, nvra, nvrb;
 """ + mma_loads("", "start + 16 * kv_warp") + """
-  for (int j0 = start + 16 * kv_warp; j0 < end; j0 += 16 * NW) {
-    const int ja = j0 + G;
-    const int jb = ja + 8;
-    uint32_t nka[KQW], nkb[KQW], nvw[8];
-    float nrha, nrhb, nvra, nvrb;
-""" + mma_loads("n", "j0 + 16 * NW") + """
-    // ---- scores of keys ja, jb for rows 2Lc, 2Lc+1 (two mma chains) ----
-    float sc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int s = 0; s < KS; ++s) {
-      uint32_t a[4];
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        // The pair's 2*KB bits, shifted straight to their byte offset in the table
-        // (x 4 bytes x 2^KREPL copies): a funnel shift and one mask-and-or per lookup.
-        const int bit = (4 * s + 2 * jj) * KB;
-        const int wi = bit >> 5;
-        const int sh = (bit & 31) - TSH;
-        const uint32_t ha = (wi + 1 < KQW) ? ka[wi + 1 < KQW ? wi + 1 : wi] : 0u;
-        const uint32_t hb = (wi + 1 < KQW) ? kb[wi + 1 < KQW ? wi + 1 : wi] : 0u;
-        const uint32_t xa = KV_FIELD((uint64_t(ha) << 32) | ka[wi], sh);
-        const uint32_t xb = KV_FIELD((uint64_t(hb) << 32) | kb[wi], sh);
-        a[2 * jj] = *(const KV_TG uint32_t*)(tabb + ((xa & (KPM << TSH)) | rl4));
-        a[2 * jj + 1] = *(const KV_TG uint32_t*)(tabb + ((xb & (KPM << TSH)) | rl4));
-      }
-      kv_mma(sc + 4 * (s & 1), a, bq[s]);
-    }
-    float s4[4] = {(sc[0] + sc[4]) * rha, (sc[1] + sc[5]) * rha, (sc[2] + sc[6]) * rhb,
-                   (sc[3] + sc[7]) * rhb};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = (e < 2) ? ja : jb;
-      bool ok = j < end;
-      if (MASK == 1) ok = ok && j <= S - QL + (2 * Lc + (e & 1)) % QL;
-      if (!ok) s4[e] = KV_NEG_INF;
-    }
-
-    // ---- online softmax per row (rows 2Lc, 2Lc+1; the max over G by shuffles) ----
-    float mx0 = KV_MAX(s4[0], s4[2]);
-    float mx1 = KV_MAX(s4[1], s4[3]);
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX0));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX0));
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX1));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
-    const float mn0 = KV_MAX(m_run[0], mx0);
-    const float mn1 = KV_MAX(m_run[1], mx1);
-    const float al0 = (m_run[0] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[0] - mn0);
-    const float al1 = (m_run[1] == KV_NEG_INF) ? 0.0f : KV_EXP(m_run[1] - mn1);
-    m_run[0] = mn0;
-    m_run[1] = mn1;
-    const float p0a = (s4[0] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[0] - mn0);
-    const float p1a = (s4[1] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[1] - mn1);
-    const float p0b = (s4[2] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[2] - mn0);
-    const float p1b = (s4[3] == KV_NEG_INF) ? 0.0f : KV_EXP(s4[3] - mn1);
-    l_run[0] = l_run[0] * al0 + p0a + p0b;
-    l_run[1] = l_run[1] * al1 + p1a + p1b;
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      acc[4 * t] *= al0;
-      acc[4 * t + 1] *= al1;
-      acc[4 * t + 2] *= al0;
-      acc[4 * t + 3] *= al1;
-    }
-    // ---- P (x value norms) -> B, through this warp's shared tile [key][row] ----
-    pw[G * RB + 2 * Lc] = p0a * vra;
-    pw[G * RB + 2 * Lc + 1] = p1a * vra;
-    pw[(G + 8) * RB + 2 * Lc] = p0b * vrb;
-    pw[(G + 8) * RB + 2 * Lc + 1] = p1b * vrb;
-    KV_WARP_SYNC();
-    uint32_t bp[2];
-    kv_load_b(bp, pw, RB, 1, kv_lane);
-    KV_WARP_SYNC();
-
-    // ---- values: keys j0+2Lc+{0,1} (pair Lc) and j0+2Lc+{8,9} (pair Lc+4) ----
-    uint64_t xv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) xv[u] = ((uint64_t(vw[2 * u + 1]) << 32) | vw[2 * u]) >> voff;
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      uint32_t a[4];
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        // Byte offset of the pair (first key's code, second's): two shifts, two masks.
-        const int s0 = (2 * t + hh) * VB - VSH;
-        const uint32_t m0 = VM << VSH;
-        const uint32_t m1 = VM << (VSH + VB);
-        const uint32_t o01 = (KV_FIELD(xv[0], s0) & m0) | (KV_FIELD(xv[1], s0 - VB) & m1);
-        const uint32_t o23 = (KV_FIELD(xv[2], s0) & m0) | (KV_FIELD(xv[3], s0 - VB) & m1);
-        a[hh] = *(const KV_TG uint32_t*)(vtabb + (o01 | vrl4));
-        a[2 + hh] = *(const KV_TG uint32_t*)(vtabb + (o23 | vrl4));
-      }
-      kv_mma(acc + 4 * t, a, bp);
-    }
-#pragma unroll
-    for (int w = 0; w < KQW; ++w) { ka[w] = nka[w]; kb[w] = nkb[w]; }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) vw[u] = nvw[u];
-    rha = nrha; rhb = nrhb; vra = nvra; vrb = nvrb;
-  }
+  // Interior sub-tiles: this one and the next whole and unmasked (keys below endm), so
+  // no load guards, masks or -inf cases; the edge loop takes the rest (~1 per warp).
+  const int endm = (MASK == 1) ? KV_MIN(end, S - QL + 1) : end;
+  int j0 = start + 16 * kv_warp;
+  for (; j0 + 16 * NW + 16 <= endm; j0 += 16 * NW) {
+""" + mma_loads("n", "j0 + 16 * NW", guarded=False) + mma_tile(masked=False) + """  }
+  for (; j0 < end; j0 += 16 * NW) {
+""" + mma_loads("n", "j0 + 16 * NW") + mma_tile(masked=True) + """  }
 
   // ---- merge the warps: l summed over G, then over warps at the block maximum ----
 #pragma unroll
