@@ -51,9 +51,10 @@ def _mma_template(kb, vb, d, mask=1):
     rep = decode.mma_rep(codecs.make("turboquant_mse", kb, d),
                          codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
                          decode.SHARED_BUDGET["metal"])
+    aligned = decode.mma_aligned(rep, d, d, kb, vb, decode.SHARED_BUDGET["metal"])
     return [("D", d), ("DV", d), ("KB", kb), ("WK", d * kb // 32), ("VB", vb),
             ("WV", (d * vb + 31) // 32), ("GQ", 4), ("QL", 2), ("MASK", mask), ("NT", 128),
-            ("KREPL", rep), ("VREPL", rep), ("QT", "float16")]
+            ("KREPL", rep), ("VREPL", rep), ("TALIGN", int(aligned)), ("QT", "float16")]
 METAL_ATTRS = [("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                ("thread_position_in_threadgroup", "uint3"),
                ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3")]
@@ -446,6 +447,9 @@ def test_plan_chooses_mma_kernel(monkeypatch):
     assert rep("mse", 3, "mse", 3, S=128) == 5
     monkeypatch.setenv(decode.MMA_ENV, "")
     assert rep("mse", 4, "mse", 4) == 4                # 256-entry pair tables: 16 copies
+    cuda = decode.SHARED_BUDGET["cuda"]                # tables aligned to their size (TALIGN)
+    assert decode.mma_aligned(5, 128, 128, 3, 3, cuda)
+    assert not decode.mma_aligned(4, 128, 128, 4, 4, cuda)
     assert rep("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
     assert rep("mse", 2, "mse", 3, D=64) is not None
     assert rep("mse", 5, "mse", 3) is None

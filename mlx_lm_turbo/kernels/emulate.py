@@ -100,9 +100,11 @@ static float emu_shfl_xor(float x, int o) {
   return r;
 }
 #define KV_SHFL_XOR(x, o) emu_shfl_xor(x, o)
-#define KV_TAB_BASE const char*
-#define KV_TAB_ADDR(p) ((const char*)(p))
-#define KV_TAB_LOAD(base, off) (*(const uint32_t*)((base) + (off)))
+// As on CUDA: tables aligned to their size (TALIGN), looked up at (base | offset).
+#define KV_TAB_PAD(p, n) ((0u - uint32_t(uintptr_t(p) / 4u)) & uint32_t((n) - 1))
+#define KV_TAB_BASE uintptr_t
+#define KV_TAB_ADDR(p) uintptr_t(p)
+#define KV_TAB_LOAD(a, base, off) (*(const uint32_t*)((a) ? ((base) | (off)) : ((base) + (off))))
 static uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(emu_f2h(lo)) | (uint32_t(emu_f2h(hi)) << 16);
 }

@@ -805,15 +805,18 @@ CUDA_MMA_HEADER = """
 #define KV_GX1 8
 #define KV_GX2 16
 #define KV_WARP_SYNC() __syncwarp()
-// Pair-table lookups: a 32-bit shared-window address plus a byte offset, one ld.shared.
+// Pair tables: KV_TAB_PAD(p, n) words from p to the next shared-window address that is a
+// multiple of n words (a power of two); a lookup is one ld.shared at a 32-bit address,
+// base | offset where the base is aligned (a), else base + offset.
+#define KV_TAB_PAD(p, n) ((0u - uint32_t(__cvta_generic_to_shared(p)) / 4u) & uint32_t((n) - 1))
 #define KV_TAB_BASE uint32_t
 #define KV_TAB_ADDR(p) uint32_t(__cvta_generic_to_shared(p))
-__device__ __forceinline__ uint32_t kv_tab_load(uint32_t base, uint32_t off) {
+__device__ __forceinline__ uint32_t kv_tab_load(bool a, uint32_t base, uint32_t off) {
   uint32_t r;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(base + off));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(a ? (base | off) : (base + off)));
   return r;
 }
-#define KV_TAB_LOAD(base, off) kv_tab_load(base, off)
+#define KV_TAB_LOAD(a, base, off) kv_tab_load(a, base, off)
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(__half_as_ushort(__float2half_rn(lo)))
          | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
@@ -848,9 +851,10 @@ METAL_MMA_HEADER = """
 #define KV_GX1 4
 #define KV_GX2 16
 #define KV_WARP_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
+#define KV_TAB_PAD(p, n) 0
 #define KV_TAB_BASE const threadgroup char*
 #define KV_TAB_ADDR(p) ((const threadgroup char*)(p))
-#define KV_TAB_LOAD(base, off) (*(const threadgroup uint32_t*)((base) + (off)))
+#define KV_TAB_LOAD(a, base, off) (*(const threadgroup uint32_t*)((base) + (off)))
 inline uint32_t kv_pack_h2(float lo, float hi) {
   return as_type<uint32_t>(half2(half(lo), half(hi)));
 }
@@ -976,8 +980,8 @@ def mma_tile(masked: bool) -> str:
         const uint32_t hb = (wi + 1 < KQW) ? kb[wi + 1 < KQW ? wi + 1 : wi] : 0u;
         const uint32_t xa = KV_FIELD((uint64_t(ha) << 32) | ka[wi], sh);
         const uint32_t xb = KV_FIELD((uint64_t(hb) << 32) | kb[wi], sh);
-        a[2 * jj] = KV_TAB_LOAD(tabl, xa & (KPM << TSH));
-        a[2 * jj + 1] = KV_TAB_LOAD(tabl, xb & (KPM << TSH));
+        a[2 * jj] = KV_TAB_LOAD(TALIGN, tabl, xa & (KPM << TSH));
+        a[2 * jj + 1] = KV_TAB_LOAD(TALIGN, tabl, xb & (KPM << TSH));
       }
       kv_mma(sc + 4 * (s & 1), a, bq[s]);
     }
@@ -1037,8 +1041,8 @@ def mma_tile(masked: bool) -> str:
         const uint32_t m1 = VM << (VSH + VB);
         const uint32_t o01 = (KV_FIELD(xv[0], s0) & m0) | (KV_FIELD(xv[1], s0 - VB) & m1);
         const uint32_t o23 = (KV_FIELD(xv[2], s0) & m0) | (KV_FIELD(xv[3], s0 - VB) & m1);
-        a[hh] = KV_TAB_LOAD(vtabl, o01);
-        a[2 + hh] = KV_TAB_LOAD(vtabl, o23);
+        a[hh] = KV_TAB_LOAD(TALIGN, vtabl, o01);
+        a[2 + hh] = KV_TAB_LOAD(TALIGN, vtabl, o23);
       }
       kv_mma(acc + 4 * t, a, bp);
     }
@@ -1066,15 +1070,21 @@ DECODE_MMA_BODY = """
   constexpr uint32_t VM = (1u << VB) - 1u;
   constexpr int KTN = (1 << (2 * KB)) << KREPL;
   constexpr int VTN = (1 << (2 * VB)) << VREPL;
-  constexpr int TABW = (KTN + VTN > NW * RB * DV) ? KTN + VTN : NW * RB * DV;
+  // TALIGN: both tables start at a multiple of TAL words (the larger table's size, a
+  // power of two), so a lookup's address is the lane's base *or* the entry's offset (see
+  // below): up to TAL words of padding in front, the key table, the value table at +TAL.
+  // TALIGN = 0 (where that does not fit with as many copies): the tables back to back.
+  constexpr int TAL = KTN > VTN ? KTN : VTN;
+  constexpr int TNEED = TALIGN ? 3 * TAL : KTN + VTN;
+  constexpr int TABW = (TNEED > NW * RB * DV) ? TNEED : NW * RB * DV;
   KV_SHARED uint32_t tabs[TABW];
   KV_SHARED float qs[RB * D];
   KV_SHARED float qb[D * RB];
   KV_SHARED float pst[NW * 16 * RB];
   KV_SHARED float red_m[NW * RB];
   KV_SHARED float red_l[NW * RB];
-  KV_TG uint32_t* ktab = tabs;
-  KV_TG uint32_t* vtab = tabs + KTN;
+  KV_TG uint32_t* ktab = tabs + (TALIGN ? KV_TAB_PAD(tabs, TAL) : 0);
+  KV_TG uint32_t* vtab = ktab + (TALIGN ? TAL : KTN);
 
   const int split = kv_bx;
   const int nsp = kv_nbx;
@@ -1123,11 +1133,11 @@ DECODE_MMA_BODY = """
   constexpr int TSH = KREPL + 2;
   constexpr int VSH = VREPL + 2;
   // This lane's copy of each table (byte offset 4 * (lane mod 2^REPL)) in its base
-  // address: a lookup is then shift, mask, add and the load (KV_TAB_LOAD: on CUDA one
-  // ld.shared at a 32-bit address; through plain pointers the compiler folds the offset
-  // back into every lookup, one instruction more).
-  KV_TAB_BASE tabl = KV_TAB_ADDR(tabs) + ((kv_lane & ((1 << KREPL) - 1)) << 2);
-  KV_TAB_BASE vtabl = KV_TAB_ADDR(tabs + KTN) + ((kv_lane & ((1 << VREPL) - 1)) << 2);
+  // address; entry offsets have no bits in common with an aligned base, so a lookup is a
+  // shift, one mask-or and the load (KV_TAB_LOAD: on CUDA one ld.shared at base | offset;
+  // plain pointer arithmetic took two more instructions per lookup).
+  KV_TAB_BASE tabl = KV_TAB_ADDR(ktab) + ((kv_lane & ((1 << KREPL) - 1)) << 2);
+  KV_TAB_BASE vtabl = KV_TAB_ADDR(vtab) + ((kv_lane & ((1 << VREPL) - 1)) << 2);
   uint32_t bq[KS][2];
 #pragma unroll
   for (int s = 0; s < KS; ++s) kv_load_b(bq[s], qb + s * 16 * RB, RB, 1, kv_lane);
