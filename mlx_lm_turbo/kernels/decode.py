@@ -255,21 +255,25 @@ def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
     vg = DV // 8
     if any((g * vg * vb) % 32 + vg * vb > 64 for g in range(8)):
         return None
-    nw = NT // 32
-    fixed = 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8)
     for rep in (5, 4, 3, 2, 1, 0):
-        tabs = max((1 << 2 * kb << rep) + (1 << 2 * vb << rep), nw * 8 * DV)
-        if 4 * tabs + fixed <= budget:
+        tabs = max((1 << 2 * kb << rep) + (1 << 2 * vb << rep), (NT // 32) * 8 * DV)
+        if 4 * tabs + _mma_fixed_bytes(D) <= budget:
             return rep
     return None
+
+
+def _mma_fixed_bytes(D: int) -> int:
+    """The mma kernel's shared memory besides the tables: qs, qb, pst, red_m, red_l."""
+    nw = NT // 32
+    return 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8)
 
 
 def mma_short(S: int, heads: int) -> bool:
     """True where the split-K grid gives each block of ``heads`` (batch x KV heads) a single
     tile of keys: there the mma kernel's per-block set-up (query rotation, table copies,
     fragment staging) costs more than it saves, and the scalar kernel runs (H100, S=4096
-    with 8 KV heads: 19.0 vs 21.2 µs in one run, 19.1 vs 20.9 and 20.7 vs 23.1 in others;
-    at 32k the mma kernel is 1.3x faster)."""
+    with 8 KV heads, 3 bits: 18.8-20.2 vs 20.8-22.4 µs in eight passes; at 32k the mma
+    kernel is 1.35x faster)."""
     tiles = math.ceil(S / NT)
     return math.ceil(tiles / max(1, TARGET_BLOCKS // max(1, heads))) < 2
 
@@ -277,11 +281,10 @@ def mma_short(S: int, heads: int) -> bool:
 def mma_aligned(rep: int, D: int, DV: int, kb: int, vb: int, budget: int) -> bool:
     """Whether the mma kernel's pair tables, with 2^rep copies, also fit aligned to their
     size (TALIGN: up to a table's size of padding; each lookup one instruction shorter:
-    3-bit 128k, 80.2 -> 76.2 µs on the H100). 4-bit tables with 16 copies do not fit
-    (with 8 copies, bank conflicts made 4-bit 13% slower)."""
-    nw = NT // 32
-    fixed = 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8)
-    return 4 * max(3 * (1 << 2 * max(kb, vb) << rep), nw * 8 * DV) + fixed <= budget
+    the 3-bit decode kernel at 128k 75.0 -> 70.2 µs on the H100). 4-bit tables with 16
+    copies do not fit (with 8 copies, bank conflicts made 4-bit 13% slower)."""
+    tabs = max(3 * (1 << 2 * max(kb, vb) << rep), (NT // 32) * 8 * DV)
+    return 4 * tabs + _mma_fixed_bytes(D) <= budget
 
 
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
@@ -452,8 +455,7 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
         rep = p["MMA"]
         template = [("D", D), ("DV", DV), ("KB", kb1), ("WK", kc1.shape[-1]), ("VB", vb),
                     ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
-                    ("NT", NT), ("KREPL", rep), ("VREPL", rep),
-                    ("TALIGN", p["TALIGN"]),
+                    ("NT", NT), ("KREPL", rep), ("VREPL", rep), ("TALIGN", p["TALIGN"]),
                     ("QT", queries.dtype)]
         inputs = [queries, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
                   pair_table(kc), pair_table(cache.value_codec)]
