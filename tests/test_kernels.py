@@ -100,6 +100,7 @@ template <typename C, typename A, typename B>
 inline void simdgroup_multiply_accumulate(C&, const A&, const B&, const C&) {}
 #define thread
 inline float simd_max(float x) { return x; }
+inline bool simd_any(bool x) { return x; }
 inline float simd_sum(float x) { return x; }
 namespace metal {
 inline float exp(float x) { return std::exp(x); }

@@ -50,6 +50,7 @@ static float emu_warp_reduce(float x, bool is_max) {
 }
 #define KV_WARP_MAX(x) emu_warp_reduce(x, true)
 #define KV_WARP_SUM(x) emu_warp_reduce(x, false)
+#define KV_WARP_ANY(p) (emu_warp_reduce((p) ? 1.0f : 0.0f, true) > 0.0f)
 #define KV_EXP(x) std::exp(x)
 #define KV_MAX(a, b) std::fmax(a, b)
 #define KV_MIN(a, b) std::min(a, b)

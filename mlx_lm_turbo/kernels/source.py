@@ -8,6 +8,7 @@ The bodies use only the macros and names below, so the same text compiles as Met
     KV_BARRIER()     block-wide barrier
     KV_WARP_MAX/SUM  reductions over the 32 lanes of a SIMD group / warp
     KV_SHFL_XOR(x, o)  lane l reads x of lane l ^ o (all 32 lanes take part)
+    KV_WARP_ANY(p)   whether p holds on any lane of the warp (all 32 lanes take part)
     KV_EXP, KV_MAX, KV_MIN, KV_SQRT, KV_H2F, KV_NEG_INF, KV_IMAX (int max)
     kv_tid, kv_lane, kv_warp, kv_bx, kv_by, kv_nbx   thread / group indices (set by the prelude)
 
@@ -36,6 +37,7 @@ METAL_HEADER = """
 #define KV_H2F(x) float(x)
 #define KV_NEG_INF (-INFINITY)
 #define KV_SHFL_XOR(x, o) simd_shuffle_xor(x, ushort(o))
+#define KV_WARP_ANY(p) simd_any(p)
 """
 
 METAL_PRELUDE = """
@@ -78,6 +80,7 @@ __device__ __forceinline__ float kv_warp_sum(float x) {
 #define KV_WARP_MAX(x) kv_warp_max(x)
 #define KV_WARP_SUM(x) kv_warp_sum(x)
 #define KV_SHFL_XOR(x, o) __shfl_xor_sync(0xffffffffu, x, o)
+#define KV_WARP_ANY(p) __any_sync(0xffffffffu, p)
 """
 
 CUDA_PRELUDE = """
@@ -997,25 +1000,34 @@ def mma_tile(masked: bool) -> str:
     mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
     mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
     mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
-    const float mn0 = KV_MAX(m_run[0], mx0);
-    const float mn1 = KV_MAX(m_run[1], mx1);
-    const float al0 = """ + live("m_run[0]", "mn0") + """;
-    const float al1 = """ + live("m_run[1]", "mn1") + """;
-    m_run[0] = mn0;
-    m_run[1] = mn1;
-    const float p0a = """ + live("s4[0]", "mn0") + """;
-    const float p1a = """ + live("s4[1]", "mn1") + """;
-    const float p0b = """ + live("s4[2]", "mn0") + """;
-    const float p1b = """ + live("s4[3]", "mn1") + """;
-    l_run[0] = l_run[0] * al0 + p0a + p0b;
-    l_run[1] = l_run[1] * al1 + p1a + p1b;
+    // Lazy rescale: the running maxima move, and the accumulators are rescaled, only when
+    // a row's maximum passes its running one by more than RESC = ln 16 somewhere in the
+    // warp (a warp-uniform branch); otherwise P = e^(s - m_run) <= 16, which fp16 holds
+    // with the value norms folded in. Most sub-tiles after the first skip the 4*MT
+    // multiplies and two exps.
+    if (KV_WARP_ANY(mx0 > m_run[0] + RESC || mx1 > m_run[1] + RESC)) {
+      const float mn0 = KV_MAX(m_run[0], mx0);
+      const float mn1 = KV_MAX(m_run[1], mx1);
+      const float al0 = """ + live("m_run[0]", "mn0") + """;
+      const float al1 = """ + live("m_run[1]", "mn1") + """;
+      m_run[0] = mn0;
+      m_run[1] = mn1;
+      l_run[0] *= al0;
+      l_run[1] *= al1;
 #pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      acc[4 * t] *= al0;
-      acc[4 * t + 1] *= al1;
-      acc[4 * t + 2] *= al0;
-      acc[4 * t + 3] *= al1;
+      for (int t = 0; t < MT; ++t) {
+        acc[4 * t] *= al0;
+        acc[4 * t + 1] *= al1;
+        acc[4 * t + 2] *= al0;
+        acc[4 * t + 3] *= al1;
+      }
     }
+    const float p0a = """ + live("s4[0]", "m_run[0]") + """;
+    const float p1a = """ + live("s4[1]", "m_run[1]") + """;
+    const float p0b = """ + live("s4[2]", "m_run[0]") + """;
+    const float p1b = """ + live("s4[3]", "m_run[1]") + """;
+    l_run[0] += p0a + p0b;
+    l_run[1] += p1a + p1b;
     // ---- P (x value norms) -> B, through this warp's shared tile [key][row] ----
     pw[G * RB + 2 * Lc] = p0a * vra;
     pw[G * RB + 2 * Lc + 1] = p1a * vra;
@@ -1068,6 +1080,7 @@ DECODE_MMA_BODY = """
   constexpr int VG = DV / 8;
   constexpr uint32_t KPM = (1u << (2 * KB)) - 1u;
   constexpr uint32_t VM = (1u << VB) - 1u;
+  constexpr float RESC = 2.7725887f;        // ln 16: see the lazy rescale in the loop
   constexpr int KTN = (1 << (2 * KB)) << KREPL;
   constexpr int VTN = (1 << (2 * VB)) << VREPL;
   // TALIGN: both tables start at a multiple of TAL words (the larger table's size, a
