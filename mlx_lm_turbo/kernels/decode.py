@@ -244,8 +244,6 @@ def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
     kernel (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it does
     not apply: more than 8 rows, bits above 4, a key quarter not whole words, a lane's
     value bits not within two words, or tables that do not fit ``budget``."""
-    if os.environ.get(MMA_ENV, "").strip() == "0":
-        return None
     if kc.METHOD != "turboquant_mse" or vc.METHOD != "turboquant_mse":
         return None
     if kc.rotation.signs is None or R > 8 or not (1 <= kb <= 4 and 1 <= vb <= 4):
@@ -331,9 +329,10 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    short = mma_short(S, B * Hkv) and os.environ.get(MMA_ENV, "").strip() != "1"
-    rep = None if W or mask_mode == 2 or short else mma_rep(kc, vc, R, D, DV, ks[0][0], vb,
-                                                            budget)
+    force = os.environ.get(MMA_ENV, "").strip()   # "0": scalar, "1": mma where it applies
+    use_mma = not (W or mask_mode == 2 or force == "0"
+                   or (force != "1" and mma_short(S, B * Hkv)))
+    rep = mma_rep(kc, vc, R, D, DV, ks[0][0], vb, budget) if use_mma else None
     talign = int(rep is not None and mma_aligned(rep, D, DV, ks[0][0], vb, budget))
     if rep is not None:
         rb, tabn, sh = 8, 0, 0
