@@ -70,7 +70,11 @@ METAL_SHIM = r"""
 #define kernel
 typedef unsigned int uint;
 struct uint3 { uint x, y, z; };
-struct uint4 { uint x, y, z, w; };
+struct uint4 {
+  uint x, y, z, w;
+  uint4() = default;
+  uint4(uint a, uint b, uint c, uint d) : x(a), y(b), z(c), w(d) {}
+};
 struct float4 { float x, y, z, w; };
 struct half {
   unsigned short bits;

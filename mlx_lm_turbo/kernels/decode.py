@@ -263,7 +263,7 @@ def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
 def _mma_fixed_bytes(D: int) -> int:
     """The mma kernel's shared memory besides the tables: qs, qb, pst, red_m, red_l."""
     nw = NT // 32
-    return 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8)
+    return 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8 + 4)   # + up to 3 words of alignment
 
 
 def mma_short(S: int, heads: int) -> bool:
@@ -503,8 +503,9 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
 
 
 def reduce_groups(DV: int) -> int:
-    """Split groups of the combine kernel: DV * SG threads per row, at most 512."""
-    return max(1, 512 // DV)
+    """Split groups of the combine kernel: DV * SG threads per row, at most 1024 (one
+    block per row: the more groups, the fewer rounds of loads per thread)."""
+    return max(1, 1024 // DV)
 
 
 def launch(inputs: list, template: list, nsp: int, p: dict, backend_name: str,

@@ -106,6 +106,12 @@ static float emu_shfl_xor(float x, int o) {
 #define KV_TAB_BASE uintptr_t
 #define KV_TAB_ADDR(p) uintptr_t(p)
 #define KV_TAB_LOAD(a, base, off) (*(const uint32_t*)((a) ? ((base) | (off)) : ((base) + (off))))
+// A 128-bit store needs a 16-byte aligned address (the GPU faults otherwise): here a
+// misaligned one writes garbage, so a wrong padding fails the emulated tests.
+static void kv_store4(uint32_t* p, uint32_t v) {
+  const uint32_t bad = (uintptr_t(p) % 16) ? 0x7c007c00u : 0u;
+  p[0] = p[1] = p[2] = p[3] = v ^ bad;
+}
 static uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(emu_f2h(lo)) | (uint32_t(emu_f2h(hi)) << 16);
 }

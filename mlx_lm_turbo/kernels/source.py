@@ -94,20 +94,53 @@ CUDA_PRELUDE = """
 
 def rows_hadamard(buf: str, n: str) -> str:
     """Kernel text: unnormalised in-place Walsh-Hadamard transform (MLX's order) of the RB
-    rows of length ``n`` in shared array ``buf``, the butterflies spread over the block's
-    NT threads, one barrier per stage."""
-    return f"""    for (int hh = 1; hh < {n}; hh <<= 1) {{
-      for (int e = kv_tid; e < RB * {n} / 2; e += NT) {{
-        const int r = e / ({n} / 2);
-        const int k = e - r * ({n} / 2);
-        const int i = r * {n} + (k / hh) * 2 * hh + (k % hh);
-        const float x0 = {buf}[i];
-        const float x1 = {buf}[i + hh];
-        {buf}[i] = x0 + x1;
-        {buf}[i + hh] = x0 - x1;
+    rows of length ``n`` in shared array ``buf`` (written before a barrier), ending on a
+    barrier. Rows of 32 or more: one warp per row, n/32 consecutive entries per lane,
+    butterflies of smaller stride in registers and the others by shuffles (the mma kernel
+    spent ~8% of its instructions at 128k in the barrier-per-stage form, ~1170 per warp;
+    now ~130). Shorter rows: the butterflies spread over the block, a barrier per stage."""
+    return f"""    if ({n} >= 32) {{
+      constexpr int E_ = {n} >= 32 ? {n} / 32 : 1;
+      for (int r = kv_warp; r < RB; r += NT / 32) {{
+        KV_TG float* row_ = {buf} + r * {n} + kv_lane * E_;
+        float x_[E_];
+#pragma unroll
+        for (int e = 0; e < E_; ++e) x_[e] = row_[e];
+#pragma unroll
+        for (int hh = 1; hh < E_; hh <<= 1)
+#pragma unroll
+          for (int e = 0; e < E_; ++e)
+            if (!(e & hh)) {{
+              const float a = x_[e];
+              const float c = x_[e + hh < E_ ? e + hh : e];
+              x_[e] = a + c;
+              x_[e + hh < E_ ? e + hh : e] = a - c;
+            }}
+        // Stride hh * E_: the partner is lane ^ hh; the upper entry takes y - x.
+#pragma unroll
+        for (int hh = 1; hh < 32; hh <<= 1) {{
+          const float sg = (kv_lane & hh) ? -1.0f : 1.0f;
+#pragma unroll
+          for (int e = 0; e < E_; ++e) x_[e] = x_[e] * sg + KV_SHFL_XOR(x_[e], hh);
+        }}
+#pragma unroll
+        for (int e = 0; e < E_; ++e) row_[e] = x_[e];
       }}
-      KV_BARRIER();
+    }} else {{
+      for (int hh = 1; hh < {n}; hh <<= 1) {{
+        for (int e = kv_tid; e < RB * {n} / 2; e += NT) {{
+          const int r = e / ({n} / 2);
+          const int k = e - r * ({n} / 2);
+          const int i = r * {n} + (k / hh) * 2 * hh + (k % hh);
+          const float x0 = {buf}[i];
+          const float x1 = {buf}[i + hh];
+          {buf}[i] = x0 + x1;
+          {buf}[i + hh] = x0 - x1;
+        }}
+        KV_BARRIER();
+      }}
     }}
+    KV_BARRIER();
 """
 
 
@@ -820,6 +853,10 @@ __device__ __forceinline__ uint32_t kv_tab_load(bool a, uint32_t base, uint32_t 
   return r;
 }
 #define KV_TAB_LOAD(a, base, off) kv_tab_load(a, base, off)
+// Four copies of v at p (16-byte aligned): one 128-bit shared store.
+__device__ __forceinline__ void kv_store4(uint32_t* p, uint32_t v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(v, v, v, v);
+}
 __device__ __forceinline__ uint32_t kv_pack_h2(float lo, float hi) {
   return uint32_t(__half_as_ushort(__float2half_rn(lo)))
          | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
@@ -858,6 +895,9 @@ METAL_MMA_HEADER = """
 #define KV_TAB_BASE const threadgroup char*
 #define KV_TAB_ADDR(p) ((const threadgroup char*)(p))
 #define KV_TAB_LOAD(a, base, off) (*(const threadgroup uint32_t*)((base) + (off)))
+inline void kv_store4(threadgroup uint32_t* p, uint32_t v) {
+  *((threadgroup uint4*)p) = uint4(v, v, v, v);
+}
 inline uint32_t kv_pack_h2(float lo, float hi) {
   return as_type<uint32_t>(half2(half(lo), half(hi)));
 }
@@ -991,21 +1031,21 @@ def mma_tile(masked: bool) -> str:
     float s4[4] = {(sc[0] + sc[4]) * rha, (sc[1] + sc[5]) * rha, (sc[2] + sc[6]) * rhb,
                    (sc[3] + sc[7]) * rhb};
 """ + mask + """
-    // ---- online softmax per row (rows 2Lc, 2Lc+1; the max over G by shuffles) ----
+    // ---- online softmax per row (rows 2Lc, 2Lc+1, spread over the 8 lanes of a G) ----
+    // Lazy rescale: the running maxima move, and the accumulators are rescaled, only when
+    // some lane's score passes its row's running maximum by more than RESC = ln 16 (one
+    // warp vote on the lanes' own maxima: the row maxima by shuffles only then);
+    // otherwise P = e^(s - m_run) <= 16, which fp16 holds with the value norms folded in.
+    // Most sub-tiles after the first skip the shuffles, the 4*MT multiplies and two exps.
     float mx0 = KV_MAX(s4[0], s4[2]);
     float mx1 = KV_MAX(s4[1], s4[3]);
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX0));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX0));
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX1));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
-    mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
-    mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
-    // Lazy rescale: the running maxima move, and the accumulators are rescaled, only when
-    // a row's maximum passes its running one by more than RESC = ln 16 somewhere in the
-    // warp (a warp-uniform branch); otherwise P = e^(s - m_run) <= 16, which fp16 holds
-    // with the value norms folded in. Most sub-tiles after the first skip the 4*MT
-    // multiplies and two exps.
     if (KV_WARP_ANY(mx0 > m_run[0] + RESC || mx1 > m_run[1] + RESC)) {
+      mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX0));
+      mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX0));
+      mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX1));
+      mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX1));
+      mx0 = KV_MAX(mx0, KV_SHFL_XOR(mx0, KV_GX2));
+      mx1 = KV_MAX(mx1, KV_SHFL_XOR(mx1, KV_GX2));
       const float mn0 = KV_MAX(m_run[0], mx0);
       const float mn1 = KV_MAX(m_run[1], mx1);
       const float al0 = """ + live("m_run[0]", "mn0") + """;
@@ -1088,7 +1128,7 @@ DECODE_MMA_BODY = """
   // below): up to TAL words of padding in front, the key table, the value table at +TAL.
   // TALIGN = 0 (where that does not fit with as many copies): the tables back to back.
   constexpr int TAL = KTN > VTN ? KTN : VTN;
-  constexpr int TNEED = TALIGN ? 3 * TAL : KTN + VTN;
+  constexpr int TNEED = TALIGN ? 3 * TAL : KTN + VTN + 3;
   constexpr int TABW = (TNEED > NW * RB * DV) ? TNEED : NW * RB * DV;
   KV_SHARED uint32_t tabs[TABW];
   KV_SHARED float qs[RB * D];
@@ -1096,7 +1136,7 @@ DECODE_MMA_BODY = """
   KV_SHARED float pst[NW * 16 * RB];
   KV_SHARED float red_m[NW * RB];
   KV_SHARED float red_l[NW * RB];
-  KV_TG uint32_t* ktab = tabs + (TALIGN ? KV_TAB_PAD(tabs, TAL) : 0);
+  KV_TG uint32_t* ktab = tabs + KV_TAB_PAD(tabs, TALIGN ? TAL : 4);
   KV_TG uint32_t* vtab = ktab + (TALIGN ? TAL : KTN);
 
   const int split = kv_bx;
@@ -1123,9 +1163,19 @@ DECODE_MMA_BODY = """
     }
     qs[e] = v;
   }
-  // ---- pair tables (built once per codec by the dispatcher), each word repeated ----
-  for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e >> KREPL];
-  for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e >> VREPL];
+  // ---- pair tables (built once per codec by the dispatcher), each word repeated: four
+  //      copies per 128-bit store where there are four (a word-by-word copy with its
+  //      loads cost ~4% of the H100 samples at 128k) ----
+  if (KREPL >= 2) {
+    for (int e = kv_tid; e < KTN / 4; e += NT) kv_store4(ktab + 4 * e, kpt[(4 * e) >> KREPL]);
+  } else {
+    for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e >> KREPL];
+  }
+  if (VREPL >= 2) {
+    for (int e = kv_tid; e < VTN / 4; e += NT) kv_store4(vtab + 4 * e, vpt[(4 * e) >> VREPL]);
+  } else {
+    for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e >> VREPL];
+  }
   KV_BARRIER();
 """ + rows_hadamard("qs", "D") + """
   // ---- B staging of the rotated rows: k index kk of step s is dim
