@@ -1082,17 +1082,25 @@ def mma_tile(masked: bool) -> str:
     uint64_t xv[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) xv[u] = ((uint64_t(vw[2 * u + 1]) << 32) | vw[2 * u]) >> voff;
+    // Pair streams of keys (2Lc, 2Lc+1) and (2Lc+8, 2Lc+9): the two keys' codes of a dim
+    // side by side (the first key's low), the even dims in ze, the odd ones in zo, so field
+    // t (2*VB bits at 2*VB*t) is the pair-table entry of dim 2t / 2t+1: two bit-selects
+    // and two shifts per stream, then a lookup is a shift, a mask-or and the load (merging
+    // the two keys' fields at each lookup took two shifts and two masks).
+    uint64_t ze[2], zo[2];
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      ze[p] = (xv[2 * p] & vsel) | ((xv[2 * p + 1] << VB) & ~vsel);
+      zo[p] = ((xv[2 * p] >> VB) & vsel) | (xv[2 * p + 1] & ~vsel);
+    }
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
       uint32_t a[4];
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        // Byte offset of the pair (first key's code, second's): two shifts, two masks.
-        const int s0 = (2 * t + hh) * VB - VSH;
-        const uint32_t m0 = VM << VSH;
-        const uint32_t m1 = VM << (VSH + VB);
-        const uint32_t o01 = (KV_FIELD(xv[0], s0) & m0) | (KV_FIELD(xv[1], s0 - VB) & m1);
-        const uint32_t o23 = (KV_FIELD(xv[2], s0) & m0) | (KV_FIELD(xv[3], s0 - VB) & m1);
+        const int sh = 2 * VB * t - VSH;
+        const uint32_t o01 = KV_FIELD(hh ? zo[0] : ze[0], sh) & (VPM << VSH);
+        const uint32_t o23 = KV_FIELD(hh ? zo[1] : ze[1], sh) & (VPM << VSH);
         a[hh] = KV_TAB_LOAD(TALIGN, vtabl, o01);
         a[2 + hh] = KV_TAB_LOAD(TALIGN, vtabl, o23);
       }
@@ -1120,6 +1128,7 @@ DECODE_MMA_BODY = """
   constexpr int VG = DV / 8;
   constexpr uint32_t KPM = (1u << (2 * KB)) - 1u;
   constexpr uint32_t VM = (1u << VB) - 1u;
+  constexpr uint32_t VPM = (1u << (2 * VB)) - 1u;
   constexpr float RESC = 2.7725887f;        // ln 16: see the lazy rescale in the loop
   constexpr int KTN = (1 << (2 * KB)) << KREPL;
   constexpr int VTN = (1 << (2 * VB)) << VREPL;
@@ -1214,6 +1223,9 @@ DECODE_MMA_BODY = """
   const int vw0 = vbit >> 5;
   const int voff = vbit & 31;
   const bool vtwo = vw0 + 1 < WV;
+  // VB ones every 2*VB bits: where set, a pair stream takes the first key's bits.
+  uint64_t vsel = 0;
+  for (int k = 0; 2 * VB * k < 64; ++k) vsel |= uint64_t(VM) << (2 * VB * k);
   KV_TG float* pw = pst + kv_warp * 16 * RB;
 
   float m_run[2] = {KV_NEG_INF, KV_NEG_INF};
