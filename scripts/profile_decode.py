@@ -64,7 +64,7 @@ def main(argv=None):
                    help="comma list of the decode kernel's target grid sizes to try")
     p.add_argument("--kernels", default="mma,scalar",
                    help="decode kernels to time where both apply: mma (matrix units) and/or "
-                        "scalar (MLX_LM_TURBO_MMA=1 / 0)")
+                        "scalar (MLX_LM_TURBO_MMA unset / 0)")
     p.add_argument("--out", default=None, help="JSON of the per-call times")
     args = p.parse_args(argv)
     start, stop = cuda_profiler()
@@ -106,7 +106,7 @@ def main(argv=None):
                     return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
 
                 # The plan (kept on each cache) is made at the first call, under this env.
-                env = "0" if kernel == "scalar" else "1"   # (mma: short sequences too)
+                env = "0" if kernel == "scalar" else ""
                 for blocks in blocks_list:
                     ops.append((f"fused_attention_{kernel}_mse{bits}_blocks{blocks}", blocks,
                                 env, attend))

@@ -424,7 +424,6 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
     error at ~1e-3 of outputs of magnitude ~2."""
     from mlx_lm_turbo.kernels import emulate
     monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
-    monkeypatch.setenv(decode.MMA_ENV, "1")   # short sequences too
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
     p = decode.plan(q, keys, values, c, mask, None, "cuda")
@@ -437,20 +436,14 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
 
 
 def test_plan_chooses_mma_kernel(monkeypatch):
-    """mse keys and values at <= 4 bits, <= 8 rows, whole-word key quarters and at least
-    two tiles of keys per block: the mma kernel; otherwise, or with MLX_LM_TURBO_MMA=0,
-    the scalar one (MLX_LM_TURBO_MMA=1: the mma one for short sequences too)."""
+    """mse keys and values at <= 4 bits, <= 8 rows and whole-word key quarters: the mma
+    kernel (short sequences too); otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
     def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1, S=300):
         c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D)
         q = mx.zeros((1, Hq, L, D), mx.float16)
         return decode.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
-    assert decode.mma_short(4096, 8) and not decode.mma_short(32768, 8)  # 528 blocks
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", 2)   # 1 split per KV head: 3 tiles a block
     assert rep("mse", 3, "mse", 3) == 5
-    assert rep("mse", 3, "mse", 3, S=128) is None      # one tile per block: scalar
-    monkeypatch.setenv(decode.MMA_ENV, "1")
     assert rep("mse", 3, "mse", 3, S=128) == 5
-    monkeypatch.setenv(decode.MMA_ENV, "")
     assert rep("mse", 4, "mse", 4) == 4                # 256-entry pair tables: 16 copies
     cuda = decode.SHARED_BUDGET["cuda"]                # tables aligned to their size (TALIGN)
     assert decode.mma_aligned(5, 128, 128, 3, 3, cuda)

@@ -33,8 +33,7 @@ MAX_QUERY_LEN = 8
 NT = 128                      # threads per block = keys per tile
 TARGET_BLOCKS = int(os.environ.get("MLX_LM_TURBO_BLOCKS", "528"))  # ~4 blocks per H100 SM
 ENV = "MLX_LM_TURBO_KERNELS"
-# "0": the scalar decode kernel even where the mma one applies; "1": the mma kernel wherever
-# it applies, short sequences included (mma_short).
+# "0": the scalar decode kernel even where the mma one applies (which is the default).
 MMA_ENV = "MLX_LM_TURBO_MMA"
 # Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
 SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
@@ -266,16 +265,6 @@ def _mma_fixed_bytes(D: int) -> int:
     return 4 * (2 * 8 * D + nw * 16 * 8 + 2 * nw * 8 + 4)   # + up to 3 words of alignment
 
 
-def mma_short(S: int, heads: int) -> bool:
-    """True where the split-K grid gives each block of ``heads`` (batch x KV heads) a single
-    tile of keys: there the mma kernel's per-block set-up (query rotation, table copies,
-    fragment staging) costs more than it saves, and the scalar kernel runs (H100, S=4096
-    with 8 KV heads, 3 bits: 18.8-20.2 vs 20.8-22.4 µs in eight passes; at 32k the mma
-    kernel is 1.35x faster)."""
-    tiles = math.ceil(S / NT)
-    return math.ceil(tiles / max(1, TARGET_BLOCKS // max(1, heads))) < 2
-
-
 def mma_aligned(rep: int, D: int, DV: int, kb: int, vb: int, budget: int) -> bool:
     """Whether the mma kernel's pair tables, with 2^rep copies, also fit aligned to their
     size (TALIGN: up to a table's size of padding; each lookup one instruction shorter:
@@ -329,9 +318,8 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    force = os.environ.get(MMA_ENV, "").strip()   # "0": scalar, "1": mma where it applies
-    use_mma = not (W or mask_mode == 2 or force == "0"
-                   or (force != "1" and mma_short(S, B * Hkv)))
+    force = os.environ.get(MMA_ENV, "").strip()   # "0": the scalar kernel
+    use_mma = not (W or mask_mode == 2 or force == "0")
     rep = mma_rep(kc, vc, R, D, DV, ks[0][0], vb, budget) if use_mma else None
     talign = int(rep is not None and mma_aligned(rep, D, DV, ks[0][0], vb, budget))
     if rep is not None:
@@ -362,8 +350,7 @@ def cached_plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     kc, vc = cache.key_codec, cache.value_codec
     S = keys["norm"].shape[2]
     Bk, Hkv = keys["norm"].shape[:2]
-    sig = (backend_name, tuple(queries.shape), queries.dtype, mask, kc, vc, (Bk, Hkv),
-           mma_short(S, Bk * Hkv))   # (a plan is remade when a sequence outgrows it)
+    sig = (backend_name, tuple(queries.shape), queries.dtype, mask, kc, vc, (Bk, Hkv))
     memo = getattr(cache, "_fused_plan", None)
     if memo is None or memo[0] != sig or S == 0:
         p = plan(queries, keys, values, cache, mask, sinks, backend_name)
