@@ -435,6 +435,32 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
     assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err   # bf16 ulp at 2: 7.8e-3
 
 
+@emu
+def test_emulated_mma_kernel_rising_scores(monkeypatch):
+    """Scores that climb ~130 above the first sub-tile's in the odd rows only (the even
+    rows' queries are zero): the lazy rescale must move those rows' running maxima as
+    well (P = e^(s - m_run) past ~11 overflows its fp16 fragment)."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", 2)   # one split: 16 sub-tiles a warp
+    D, S = 128, 1024
+    mx.random.seed(5)
+    c = TurboKVCache("turboquant_mse", 3, "turboquant_mse", 3, seed=5)
+    direction = mx.random.normal((D,))
+    ramp = mx.linspace(0.0, 1.0, S)[:, None]
+    k = ramp * 6 * direction + 0.1 * mx.random.normal((1, 2, S, D))
+    v = mx.random.normal((1, 2, S, D))
+    keys, values = c.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
+    q = mx.concatenate([mx.zeros((1, 1, 1, D)), 2 * direction.reshape(1, 1, 1, D)], axis=1)
+    q = mx.concatenate([q, q], axis=1).astype(mx.float16)   # heads 0, 2: zero; 1, 3: rising
+    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    assert p["MMA"] is not None
+    out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, None, p,
+                                     full=(c.keys, c.values))
+    ref = reference_attention(q, keys, values, c, D ** -0.5, None)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < 3e-3, err
+
+
 def test_plan_chooses_mma_kernel(monkeypatch):
     """mse keys and values at <= 4 bits, <= 8 rows and whole-word key quarters: the mma
     kernel (short sequences too); otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
