@@ -356,7 +356,7 @@ def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
     q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
     mask = "causal" if L > 1 else None
     outs = []
-    for env in ("1", "0"):
+    for env in ("", "0"):
         monkeypatch.setenv(decode.MMA_ENV, env)
         p = decode.plan(q, keys, values, c, mask, None, decode.backend())
         assert (p["MMA"] is None) == (env == "0")
@@ -408,6 +408,19 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
     assert err < 2e-3, err
 
 
+def _mma_emulated_error(q, keys, values, c, mask) -> float:
+    """Max abs difference between the emulated mma kernel (which the plan must choose) and
+    the reference attention on the same packed cache."""
+    from mlx_lm_turbo.kernels import emulate
+    scale = q.shape[-1] ** -0.5
+    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    assert p["MMA"] is not None
+    out = emulate.run_fused_emulated(q, keys, values, c, scale, mask, p,
+                                     full=(c.keys, c.values))
+    ref = reference_attention(q, keys, values, c, scale, mask)
+    return mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+
+
 @emu
 @pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S,mask,blocks,dtype", [
     (3, 3, 128, 8, 2, 1, 517, None, 528, mx.float16),
@@ -422,16 +435,10 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
     """The matrix-unit kernel (fragments from pair tables, permuted dims, per-warp online
     softmax) against the reference; its fp16 fragments (rotated queries, P) bound the
     error at ~1e-3 of outputs of magnitude ~2."""
-    from mlx_lm_turbo.kernels import emulate
     monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
-    p = decode.plan(q, keys, values, c, mask, None, "cuda")
-    assert p["MMA"] is not None
-    out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, mask, p,
-                                     full=(c.keys, c.values))
-    ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
-    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    err = _mma_emulated_error(q, keys, values, c, mask)
     assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err   # bf16 ulp at 2: 7.8e-3
 
 
@@ -440,7 +447,6 @@ def test_emulated_mma_kernel_rising_scores(monkeypatch):
     """Scores that climb ~130 above the first sub-tile's in the odd rows only (the even
     rows' queries are zero): the lazy rescale must move those rows' running maxima as
     well (P = e^(s - m_run) past ~11 overflows its fp16 fragment)."""
-    from mlx_lm_turbo.kernels import emulate
     monkeypatch.setattr(decode, "TARGET_BLOCKS", 2)   # one split: 16 sub-tiles a warp
     D, S = 128, 1024
     mx.random.seed(5)
@@ -452,12 +458,7 @@ def test_emulated_mma_kernel_rising_scores(monkeypatch):
     keys, values = c.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
     q = mx.concatenate([mx.zeros((1, 1, 1, D)), 2 * direction.reshape(1, 1, 1, D)], axis=1)
     q = mx.concatenate([q, q], axis=1).astype(mx.float16)   # heads 0, 2: zero; 1, 3: rising
-    p = decode.plan(q, keys, values, c, None, None, "cuda")
-    assert p["MMA"] is not None
-    out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, None, p,
-                                     full=(c.keys, c.values))
-    ref = reference_attention(q, keys, values, c, D ** -0.5, None)
-    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    err = _mma_emulated_error(q, keys, values, c, None)
     assert err < 3e-3, err
 
 

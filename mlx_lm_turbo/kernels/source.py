@@ -957,6 +957,17 @@ inline void kv_mma(thread float* c, thread const uint32_t* a, thread const uint3
 #   and lane: two words and one funnel shift). P (with ρ_value folded in) goes to B
 #   through a per-warp shared tile.
 
+def repeat_copy(dst: str, src: str, n: str, repl: str) -> str:
+    """Kernel text: shared ``dst[0, n)`` = each word of ``src`` repeated 2^``repl`` times,
+    four copies per 128-bit store where there are four."""
+    return f"""  if ({repl} >= 2) {{
+    for (int e = kv_tid; e < {n} / 4; e += NT) kv_store4({dst} + 4 * e, {src}[(4 * e) >> {repl}]);
+  }} else {{
+    for (int e = kv_tid; e < {n}; e += NT) {dst}[e] = {src}[e >> {repl}];
+  }}
+"""
+
+
 def mma_loads(p: str, j0: str, guarded: bool = True) -> str:
     """Kernel text: the global loads of the mma kernel's sub-tile at key ``j0`` into the
     registers named with prefix ``p`` (key code quarters, value code words, norms).
@@ -1175,17 +1186,7 @@ DECODE_MMA_BODY = """
   // ---- pair tables (built once per codec by the dispatcher), each word repeated: four
   //      copies per 128-bit store where there are four (a word-by-word copy with its
   //      loads cost ~4% of the H100 samples at 128k) ----
-  if (KREPL >= 2) {
-    for (int e = kv_tid; e < KTN / 4; e += NT) kv_store4(ktab + 4 * e, kpt[(4 * e) >> KREPL]);
-  } else {
-    for (int e = kv_tid; e < KTN; e += NT) ktab[e] = kpt[e >> KREPL];
-  }
-  if (VREPL >= 2) {
-    for (int e = kv_tid; e < VTN / 4; e += NT) kv_store4(vtab + 4 * e, vpt[(4 * e) >> VREPL]);
-  } else {
-    for (int e = kv_tid; e < VTN; e += NT) vtab[e] = vpt[e >> VREPL];
-  }
-  KV_BARRIER();
+""" + repeat_copy("ktab", "kpt", "KTN", "KREPL") + repeat_copy("vtab", "vpt", "VTN", "VREPL") + """  KV_BARRIER();
 """ + rows_hadamard("qs", "D") + """
   // ---- B staging of the rotated rows: k index kk of step s is dim
   //      (P & 3) * KQ + 4s + 2 (P >> 2) + (kk & 1), P = kk >> 1 ----
