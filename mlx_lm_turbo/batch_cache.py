@@ -405,7 +405,8 @@ class BatchTurboKVCache(TurboKVCache):
         """Copies the buffers (they are written in place) but shares the codecs."""
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
-            if name in ("key_codec", "value_codec", "dtype", "_fused_consts", "_fused_plan"):
+            if name in ("key_codec", "value_codec", "dtype", "_fused_consts", "_fused_plan",
+                        "_fused_steady"):
                 setattr(new, name, value)
             else:
                 setattr(new, name, copy.deepcopy(value, memo))

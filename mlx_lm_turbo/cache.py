@@ -230,7 +230,7 @@ class TurboKVCache(_BaseCache):
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
             shared = name in ("key_codec", "value_codec", "dtype", "_fused_consts",
-                              "_fused_plan")
+                              "_fused_plan", "_fused_steady")
             setattr(new, name, value if shared else copy.deepcopy(value, memo))
         return new
 

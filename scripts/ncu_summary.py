@@ -8,10 +8,11 @@ JSON and a PNG (µs per call vs sequence length, speedup over fp16 SDPA).
 
 ncu lists the kernels in launch order and profile_decode.py runs each operation twice,
 synchronised, in the order of ``profiled_calls``: fp16 SDPA is two kernels (cuDNN flash +
-reduction), a fused attention two (decode + combine), a one-token append five (encode +
-four slice writes), mlx-lm's quantized attention however many its ops launch. A call's time is the sum of its kernels; an operation's is the faster
-of its two calls (the first launch of a kernel in the profiled region sometimes carries
-a one-off load).
+reduction), a fused attention two (decode + combine), a one-token append and mlx-lm's
+quantized attention however many their ops launch (the fused encode and its slice writes,
+or the codec's ops when the encode kernel is off). A call's time is the sum of its
+kernels; an operation's is the faster of its two calls (the first launch of a kernel in
+the profiled region sometimes carries a one-off load).
 """
 
 import argparse
@@ -19,9 +20,10 @@ import csv
 import json
 from collections import OrderedDict
 
-# mlx-lm's quantized attention is a sequence of MLX ops (None: the kernels up to the next
-# call, found by its first kernel's name: this call's first one again, or another kind's).
-KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": 5, "mlx": None}
+# An append and mlx-lm's quantized attention are sequences of MLX ops (None: the kernels up
+# to the next call, found by its first kernel's name: this call's first one again, or
+# another kind's).
+KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": None, "mlx": None}
 FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode", "mlx": ""}
 
 

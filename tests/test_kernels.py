@@ -348,6 +348,41 @@ def test_fused_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S):
 
 
 @gpu
+def test_steady_decode_path_matches_reference(monkeypatch):
+    """After its first (checked) call, decode_attention serves the following steps from
+    the memo on the cache (``_steady``): each step, appended token and grown S included,
+    must still equal the reference; with an env var changed the memo no longer applies."""
+    from mlx_lm_turbo.attention import reference_attention
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=700, D=128)
+    for step in range(3):
+        k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
+        keys, values = c.update_and_fetch(k1, k1)
+        q = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
+        out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
+        # (the first call of a shape may be its first-use check, which sets no memo)
+        assert out is not None and (step == 0 or c._fused_steady is not None)
+        ref = reference_attention(q, keys, values, c, 128 ** -0.5)
+        err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+        assert err < 1e-2, (step, err)
+    # A deep copy shares the memo but not the buffers: each must read its own.
+    import copy
+    twin = copy.deepcopy(c)
+    for cache in (twin, c):   # (c last: the check below reuses its views)
+        k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
+        keys, values = cache.update_and_fetch(k1, k1)
+        out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+        ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
+        err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+        assert err < 1e-2, err
+    monkeypatch.setenv(decode.MMA_ENV, "0")    # the scalar kernel now: a new signature
+    out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < 1e-2, err
+
+
+@gpu
 @pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
                                                 (2, 4, 128, 24, 8, 2, 999),
                                                 (4, 4, 64, 8, 1, 1, 20000)])
