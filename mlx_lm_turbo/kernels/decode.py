@@ -556,6 +556,12 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
     return step
 
 
+def _steady_sig(queries: mx.array, scale: float, cache) -> tuple:
+    """What a ``_steady`` memo was resolved for (S and the packed views may change)."""
+    return (queries.shape, queries.dtype, scale, cache.key_codec, cache.value_codec,
+            os.environ.get(ENV), os.environ.get(MMA_ENV))
+
+
 # --------------------------------------------------------------------------- dispatch
 
 def _shape_key(p: dict, queries: mx.array, cache, backend_name: str) -> tuple:
@@ -577,9 +583,7 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     """Fused attention, or None where it does not apply (the caller runs the reference)."""
     steady = getattr(cache, "_fused_steady", None)
     if mask is None and sinks is None and steady is not None:
-        sig = (queries.shape, queries.dtype, scale, cache.key_codec, cache.value_codec,
-               os.environ.get(ENV), os.environ.get(MMA_ENV))
-        if steady[0] == sig and "recent" not in keys:
+        if steady[0] == _steady_sig(queries, scale, cache) and "recent" not in keys:
             return steady[1](queries, keys, values)
     mode = env_mode()
     be = active_backend(mode)
@@ -613,9 +617,7 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     if mask is None and sinks is None and "recent" not in keys and p["MMA"] is not None:
         step = _steady(queries, keys, values, cache, scale, p, be)
         if step is not None:
-            cache._fused_steady = ((queries.shape, queries.dtype, scale, cache.key_codec,
-                                    cache.value_codec, os.environ.get(ENV),
-                                    os.environ.get(MMA_ENV)), step)
+            cache._fused_steady = (_steady_sig(queries, scale, cache), step)
             return step(queries, keys, values)
     return run_fused(queries, keys, values, cache, scale, mask, p, be)
 
