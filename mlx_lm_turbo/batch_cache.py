@@ -25,7 +25,6 @@ and ``reference_attention`` take it unchanged: it exposes ``key_codec``, ``value
 and ``key_mean``, and ``update_and_fetch`` returns the packed views.
 """
 
-import copy
 import copyreg
 import logging
 from typing import List, Optional
@@ -400,17 +399,6 @@ class BatchTurboKVCache(TurboKVCache):
     @state.setter
     def state(self, v):
         raise NotImplementedError("BatchTurboKVCache is not saved; extract() each row")
-
-    def __deepcopy__(self, memo):
-        """Copies the buffers (they are written in place) but shares the codecs."""
-        new = self.__class__.__new__(self.__class__)
-        for name, value in self.__dict__.items():
-            if name in ("key_codec", "value_codec", "dtype", "_fused_consts", "_fused_plan",
-                        "_fused_steady"):
-                setattr(new, name, value)
-            else:
-                setattr(new, name, copy.deepcopy(value, memo))
-        return new
 
     def _log(self, what: str) -> None:
         """One line per batch formation (layer 0 only): the server's log proves batching."""

@@ -498,32 +498,56 @@ def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
     return caches
 
 
-def _time_decode(model, caches, batch: int, steps: int) -> tuple[float, float]:
-    """Seconds per decode step: synchronous (build a step, evaluate it), and pipelined as
-    mlx_lm.generate decodes (step n+1's graph built and queued with async_eval while step
-    n runs, so host work overlaps GPU work)."""
+def sync_steps(model, caches, steps: int, batch: int = 1) -> tuple[float, float]:
+    """Seconds per decode step, synchronous (build a step, evaluate it), and the host
+    time of building its graph alone."""
     tok = mx.ones((batch, 1), mx.int32)
     for _ in range(3):
         mx.eval(model(tok, cache=caches))
+    build = 0.0
     t = time.perf_counter()
     for _ in range(steps):
-        mx.eval(model(tok, cache=caches))
-    dt = (time.perf_counter() - t) / steps
-    y = mx.argmax(model(tok, cache=caches)[:, -1], axis=-1, keepdims=True)
+        b0 = time.perf_counter()
+        logits = model(tok, cache=caches)
+        build += time.perf_counter() - b0
+        mx.eval(logits)
+    return (time.perf_counter() - t) / steps, build / steps
+
+
+def pipelined_steps(model, caches, steps: int, batch: int = 1) -> dict:
+    """mlx_lm.generate's loop (step n+1 built and queued with async_eval while step n
+    runs, so host work overlaps GPU work), seconds per step: in all (``total``) and split
+    into building the graph (``build``), queueing it (``dispatch``: MLX's eval walks the
+    graph and adds the kernels) and waiting for the previous step's token (``wait``: ~0
+    when the host is the bottleneck); plus the peak memory above the resident set in bytes
+    (a cache append that copies its buffer shows here)."""
+    y = mx.argmax(model(mx.ones((batch, 1), mx.int32), cache=caches)[:, -1], axis=-1,
+                  keepdims=True)
     mx.async_eval(y)
     for _ in range(3):   # warm-up: argmax's first compile stays out of the timing
         nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
         mx.async_eval(nxt)
         y.tolist()
         y = nxt
+    y.tolist()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    build = dispatch = wait = 0.0
     t = time.perf_counter()
     for _ in range(steps):
+        t0 = time.perf_counter()
         nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
+        t1 = time.perf_counter()
         mx.async_eval(nxt)
+        t2 = time.perf_counter()
         y.tolist()
+        t3 = time.perf_counter()
+        build, dispatch, wait = build + t1 - t0, dispatch + t2 - t1, wait + t3 - t2
         y = nxt
     y.tolist()
-    return dt, (time.perf_counter() - t) / steps
+    total = time.perf_counter() - t
+    return dict(total=total / steps, build=build / steps, dispatch=dispatch / steps,
+                wait=wait / steps, peak_above_resident=mx.get_peak_memory() - base)
 
 
 def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4"),
@@ -555,7 +579,9 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                     fused_encode.encode = lambda codec, x: None
                     fused_encode.encode_pair = lambda kc, vc, k, v: None
                 try:
-                    times[kind].append(_time_decode(model, caches[kind], batch, steps))
+                    sync = sync_steps(model, caches[kind], steps, batch)[0]
+                    pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
+                    times[kind].append((sync, pipe))
                     log("e2e", f"S={S} round {r} {kind}: sync {1e3 * times[kind][-1][0]:.2f} "
                         f"ms, pipelined {1e3 * times[kind][-1][1]:.2f} ms")
                 except Exception as e:

@@ -7,8 +7,9 @@ cache append or the attention taken out, bf16 cache vs ours, in one run.
 Rows (ms per token): ``full`` (synchronous: build a step, evaluate it), ``build`` (host
 time to build one step's graph, no evaluation), ``no_append`` (the cache write skipped:
 attention over the same S tokens every step), ``pipelined`` (as mlx_lm.generate decodes,
-split into build / dispatch / wait, see ``pipelined_steps``); per-op wall costs queued back
-to back (``op_us``) and the host time to build one layer's pieces (``host_us``).
+split into build / dispatch / wait: ``bench_attention.pipelined_steps``); per-op wall
+costs queued back to back (``op_us``) and the host time to build one layer's pieces
+(``host_us``).
 """
 
 import argparse
@@ -25,7 +26,8 @@ from mlx_lm_turbo import patch  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
 from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
 # (scripts/ is on sys.path when this runs as a script)
-from bench_attention import filled_caches, llama_3b_shaped  # noqa: E402
+from bench_attention import (filled_caches, llama_3b_shaped, pipelined_steps,  # noqa: E402
+                             sync_steps)
 from profile_decode import per_call_us  # noqa: E402
 
 
@@ -106,56 +108,6 @@ def no_append(caches: list) -> None:
             c.update_and_fetch = lambda k, v, ks=ks, vs=vs: (ks, vs)
 
 
-def time_steps(model, caches, steps: int) -> tuple[float, float]:
-    tok = mx.array([[1]])
-    for _ in range(3):
-        mx.eval(model(tok, cache=caches))
-    build = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
-        b0 = time.perf_counter()
-        logits = model(tok, cache=caches)
-        build += time.perf_counter() - b0
-        mx.eval(logits)
-    return (time.perf_counter() - t) / steps * 1e3, build / steps * 1e3
-
-
-def pipelined_steps(model, caches, steps: int) -> dict:
-    """mlx_lm.generate's loop (step n+1 built and queued with async_eval while step n
-    runs), split per step into host time building the graph (``build``), queueing it
-    (``dispatch``: MLX's eval walks the graph and adds the kernels) and waiting for the
-    previous step's token (``wait``: ~0 when the host is the bottleneck), plus the peak
-    memory above the resident set (a cache append that copies its buffer shows here)."""
-    y = mx.argmax(model(mx.array([[1]]), cache=caches)[:, -1], axis=-1, keepdims=True)
-    mx.async_eval(y)
-    for _ in range(3):
-        nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
-        mx.async_eval(nxt)
-        y.tolist()
-        y = nxt
-    y.tolist()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    build = dispatch = wait = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        nxt = mx.argmax(model(y, cache=caches)[:, -1], axis=-1, keepdims=True)
-        t1 = time.perf_counter()
-        mx.async_eval(nxt)
-        t2 = time.perf_counter()
-        y.tolist()
-        t3 = time.perf_counter()
-        build, dispatch, wait = build + t1 - t0, dispatch + t2 - t1, wait + t3 - t2
-        y = nxt
-    y.tolist()
-    total = time.perf_counter() - t
-    ms = lambda x: round(x / steps * 1e3, 3)
-    return dict(pipelined_ms=ms(total), pipe_build_ms=ms(build),
-                pipe_dispatch_ms=ms(dispatch), pipe_wait_ms=ms(wait),
-                peak_above_resident_mb=round((mx.get_peak_memory() - base) / 2**20, 1))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -174,13 +126,16 @@ def main():
     rows = res["e2e"] = []
     for kind in a.kinds.split(","):
         caches = filled_caches(kind, a.context, len(model.layers))
-        full, build = time_steps(model, caches, a.steps)
+        full, build = sync_steps(model, caches, a.steps)
         pipe = pipelined_steps(model, caches, a.steps)
         no_append(caches)
-        attn_only, build_na = time_steps(model, caches, a.steps)
-        row = dict(cache=kind, context=a.context, full_ms=round(full, 3),
-                   build_ms=round(build, 3), no_append_ms=round(attn_only, 3),
-                   no_append_build_ms=round(build_na, 3), **pipe)
+        attn_only, build_na = sync_steps(model, caches, a.steps)
+        ms = lambda x: round(x * 1e3, 3)
+        row = dict(cache=kind, context=a.context, full_ms=ms(full), build_ms=ms(build),
+                   no_append_ms=ms(attn_only), no_append_build_ms=ms(build_na),
+                   pipelined_ms=ms(pipe["total"]), pipe_build_ms=ms(pipe["build"]),
+                   pipe_dispatch_ms=ms(pipe["dispatch"]), pipe_wait_ms=ms(pipe["wait"]),
+                   peak_above_resident_mb=round(pipe["peak_above_resident"] / 2**20, 1))
         rows.append(row)
         print(row, flush=True)
         del caches
