@@ -23,6 +23,7 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
                         scale: float, mask=None, sinks: Optional[mx.array] = None) -> mx.array:
     """Pure-MLX attention over packed codes (dequantize in the rotated domain + SDPA)."""
     kc, vc = cache.key_codec, cache.value_codec
+    keys, values = kernels.settle(keys), kernels.settle(values)
     q = kc.rotate(queries)
     k = kc.decode_rotated(keys)
     v = vc.decode_rotated(values)

@@ -27,6 +27,7 @@ a small model's attention, and their coding error costs the most.
 
 import copy
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -36,6 +37,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, create_attention_mask
 
 from . import __version__, codecs
+from .kernels import decode as fused_decode
 from .kernels import encode as fused_encode
 
 
@@ -115,6 +117,12 @@ def _slice_tokens(packed: dict, start: int, stop: int) -> dict:
 
 class TurboKVCache(_BaseCache):
     step = 256
+    # In-place appends (GPU decode steps, see update_and_fetch): allowed while the buffers
+    # are this cache's alone, i.e. since its last MLX write (slice_update copies a buffer
+    # anything else still holds); ``_done`` orders readers after the last one.
+    _inplace = False
+    _done = None
+    _append = None   # (signature, the in-place launch resolved for it)
 
     def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
                  value_method: Optional[str] = None, value_bits: Optional[int] = None,
@@ -137,6 +145,7 @@ class TurboKVCache(_BaseCache):
         self.key_codec = None
         self.value_codec = None
         self.key_mean = None
+        self._inplace, self._done, self._append = False, None, None
 
     @classmethod
     def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
@@ -151,6 +160,16 @@ class TurboKVCache(_BaseCache):
                                        layer_seed(self.seed, self.layer, True))
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        # A decode step whose attention runs the steady fused kernel: code the token
+        # straight into the buffers (one launch, no slice writes or views: batch-1
+        # decode waits on host time per graph node) and hand attention the live dicts.
+        steady = getattr(self, "_fused_steady", None)
+        if self._inplace and keys.shape[2] == 1 and not self.fp16_window \
+                and steady is not None and fused_decode.live_allowed(steady) \
+                and self.offset < self.capacity:
+            live = self._write_in_place(keys, values)
+            if live is not None:
+                return live
         if self.key_codec is None:
             self._make_codecs(keys.shape[-1], values.shape[-1])
             self.dtype = keys.dtype
@@ -160,9 +179,41 @@ class TurboKVCache(_BaseCache):
         self.offset += keys.shape[2]
         return self._fetch(keys, values)
 
+    def _write_in_place(self, keys: mx.array, values: mx.array):
+        """(live keys, live values) after coding one token into the buffers in place, or
+        None where that does not apply (the caller writes through MLX). A live dict is the
+        packed dict of whole buffers plus "live": (keys held, positions array, done), what
+        the steady decode kernel reads; ``kernels.settle`` makes plain views of it."""
+        prev = self.offset
+        kx = keys - self.key_mean if self.center_keys else keys
+        sig = (kx.shape, kx.dtype, os.environ.get(fused_encode.ENV))
+        if self._append is not None and self._append[0] == sig:
+            # (the launch resolved at an earlier step: host time is what this waits on)
+            pos = fused_encode.positions(prev, 1)
+            self._done = self._append[1](kx, values, self.keys, self.values, pos, self._done)
+        else:
+            w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
+                                                 values, self.keys, self.values, prev,
+                                                 self._done)
+            if w is None:
+                return None
+            pos, self._done, write = w
+            self._append = None if write is None else (sig, write)
+        self.offset = prev + 1
+        live = (self.offset, pos, self._done)
+        return {**self.keys, "live": live}, {**self.values, "live": live}
+
+    def _settle(self) -> None:
+        """Wait for the last in-place append before the buffers are read or written any
+        other way (a reader that does not take its ``done`` could run before it)."""
+        if self._done is not None:
+            mx.eval(self._done)
+            self._done = None
+
     def _write(self, keys: mx.array, values: mx.array, prev: int) -> None:
         """Encode a block and write its codes at token ``prev``, growing the buffers in
         steps of ``step`` tokens (shared with the batch cache)."""
+        self._settle()
         # Without centring key_mean is zero: skip the subtraction on the per-token path.
         kx = keys - self.key_mean if self.center_keys else keys
         # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
@@ -193,6 +244,7 @@ class TurboKVCache(_BaseCache):
         for store, fresh in ((self.keys, k), (self.values, v)):
             for name, a in fresh.items():
                 store[name][:, :, prev:prev + n] = a
+        self._inplace = True   # slice_update's outputs: nothing else holds them
 
     def _fetch(self, keys: mx.array, values: mx.array):
         """What attention reads after an update: the packed views, plus (fp16 window) the
@@ -227,10 +279,14 @@ class TurboKVCache(_BaseCache):
     def __deepcopy__(self, memo):
         """Copies the buffers (they are written in place) but shares the codecs: mlx-lm's
         LRUPromptCache deep-copies every cache it hands out."""
+        self._settle()
+        # The copies share the arrays (mx.array's deepcopy): neither may write in place
+        # until an MLX write has given it buffers of its own.
+        self._inplace = False
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
             shared = name in ("key_codec", "value_codec", "dtype", "_fused_consts",
-                              "_fused_plan", "_fused_steady")
+                              "_fused_plan", "_fused_steady", "_append")
             setattr(new, name, value if shared else copy.deepcopy(value, memo))
         return new
 
@@ -239,6 +295,7 @@ class TurboKVCache(_BaseCache):
         return 0 if self.keys is None else next(iter(self.keys.values())).shape[2]
 
     def keys_and_values(self):
+        self._settle()
         if self.offset == self.capacity:
             return self.keys, self.values
         return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)
@@ -252,6 +309,10 @@ class TurboKVCache(_BaseCache):
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
+        # A graph built before the trim may still read the trimmed tokens: rewrite them
+        # through MLX (which copies a buffer still held) until the next write.
+        self._settle()
+        self._inplace = False
         if self.recent_keys is not None:
             # The copies of the trimmed tokens go; older ones were never kept, so the
             # window is shorter until new tokens arrive (attention reads codes there).

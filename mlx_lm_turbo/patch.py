@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from . import codecs, distributed
+from .attention import turbo_attention
 from .cache import TurboConfig, TurboKVCache, cache_summary
 from .cache import make_prompt_cache as make_turbo_cache
 
@@ -54,8 +55,6 @@ def _rebind(old, new, name: str) -> None:
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     if isinstance(cache, TurboKVCache):
-        from .attention import turbo_attention
-
         return turbo_attention(queries, keys, values, cache, scale, mask, sinks)
     recorded = getattr(cache, "calibration_queries", None)  # ratequant.CalibrationCache
     if recorded is not None:

@@ -565,7 +565,8 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
         caches, times, errors = {}, {}, {}
         for kind in kinds:
             try:
-                caches[kind] = filled_caches(kind.replace("_mlx_encode", ""), S, layers, batch)
+                base_kind = kind.replace("_mlx_encode", "").replace("_slice_writes", "")
+                caches[kind] = filled_caches(base_kind, S, layers, batch)
                 times[kind] = []
             except Exception as e:
                 errors[kind] = f"error: {type(e).__name__}: {e}"[:300]
@@ -573,11 +574,16 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
         for r in range(rounds):
             for kind in list(times):
                 # "_mlx_encode": the cache append runs the codecs' MLX encode (fused
-                # attention kept), to show what the fused encode kernel buys end to end.
+                # attention kept), to show what the fused encode kernel buys end to end;
+                # "_slice_writes": the fused encode's codes reach the buffers through MLX
+                # slice writes (no in-place append, attention reads sliced views).
                 orig_encode, orig_pair = fused_encode.encode, fused_encode.encode_pair
+                orig_inplace = fused_encode.write_pair_in_place
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
                     fused_encode.encode_pair = lambda kc, vc, k, v: None
+                if kind.endswith(("_mlx_encode", "_slice_writes")):
+                    fused_encode.write_pair_in_place = lambda *a: None
                 try:
                     sync = sync_steps(model, caches[kind], steps, batch)[0]
                     pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
@@ -590,6 +596,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                     del times[kind]
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
+                    fused_encode.write_pair_in_place = orig_inplace
         base = times.get("bf16")
         for kind in kinds:
             if kind in errors:
@@ -624,8 +631,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
-                    help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_w<W> "
-                         "(with a W-token fp16 window)")
+                    help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_slice_writes, "
+                         "mse<b>_w<W> (with a W-token fp16 window)")
     ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
     ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")
     ap.add_argument("--rounds", type=int, default=3,

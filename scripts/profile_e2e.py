@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from mlx_lm_turbo import patch  # noqa: E402
@@ -93,6 +94,23 @@ def host_costs() -> dict:
         c.trim(1)
         return c.update_and_fetch(x, x)[0]["codes"]
     rows["turbo update_and_fetch (1 token: encode + 4 slice updates)"] = host_us(append)
+
+    # One layer's whole decode step, as the model runs it (ours: once the steady kernel
+    # and the in-place append are in use, from the third step on), next to mlx-lm's.
+    def step():
+        keys, values = c.update_and_fetch(x, x)
+        return decode.decode_attention(q, keys, values, c, 0.088)
+    for _ in range(3):
+        mx.eval(step())
+    rows["turbo layer step: update_and_fetch + decode_attention"] = host_us(step)
+    kv = KVCache()
+    kv.update_and_fetch(k, k)
+    mx.eval(kv.keys, kv.values)
+
+    def kv_step():
+        ks, vs = kv.update_and_fetch(x, x)
+        return mx.fast.scaled_dot_product_attention(q, ks, vs, scale=0.088)
+    rows["bf16 layer step: KVCache.update_and_fetch + SDPA"] = host_us(kv_step)
     return {name: round(v, 2) for name, v in rows.items()}
 
 

@@ -28,9 +28,9 @@ CONFIGS = [
 ]
 
 METAL_TYPES = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
-               "uint32": "uint32_t"}
+               "uint32": "uint32_t", "int32": "int32_t"}
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16",
-              "uint32": "uint32_t"}
+              "uint32": "uint32_t", "int32": "int32_t"}
 DECODE_DTYPES = ["float16", "float32", "float32", "uint32", "uint32", "float16", "float16",
                  "uint32", "uint32", "float16", "float32", "float32", "float32", "float32",
                  "float32"]
@@ -43,10 +43,12 @@ def _decode_dtypes(window_dtype=None):
     return DECODE_DTYPES + ["float16", window_dtype, window_dtype, "float16", "float32"]
 REDUCE_DTYPES = ["float32"] * 4
 MMA_DTYPES = ["float16", "float32", "uint32", "float16", "uint32", "float16", "uint32",
-              "uint32"]
+              "uint32", "int32", "uint32"]
+# The fused encode's in-place inputs (pos, after, K and V buffers: codes1, codes2, norm).
+ENCODE_BUFFER_DTYPES = ["int32", "uint32"] + ["uint32", "uint32", "float16"] * 2
 
 
-def _mma_template(kb, vb, d, mask=1):
+def _mma_template(kb, vb, d, mask=1, live=0):
     """Template of the matrix-unit decode kernel as the dispatcher sets it (G=4, L=2)."""
     rep = decode.mma_rep(codecs.make("turboquant_mse", kb, d),
                          codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
@@ -54,7 +56,8 @@ def _mma_template(kb, vb, d, mask=1):
     aligned = decode.mma_aligned(rep, d, d, kb, vb, decode.SHARED_BUDGET["metal"])
     return [("D", d), ("DV", d), ("KB", kb), ("WK", d * kb // 32), ("VB", vb),
             ("WV", (d * vb + 31) // 32), ("GQ", 4), ("QL", 2), ("MASK", mask), ("NT", 128),
-            ("KREPL", rep), ("VREPL", rep), ("TALIGN", int(aligned)), ("QT", "float16")]
+            ("KREPL", rep), ("VREPL", rep), ("TALIGN", int(aligned)), ("QT", "float16"),
+            ("LIVE", live)]
 METAL_ATTRS = [("simdgroup_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
                ("thread_position_in_threadgroup", "uint3"),
                ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3")]
@@ -151,8 +154,9 @@ def _kernel_parts(name, x_dtype=None):
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
-    return (source.ENCODE_BODY, encode.INPUTS, [x_dtype, "float32", x_dtype, "float32"],
-            encode.OUTPUTS, ["uint32", "uint32", "float16"] * 2)
+    return (source.ENCODE_BODY, encode.INPUTS,
+            [x_dtype, "float32", x_dtype, "float32"] + ENCODE_BUFFER_DTYPES, encode.OUTPUTS,
+            ["uint32", "uint32", "float16"] * 2)
 
 
 def render_metal(template, name="decode", x_dtype=None) -> str:
@@ -257,9 +261,9 @@ def test_cuda_source_compiles(cfg, tmp_path):
         assert_cuda_compiles(render_cuda(tpl, name), tmp_path / f"{name}.cu")
 
 
-@pytest.mark.parametrize("kb,vb,d", [(3, 3, 128), (4, 2, 64)])
-def test_mma_metal_source_parses(kb, vb, d, tmp_path):
-    assert_metal_parses(render_metal(_mma_template(kb, vb, d), "decode_mma"),
+@pytest.mark.parametrize("kb,vb,d,live", [(3, 3, 128, 0), (4, 2, 64, 0), (3, 3, 128, 1)])
+def test_mma_metal_source_parses(kb, vb, d, live, tmp_path):
+    assert_metal_parses(render_metal(_mma_template(kb, vb, d, live=live), "decode_mma"),
                         tmp_path / "decode_mma_metal.cpp")
 
 
@@ -380,6 +384,52 @@ def test_steady_decode_path_matches_reference(monkeypatch):
     out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 1e-2, err
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
+    """Steady decode steps code the token straight into the buffers (encode INPLACE) and
+    attention reads them live (decode LIVE). Across a buffer growth, a trim and a deep
+    copy, every step's attention must equal the reference on the settled views, and the
+    buffers must hold exactly the codes of a twin cache written through MLX only."""
+    import copy
+    from mlx_lm_turbo.attention import reference_attention
+    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
+    twin = copy.deepcopy(c)
+    twin._write_in_place = lambda *a: None     # MLX writes only
+    live_steps = 0
+    for step in range(12):                     # 250 + 12 tokens: grows at 256
+        if step == 9:
+            c.trim(2), twin.trim(2)
+        k1 = (mx.random.normal((1, 2, 1, 128)) * 3).astype(dtype)
+        v1 = mx.random.normal((1, 2, 1, 128)).astype(dtype)
+        q = mx.random.normal((1, 8, 1, 128)).astype(dtype)
+        for cache in (c, twin):
+            keys, values = cache.update_and_fetch(k1, v1)
+            live_steps += cache is c and "live" in keys
+            out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+            assert out is not None
+            ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
+            err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+            assert err < 1e-2, (step, err)
+    assert live_steps >= 6
+    (ka, va), (kb_, vb_) = c.keys_and_values(), twin.keys_and_values()
+    for got, want in ((ka, kb_), (va, vb_)):
+        for name in want:
+            assert mx.array_equal(got[name], want[name]).item(), name
+    # A deep copy: each side's next steps land in its own buffers only.
+    other = copy.deepcopy(c)
+    for cache, scale in ((c, 1.0), (other, -1.0), (c, 2.0), (other, -2.0)):
+        k1 = (mx.random.normal((1, 2, 1, 128)) * scale).astype(dtype)
+        keys, values = cache.update_and_fetch(k1, k1)
+        decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+        want = cache.key_codec.encode(k1)
+        got = {n: a[:, :, -1:] for n, a in cache.keys_and_values()[0].items()}
+        assert encode.compare(cache.key_codec, got, want)[0]
+    assert c.offset == other.offset
 
 
 @gpu
@@ -600,18 +650,20 @@ def _codec(km, kb, D, seed=1):
     return codecs.make(km, kb, D, seed=seed)
 
 
-def _encode_template(km, kb, D, x_dtype, pair=1):
+def _encode_template(km, kb, D, x_dtype, pair=1, inplace=0):
     """Encode-kernel template constants as encode.launch_args sets them."""
     return [("D", D), ("BITS", kb), ("W", (D * kb + 31) // 32),
             ("MODE", encode.MODES[codecs.canonical_name(km)]), ("NORMT", "float16"),
-            ("XT", x_dtype), ("PAIR", pair)]
+            ("XT", x_dtype), ("PAIR", pair), ("INPLACE", inplace)]
 
 
-@pytest.mark.parametrize("km,kb,D,x_dtype", [("mse", 3, 128, "float16"),
-                                             ("rvq", 2, 64, "bfloat16"),
-                                             ("mse", 8, 256, "float32")])
-def test_encode_metal_source_parses(km, kb, D, x_dtype, tmp_path):
-    assert_metal_parses(render_metal(_encode_template(km, kb, D, x_dtype), "encode", x_dtype),
+@pytest.mark.parametrize("km,kb,D,x_dtype,inplace", [("mse", 3, 128, "float16", 0),
+                                                     ("rvq", 2, 64, "bfloat16", 0),
+                                                     ("mse", 8, 256, "float32", 0),
+                                                     ("rvq", 3, 128, "float16", 1)])
+def test_encode_metal_source_parses(km, kb, D, x_dtype, inplace, tmp_path):
+    tpl = _encode_template(km, kb, D, x_dtype, inplace=inplace)
+    assert_metal_parses(render_metal(tpl, "encode", x_dtype),
                         tmp_path / "encode_metal.cpp")
 
 
@@ -652,6 +704,31 @@ def test_emulated_encode_matches_codec(km, kb, D, L, dtype, monkeypatch):
     assert ok, why
     for k in ref:
         assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype, k
+
+
+@emu
+@pytest.mark.parametrize("km,kb,D", [("mse", 3, 64), ("rvq", 2, 128)])
+def test_emulated_in_place_encode_writes_only_its_tokens(km, kb, D, monkeypatch):
+    """INPLACE: K and V coded straight into tokens prev..prev+1 of (B=2) cache buffers:
+    those hold the codecs' codes, every other word is untouched."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(encode, "MAX_BLOCKS", 3)
+    kc, vc = _codec(km, kb, D, seed=1), _codec(km, kb, D, seed=2)
+    mx.random.seed(11)
+    k = (3 * mx.random.normal((2, 2, 2, D))).astype(mx.float16)
+    v = mx.random.normal((2, 2, 2, D)).astype(mx.float16)
+    old_k = kc.encode(mx.random.normal((2, 2, 9, D)))
+    old_v = vc.encode(mx.random.normal((2, 2, 9, D)))
+    prev = 5
+    new_k, new_v = emulate.run_encode_in_place_emulated(kc, vc, k, v, old_k, old_v, prev)
+    for codec, new, old, x in ((kc, new_k, old_k, k), (vc, new_v, old_v, v)):
+        ok, why = encode.compare(codec, {n: a[:, :, prev:prev + 2] for n, a in new.items()},
+                                 codec.encode(x))
+        assert ok, why
+        for n in old:
+            keep = mx.concatenate([old[n][:, :, :prev], old[n][:, :, prev + 2:]], axis=2)
+            got = mx.concatenate([new[n][:, :, :prev], new[n][:, :, prev + 2:]], axis=2)
+            assert mx.array_equal(keep, got).item(), n
 
 
 @emu

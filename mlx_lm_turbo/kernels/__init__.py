@@ -9,8 +9,11 @@ KV head reads the uncompressed copies.
 in one launch) for mse/rvq with power-of-two head dims, or None (the codec's MLX encode).
 ``MLX_LM_TURBO_KERNELS=0`` forces the reference, ``=1`` forces the kernels (errors raise;
 the encode kernel still steps aside for codecs it does not cover).
+``encode.write_pair_in_place`` codes a decode step's key and value straight into the
+cache's buffers; the cache then hands attention its *live* dicts (``settle`` turns them
+into plain packed views for any other reader).
 """
 
-from .decode import MAX_QUERY_LEN, backend, decode_attention
+from .decode import MAX_QUERY_LEN, backend, decode_attention, settle
 
-__all__ = ["decode_attention", "backend", "MAX_QUERY_LEN"]
+__all__ = ["decode_attention", "backend", "settle", "MAX_QUERY_LEN"]

@@ -142,7 +142,8 @@ def full_source(body: str, backend_name: str, template=(), mma: bool = False) ->
 DECODE_INPUTS = ["q", "qmul", "q2", "kc1", "kc2", "kn", "krn", "vc1", "vc2", "vn", "mask",
                  "cbk1", "cbk2", "cbv1", "cbv2", "qw", "rk", "rv", "kmu", "vmul"]
 DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
-MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt"]
+# nk, dep: the live launch (LIVE, see ``_steady``); dummies otherwise.
+MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt", "nk", "dep"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
 
@@ -411,6 +412,7 @@ def _consts(cache, scale: float, p: dict) -> dict:
         codes_dummy=mx.zeros((1, 1, 1, 8), mx.uint32),
         norm_dummy=mx.zeros((1, 1, 8), mx.float16),
         f32_dummy=mx.zeros((1, 1, 1, 8), mx.float32),
+        nk_dummy=mx.zeros((2,), mx.int32), dep_dummy=mx.zeros((1,), mx.uint32),
     )
     mx.eval(c)
     cache._fused_consts = (kc, vc, scale, c)
@@ -447,9 +449,9 @@ def fused_inputs(queries: mx.array, keys: dict, values: dict, cache, scale: floa
         template = [("D", D), ("DV", DV), ("KB", kb1), ("WK", kc1.shape[-1]), ("VB", vb),
                     ("WV", vc1.shape[-1]), ("GQ", p["G"]), ("QL", L), ("MASK", p["MASK"]),
                     ("NT", NT), ("KREPL", rep), ("VREPL", rep), ("TALIGN", p["TALIGN"]),
-                    ("QT", queries.dtype)]
+                    ("QT", queries.dtype), ("LIVE", 0)]
         inputs = [queries, c["qmul"], kc1, keys["norm"], vc1, values["norm"],
-                  pair_table(kc), pair_table(cache.value_codec)]
+                  pair_table(kc), pair_table(cache.value_codec), c["nk_dummy"], c["dep_dummy"]]
         return inputs, template, n_splits(S, rows)
     if c["rotq"]:
         q = queries
@@ -540,20 +542,49 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
     """``run_fused`` for the following decode steps of the mma kernel (same shapes, no
     mask, only S and the packed views change) with everything else resolved now: the
     per-call Python work of the general path (plan, inputs, template, kernel lookups)
-    was ~10 µs a layer, and batch-1 decode waits on host time."""
+    was ~10 µs a layer, and batch-1 decode waits on host time. The step also takes the
+    cache's *live* dicts (cache.py: the whole buffers, just written in place, and
+    "live": (S, positions, done)): then the LIVE kernel reads S from the positions and
+    runs after ``done``."""
     inputs, template, _ = fused_inputs(queries, keys, values, cache, scale, None, p)
     c = _consts(cache, scale, p)
     if not c["rotv"]:
         return None
     run = launcher(template, p, backend_name, c["vmul"], True, queries.dtype)
-    qmul, kpt, vpt = inputs[1], inputs[6], inputs[7]
+    run_live = launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"], True,
+                        queries.dtype)
+    qmul, kpt, vpt, nk, dep = inputs[1], inputs[6], inputs[7], inputs[8], inputs[9]
     rows = p["B"] * p["Hkv"] * p["NRG"]
 
     def step(q: mx.array, k: dict, v: dict) -> mx.array:
-        kn = k["norm"]
-        return run([q, qmul, k["codes"], kn, v["codes"], v["norm"], kpt, vpt],
-                   n_splits(kn.shape[2], rows))
+        live = k.get("live")
+        if live is None:
+            kn = k["norm"]
+            return run([q, qmul, k["codes"], kn, v["codes"], v["norm"], kpt, vpt, nk, dep],
+                       n_splits(kn.shape[2], rows))
+        S, pos, done = live
+        return run_live([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
+                         pos, done], n_splits(S, rows))
     return step
+
+
+def live_allowed(steady: tuple) -> bool:
+    """Whether a cache whose ``_fused_steady`` memo is ``steady`` may hand attention live
+    dicts: not once the LIVE kernel failed its first-use check (every step would then
+    wait for its write, ``settle``)."""
+    return _checked.get(steady[2]) is not False
+
+
+def settle(packed: dict) -> dict:
+    """A cache's live dict (see ``_steady``) as the plain packed views of the keys held,
+    for any other reader: waits for the in-place write, then slices the buffers. Other
+    dicts pass through."""
+    live = packed.get("live")
+    if live is None:
+        return packed
+    S, _, done = live
+    mx.eval(done)
+    return {n: a[:, :, :S] for n, a in packed.items() if n != "live"}
 
 
 def _steady_sig(queries: mx.array, scale: float, cache) -> tuple:
@@ -582,9 +613,25 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
                      mask=None, sinks: Optional[mx.array] = None) -> Optional[mx.array]:
     """Fused attention, or None where it does not apply (the caller runs the reference)."""
     steady = getattr(cache, "_fused_steady", None)
-    if mask is None and sinks is None and steady is not None:
-        if steady[0] == _steady_sig(queries, scale, cache) and "recent" not in keys:
+    if mask is None and sinks is None and steady is not None and "recent" not in keys \
+            and steady[0] == _steady_sig(queries, scale, cache):
+        live = _checked.get(steady[2]) if "live" in keys else True
+        if live:
             return steady[1](queries, keys, values)
+        if live is None:   # the LIVE kernel's first use: judged on the settled views
+            from ..attention import reference_attention
+
+            def agree_live(out):
+                ref = reference_attention(queries, settle(keys), settle(values), cache,
+                                          scale)
+                ok, err = _agrees(out, ref)
+                return ok, f"max abs error {err:.3g} vs the reference"
+            out = first_use(_checked, steady[2], env_mode(), "live decode attention kernel",
+                            "the sliced views", lambda: steady[1](queries, keys, values),
+                            agree_live)
+            if out is not None:
+                return out
+    keys, values = settle(keys), settle(values)
     mode = env_mode()
     be = active_backend(mode)
     if be is None:
@@ -617,7 +664,7 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     if mask is None and sinks is None and "recent" not in keys and p["MMA"] is not None:
         step = _steady(queries, keys, values, cache, scale, p, be)
         if step is not None:
-            cache._fused_steady = (_steady_sig(queries, scale, cache), step)
+            cache._fused_steady = (_steady_sig(queries, scale, cache), step, key + ("live",))
             return step(queries, keys, values)
     return run_fused(queries, keys, values, cache, scale, mask, p, be)
 

@@ -158,7 +158,8 @@ _RUN_FUSED = decode.run_fused
 
 
 def _ctype(dt) -> str:
-    return {np.float32: "float", np.uint16: "uint16_t", np.uint32: "uint32_t"}[dt]
+    return {np.float32: "float", np.uint16: "uint16_t", np.uint32: "uint32_t",
+            np.int32: "int32_t"}[dt]
 
 
 # Output element types: fp16 outputs are written through emu_half (GPU rounding).
@@ -314,7 +315,7 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     from . import encode
 
     x4, kw = encode.launch_args(codec, x, codec2, x2)
-    xin, cst, x2in, cst2 = kw["inputs"]
+    xin, cst, x2in, cst2 = kw["inputs"][:4]
     # Inputs are read through static_cast<float>: fp16/bf16 -> fp32 on the host is exact.
     if base is not None:
         buf = np.ascontiguousarray(np.array(base.astype(mx.float32)))
@@ -331,10 +332,12 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
     outs = [np.zeros(s, np.uint16 if d == np.float16 else d)
             for s, d in zip(kw["output_shapes"], out_dtypes)]
-    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS, [np.float32] * 4,
+    extra = [_np(a) for a in kw["inputs"][4:]]   # the in-place launch's dummies
+    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS,
+                         [np.float32] * 4 + [x.dtype.type for x, _, _ in extra],
                          encode.OUTPUTS, tpl(kw["template"]), out_dtypes)
     nt = kw["threadgroup"][0]
-    run([xh, _np(cst), _np(x2in.astype(mx.float32)), _np(cst2)], outs,
+    run([xh, _np(cst), _np(x2in.astype(mx.float32)), _np(cst2)] + extra, outs,
         (kw["grid"][0] // nt, 1), nt)
     for j in (2, 5):
         outs[j] = outs[j].view(np.float16)
@@ -342,3 +345,43 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     if x2 is None:
         return first
     return first, encode.as_packed(codec2, x2, [mx.array(o) for o in outs[3:]])
+
+
+def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, vbuf: dict,
+                                 prev: int) -> tuple[dict, dict]:
+    """encode.write_pair_in_place with the kernel executed on the CPU: returns copies of
+    the buffers ``kbuf``/``vbuf`` (the codecs' packed dicts) as the launch leaves them."""
+    from . import encode
+
+    _, kw = encode.launch_args(kc, k, vc, v)
+    template = [(n, 1 if n == "INPLACE" else x) for n, x in kw["template"]]
+
+    def tpl(t):
+        return [(n, "emu_half" if n == "NORMT" else "float") if isinstance(x, mx.Dtype)
+                else (n, x) for n, x in t]
+
+    def buffers(codec, buf):
+        names = ("codes1", "codes2") if codec.METHOD == "turboquant_rvq" else ("codes", None)
+        codes2 = buf[names[1]] if names[1] else mx.zeros((1, 1, 1, 1), mx.uint32)
+        return [_np(a) for a in (buf[names[0]], codes2, buf["norm"])], names
+
+    kb_np, knames = buffers(kc, kbuf)
+    vb_np, vnames = buffers(vc, vbuf)
+    pos = np.array([prev, prev + k.shape[2]], np.int32)
+    ins = ([_np(k.astype(mx.float32)), _np(encode.consts(kc)), _np(v.astype(mx.float32)),
+            _np(encode.consts(vc)), (pos, [2], [1]), _np(mx.zeros((1,), mx.uint32))]
+           + kb_np + vb_np)
+    dt_np = {mx.uint32: np.uint32, mx.float16: np.float16}
+    out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
+    outs = [np.zeros((1,), np.uint16 if d == np.float16 else d) for d in out_dtypes]
+    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS,
+                         [x.dtype.type for x, _, _ in ins], encode.OUTPUTS, tpl(template),
+                         out_dtypes)
+    nt = kw["threadgroup"][0]
+    run(ins, outs, (kw["grid"][0] // nt, 1), nt)
+
+    def back(arrs, names):
+        return {name: mx.array(x.view(np.float16) if name == "norm" else x)
+                for (x, _, _), name in zip(arrs, (names[0], names[1], "norm"))
+                if name is not None}
+    return back(kb_np, knames), back(vb_np, vnames)

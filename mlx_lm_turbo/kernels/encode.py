@@ -29,7 +29,8 @@ from . import source
 from .decode import ENV, active_backend, build_kernel, env_mode, first_use
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
-INPUTS = ["x", "cst", "x2", "cst2"]
+# pos/after/kb*/vb*: the in-place launch (``write_pair_in_place``); dummies otherwise.
+INPUTS = ["x", "cst", "x2", "cst2", "pos", "after", "kb1", "kb2", "kbn", "vb1", "vb2", "vbn"]
 OUTPUTS = ["codes1", "codes2", "rho", "codes1b", "codes2b", "rhob"]
 MIN_DIM, MAX_DIM = 32, 1024   # one thread per coordinate, whole warps, <= 1024 per block
 MAX_BLOCKS = 4096             # beyond this many vectors, blocks loop over them
@@ -101,6 +102,18 @@ def _dummy() -> mx.array:
     return d
 
 
+@lru_cache(maxsize=1)
+def _buffer_dummies() -> list:
+    """Stand-ins for pos, after and the six cache buffers of the in-place launch (with
+    their dtypes and ranks: the kernel text is typed by them)."""
+    d = [mx.zeros((2,), mx.int32), mx.zeros((1,), mx.uint32)]
+    for _ in range(2):
+        d += [mx.zeros((1, 1, 1, 1), mx.uint32), mx.zeros((1, 1, 1, 1), mx.uint32),
+              mx.zeros((1, 1, 1), NORM_DTYPE)]
+    mx.eval(d)
+    return d
+
+
 def _as4(x: mx.array, d: int) -> mx.array:
     if x.ndim < 4:
         return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
@@ -123,9 +136,9 @@ def launch_args(codec, x: mx.array, codec2=None, x2: Optional[mx.array] = None
     codes2 = (B, H, L, W) if mode == 1 else (1,)
     kwargs = dict(
         inputs=[x4, consts(codec), _as4(x2, d) if pair else _dummy(),
-                consts(codec2) if pair else _dummy()],
+                consts(codec2) if pair else _dummy()] + _buffer_dummies(),
         template=[("D", d), ("BITS", bits), ("W", W), ("MODE", mode), ("NORMT", NORM_DTYPE),
-                  ("XT", x.dtype), ("PAIR", int(pair))],
+                  ("XT", x.dtype), ("PAIR", int(pair)), ("INPLACE", 0)],
         grid=(min(nvec, MAX_BLOCKS) * (2 if pair else 1) * d, 1, 1), threadgroup=(d, 1, 1),
         output_shapes=[(B, H, L, W), codes2, (B, H, L)]
         + ([(B, H, L, W), codes2, (B, H, L)] if pair else [(1,), (1,), (1,)]),
@@ -155,14 +168,15 @@ def _call(codec, x: mx.array, backend_name: str, codec2=None, x2=None) -> list:
     if call is None or call[0] != sig:
         x4, kwargs = launch_args(codec, x, codec2, x2)
         template = tuple(kwargs.pop("template"))
-        _, cst, _, cst2 = kwargs.pop("inputs")
+        _, cst, _, cst2 = kwargs.pop("inputs")[:4]
         call = codec._fused_encode_call = (sig, _kernel(backend_name, template), kwargs,
                                            tuple(x4.shape), cst, cst2)
     _, kernel, kwargs, shape4, cst, cst2 = call
 
     def as4(a):
         return a if a.ndim == 4 else a.reshape(shape4)
-    return kernel(inputs=[as4(x), cst, _dummy() if x2 is None else as4(x2), cst2], **kwargs)
+    return kernel(inputs=[as4(x), cst, _dummy() if x2 is None else as4(x2), cst2]
+                  + _buffer_dummies(), **kwargs)
 
 
 def run_kernel(codec, x: mx.array, backend_name: str) -> dict:
@@ -272,3 +286,90 @@ def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]
                            "fused encode kernel (K and V in one launch)",
                            "one launch per tensor", lambda: run_pair_kernel(kc, vc, k, v, be),
                            agree)
+
+
+_pos_memo: list = [None, None]   # (prev, n), its pos array: shared by a step's layers
+
+
+def positions(prev: int, n: int) -> mx.array:
+    """int32 [prev, prev + n]: where an in-place append writes, and the keys held after
+    it (the live decode kernel's S). One array per decode step, whatever the layer."""
+    if _pos_memo[0] != (prev, n):
+        _pos_memo[0], _pos_memo[1] = (prev, n), mx.array([prev, prev + n], mx.int32)
+    return _pos_memo[1]
+
+
+def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
+    """The in-place launch for one (codecs, shape, dtype), resolved once:
+    ``write(k, v, kbuf, vbuf, positions, after) -> done``."""
+    _, kwargs = launch_args(kc, k, vc, v)
+    template = tuple(kwargs.pop("template")[:-1]) + (("INPLACE", 1),)
+    kwargs.pop("inputs")
+    kwargs["output_shapes"] = [(1,)] * 6
+    kernel = _kernel(backend_name, template)
+    ck, cv = consts(kc), consts(vc)
+    _, no_after, no_codes2 = _buffer_dummies()[:3]
+    names = ("codes1", "codes2") if kc.METHOD == "turboquant_rvq" else ("codes", None)
+
+    def buffers(buf: dict) -> list:
+        return [buf[names[0]], no_codes2 if names[1] is None else buf[names[1]], buf["norm"]]
+
+    def write(k: mx.array, v: mx.array, kbuf: dict, vbuf: dict, pos: mx.array,
+              after: Optional[mx.array]) -> mx.array:
+        return kernel(inputs=[k, ck, v, cv, pos, no_after if after is None else after]
+                      + buffers(kbuf) + buffers(vbuf), **kwargs)[0]
+    return write
+
+
+def write_pair_in_place(kc, vc, k: mx.array, v: mx.array, kbuf: dict, vbuf: dict,
+                        prev: int, after: Optional[mx.array]) -> Optional[tuple]:
+    """Code k and v (B, H, n, D) straight into tokens prev..prev+n-1 of the cache's
+    buffers ``kbuf``/``vbuf`` (the codecs' packed dicts, whole capacity), in one launch
+    that outputs nothing but ``done``: a one-word array whose readers run after the write
+    (a reader of the buffers must take it as an input, see cache.py). ``after``: the
+    previous such ``done`` (the writes stay in order). Returns (positions, done, write),
+    ``write`` being the launch resolved for this shape once its check has passed (else
+    None; cache.py keeps it for the following steps), or None where ``encode_pair`` would
+    not apply or this launch failed its first-use check (then the caller writes through
+    MLX). The check, once per (backend, method, bits, dim, dtype), runs the launch on
+    zeroed copies of the buffers: the tokens written must agree with the codecs' encode
+    (``compare``'s rule) and nothing else may change."""
+    mode = env_mode()
+    be = active_backend(mode)
+    if be is None:
+        return None
+    if (kc.METHOD != vc.METHOD or kc.bits != vc.bits or kc.dim != vc.dim
+            or k.shape != v.shape or k.dtype != v.dtype or k.ndim != 4
+            or not supported(kc, k) or not supported(vc, v)):
+        return None
+    key = (be, kc.METHOD, kc.bits, kc.dim, str(k.dtype), "in place")
+    state = _checked.get(key)
+    if state is False:
+        return None
+    n = k.shape[2]
+    pos = positions(prev, n)
+    write = _writer(kc, vc, k, v, be)
+    if state is True:
+        return pos, write(k, v, kbuf, vbuf, pos, after), write
+
+    def on_zeros():
+        zk = {name: mx.zeros_like(a) for name, a in kbuf.items()}
+        zv = {name: mx.zeros_like(a) for name, a in vbuf.items()}
+        return zk, zv, write(k, v, zk, zv, pos, None)
+
+    def agree(out):
+        zk, zv, done = out
+        mx.eval(done)
+        why = []
+        for codec, buf, x in ((kc, zk, k), (vc, zv, v)):
+            got = {name: a[:, :, prev:prev + n] for name, a in buf.items()}
+            ok, w = compare(codec, got, codec.encode(x))
+            rest = sum(mx.sum(a[:, :, :prev] != 0).item()
+                       + mx.sum(a[:, :, prev + n:] != 0).item() for a in buf.values())
+            why.append((ok and rest == 0, f"{w}, {rest} words written outside the tokens"))
+        return all(ok for ok, _ in why), "; ".join(f"{t}: {w}" for t, (_, w) in
+                                                   zip(("keys", "values"), why))
+    if first_use(_checked, key, mode, "in-place fused encode kernel", "the slice writes",
+                 on_zeros, agree) is None:
+        return None
+    return pos, write(k, v, kbuf, vbuf, pos, after), write

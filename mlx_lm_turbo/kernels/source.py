@@ -729,6 +729,12 @@ ENCODE_BODY = """
   const int H = int(x_shape[1]);
   const int L = int(x_shape[2]);
   const int nvec = int(x_shape[0]) * H * L;
+  // INPLACE: the codes go straight into the cache's buffers kb1/kb2/kbn (x) and
+  // vb1/vb2/vbn (x2), row (b, h, pos[0] + l), not into fresh outputs. An MLX kernel has
+  // no in-place output, and the slice writes that would copy outputs into the buffers
+  // cost a graph node each, host time that batch-1 decode waits on. cache.py says when
+  // the buffers are the cache's alone; the (unwritten) outputs only order later readers.
+  // (The buffers' element strides: the codes' last one is 1.)
   // PAIR: blocks [0, nb) code x, blocks [nb, 2 nb) code x2 (the grid is even).
   const int nb = PAIR ? kv_nbx / 2 : kv_nbx;
   const bool second = PAIR && kv_bx >= nb;
@@ -803,7 +809,20 @@ ENCODE_BODY = """
         w1 |= (sh >= 0) ? (cs1[c] << sh) : (cs1[c] >> (-sh));
         if (MODE == 1) w2 |= (sh >= 0) ? (cs2[c] << sh) : (cs2[c] >> (-sh));
       }
-      if (second) {
+      if (INPLACE) {
+        const long t = long(pos[0]) + l;
+        if (second) {
+          const long at = long(b) * vb1_strides[0] + long(h) * vb1_strides[1]
+                          + t * vb1_strides[2] + i;
+          ((KV_DEV uint32_t*)vb1)[at] = w1;
+          if (MODE == 1) ((KV_DEV uint32_t*)vb2)[at] = w2;
+        } else {
+          const long at = long(b) * kb1_strides[0] + long(h) * kb1_strides[1]
+                          + t * kb1_strides[2] + i;
+          ((KV_DEV uint32_t*)kb1)[at] = w1;
+          if (MODE == 1) ((KV_DEV uint32_t*)kb2)[at] = w2;
+        }
+      } else if (second) {
         codes1b[long(vec) * W + i] = w1;
         if (MODE == 1) codes2b[long(vec) * W + i] = w2;
       } else {
@@ -816,7 +835,19 @@ ENCODE_BODY = """
       for (int w = 0; w < NW; ++w) rt += red[NW + w];
       const float n16 = static_cast<float>(static_cast<NORMT>(nrm));
       const NORMT r16 = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
-      if (second) rhob[vec] = r16; else rho[vec] = r16;
+      if (INPLACE) {
+        const long t = long(pos[0]) + l;
+        if (second)
+          ((KV_DEV NORMT*)vbn)[long(b) * vbn_strides[0] + long(h) * vbn_strides[1]
+                               + t * vbn_strides[2]] = r16;
+        else
+          ((KV_DEV NORMT*)kbn)[long(b) * kbn_strides[0] + long(h) * kbn_strides[1]
+                               + t * kbn_strides[2]] = r16;
+      } else if (second) {
+        rhob[vec] = r16;
+      } else {
+        rho[vec] = r16;
+      }
     }
     KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
   }
@@ -1161,7 +1192,9 @@ DECODE_MMA_BODY = """
 
   const int split = kv_bx;
   const int nsp = kv_nbx;
-  const int S = int(kn_shape[2]);
+  // LIVE: kc/kn/vc/vn are the cache's whole buffers, written in place this step (the
+  // fused encode's INPLACE; dep orders this launch after it): the keys held are nk[1].
+  const int S = LIVE ? int(nk[1]) : int(kn_shape[2]);
   const int H = int(kn_shape[1]);
   const int b = kv_by / H;
   const int h = kv_by - b * H;
