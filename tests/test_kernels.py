@@ -433,6 +433,50 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
 
 
 @gpu
+def test_in_place_generation_equals_slice_writes(monkeypatch):
+    """mlx-lm's own decode loop on a small random llama (head dim 128, GQA 2:1, bf16),
+    3-bit caches, a 240-token prompt and 40 greedy tokens (the buffers grow at 256):
+    with the in-place append every token and log-probability equals those of the same
+    caches written through MLX slice writes."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import cache as mlx_cache
+    from mlx_lm.models import llama
+    from mlx_lm_turbo import patch
+    from mlx_lm_turbo.cache import TurboConfig
+    monkeypatch.delenv(decode.ENV, raising=False)
+    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2,
+                           intermediate_size=512, num_attention_heads=4, rms_norm_eps=1e-5,
+                           vocab_size=512, num_key_value_heads=2, head_dim=128)
+    mx.random.seed(3)
+    model = llama.Model(args)
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    prompt = mx.random.randint(0, 512, (240,))
+    patch.apply()
+    patch.set_config(TurboConfig("turboquant_mse", 3))
+    calls = []
+    positions = encode.positions      # every in-place append asks for its positions
+
+    def counted(prev, n):
+        calls.append(prev)
+        return positions(prev, n)
+    monkeypatch.setattr(encode, "positions", counted)
+    try:
+        runs = []
+        for writer in (encode.write_pair_in_place, lambda *a: None):
+            monkeypatch.setattr(encode, "write_pair_in_place", writer)
+            cache = mlx_cache.make_prompt_cache(model)
+            steps = generate_step(prompt, model, prompt_cache=cache)
+            runs.append([(int(y), lp) for (y, lp), _ in zip(steps, range(40))])
+    finally:
+        patch.set_config(None)
+    assert len(calls) >= 2 * 30        # both layers, from the third step on (not at 256)
+    assert [y for y, _ in runs[0]] == [y for y, _ in runs[1]]
+    for (_, a), (_, b) in zip(*runs):
+        assert mx.array_equal(a, b).item()
+
+
+@gpu
 @pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
                                                 (2, 4, 128, 24, 8, 2, 999),
                                                 (4, 4, 64, 8, 1, 1, 20000)])
