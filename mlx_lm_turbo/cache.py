@@ -5,6 +5,13 @@ codes and per-vector fp16 scalars in buffers that grow in steps of 256 tokens, l
 mlx-lm's own caches. ``update_and_fetch`` returns the packed views; the patched
 ``scaled_dot_product_attention`` reads them (fused kernel or pure-MLX reference).
 
+GPU decode steps (one token, once the steady fused kernel serves this cache) skip the MLX
+writes: the fused encode codes the token straight into the buffers and
+``update_and_fetch`` returns *live* dicts (whole buffers + what orders readers after the
+write; see ``_write_in_place``). Batch-1 decode waits on host time per graph node, and
+this is 3 nodes a layer instead of ~11. The buffers are still the only copy: nothing is
+held twice, ``nbytes`` is unchanged.
+
 Optional key centring (``center_keys``): μ, the per-head mean key of the first block, is
 subtracted before coding (one fp16 vector per head, counted in ``nbytes``). Softmax is
 invariant to adding q·μ to every score of a query, so attention needs no correction
