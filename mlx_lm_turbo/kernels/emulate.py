@@ -361,7 +361,7 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
                 else (n, x) for n, x in t]
 
     def buffers(codec, buf):
-        names = ("codes1", "codes2") if codec.METHOD == "turboquant_rvq" else ("codes", None)
+        names = encode.in_place_names(codec)
         codes2 = buf[names[1]] if names[1] else mx.zeros((1, 1, 1, 1), mx.uint32)
         return [_np(a) for a in (buf[names[0]], codes2, buf["norm"])], names
 

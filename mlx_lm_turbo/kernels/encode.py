@@ -299,6 +299,12 @@ def positions(prev: int, n: int) -> mx.array:
     return _pos_memo[1]
 
 
+def in_place_names(codec) -> tuple:
+    """The packed dict's names of the in-place launch's codes buffers (the second None
+    for mse: a dummy takes its place); the norm buffer follows."""
+    return ("codes1", "codes2") if codec.METHOD == "turboquant_rvq" else ("codes", None)
+
+
 def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
     """The in-place launch for one (codecs, shape, dtype), resolved once:
     ``write(k, v, kbuf, vbuf, positions, after) -> done``."""
@@ -309,7 +315,7 @@ def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
     kernel = _kernel(backend_name, template)
     ck, cv = consts(kc), consts(vc)
     _, no_after, no_codes2 = _buffer_dummies()[:3]
-    names = ("codes1", "codes2") if kc.METHOD == "turboquant_rvq" else ("codes", None)
+    names = in_place_names(kc)
 
     def buffers(buf: dict) -> list:
         return [buf[names[0]], no_codes2 if names[1] is None else buf[names[1]], buf["norm"]]
