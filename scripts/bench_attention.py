@@ -565,7 +565,9 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
         caches, times, errors = {}, {}, {}
         for kind in kinds:
             try:
-                base_kind = kind.replace("_mlx_encode", "").replace("_slice_writes", "")
+                base_kind = kind
+                for suffix in ("_mlx_encode", "_slice_writes", "_two_launch"):
+                    base_kind = base_kind.replace(suffix, "")
                 caches[kind] = filled_caches(base_kind, S, layers, batch)
                 times[kind] = []
             except Exception as e:
@@ -576,8 +578,12 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 # "_mlx_encode": the cache append runs the codecs' MLX encode (fused
                 # attention kept), to show what the fused encode kernel buys end to end;
                 # "_slice_writes": the fused encode's codes reach the buffers through MLX
-                # slice writes (no in-place append, attention reads sliced views).
+                # slice writes (no in-place append, attention reads sliced views);
+                # "_two_launch": the decode step's combine in a launch of its own.
                 orig_encode, orig_pair = fused_encode.encode, fused_encode.encode_pair
+                fold_env = os.environ.pop(decode.FOLD_ENV, None)
+                if kind.endswith("_two_launch"):
+                    os.environ[decode.FOLD_ENV] = "0"
                 orig_inplace = fused_encode.write_pair_in_place
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
@@ -597,6 +603,9 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
                     fused_encode.write_pair_in_place = orig_inplace
+                    os.environ.pop(decode.FOLD_ENV, None)
+                    if fold_env is not None:
+                        os.environ[decode.FOLD_ENV] = fold_env
         base = times.get("bf16")
         for kind in kinds:
             if kind in errors:
@@ -632,7 +641,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
                     help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_slice_writes, "
-                         "mse<b>_w<W> (with a W-token fp16 window)")
+                         "mse<b>_two_launch, mse<b>_w<W> (with a W-token fp16 window)")
     ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
     ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")
     ap.add_argument("--rounds", type=int, default=3,

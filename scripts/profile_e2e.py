@@ -15,6 +15,7 @@ costs queued back to back (``op_us``) and the host time to build one layer's pie
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,10 @@ def op_costs(S: int) -> dict:
 
 
 def host_us(fn, n: int = 200) -> float:
-    """Host time per call of building ``fn``'s graph (evaluated afterwards, untimed)."""
-    mx.eval(fn())
+    """Host time per call of building ``fn``'s graph (evaluated afterwards, untimed),
+    after three evaluated calls (first-use checks and compiles happen there)."""
+    for _ in range(3):
+        mx.eval(fn())
     t0 = time.perf_counter()
     outs = [fn() for _ in range(n)]
     dt = (time.perf_counter() - t0) / n * 1e6
@@ -96,13 +99,17 @@ def host_costs() -> dict:
     rows["turbo update_and_fetch (1 token: encode + 4 slice updates)"] = host_us(append)
 
     # One layer's whole decode step, as the model runs it (ours: once the steady kernel
-    # and the in-place append are in use, from the third step on), next to mlx-lm's.
+    # and the in-place append are in use, from the third step on), next to mlx-lm's; and
+    # ours with the combine in a launch of its own (MLX_LM_TURBO_FOLD=0).
     def step():
         keys, values = c.update_and_fetch(x, x)
         return decode.decode_attention(q, keys, values, c, 0.088)
-    for _ in range(3):
-        mx.eval(step())
     rows["turbo layer step: update_and_fetch + decode_attention"] = host_us(step)
+    os.environ[decode.FOLD_ENV] = "0"
+    try:
+        rows["turbo layer step, combine in its own launch"] = host_us(step)
+    finally:
+        del os.environ[decode.FOLD_ENV]
     kv = KVCache()
     kv.update_and_fetch(k, k)
     mx.eval(kv.keys, kv.values)
@@ -112,6 +119,76 @@ def host_costs() -> dict:
         return mx.fast.scaled_dot_product_attention(q, ks, vs, scale=0.088)
     rows["bf16 layer step: KVCache.update_and_fetch + SDPA"] = host_us(kv_step)
     return {name: round(v, 2) for name, v in rows.items()}
+
+
+def call_costs(n_layers: int = 28) -> dict:
+    """What one ``mx.fast.cuda_kernel`` call costs the host, by what it is given: host
+    time to build the call (``build``) and to dispatch it inside a chain of n_layers
+    calls (``dispatch``: ``mx.async_eval`` of the chain, per call), next to ``mx.add``.
+    Tells which of source size, inputs or outputs a batch-1 step pays for."""
+    if not hasattr(mx.fast, "cuda_kernel") or mx.default_device() != mx.gpu:
+        return {}
+    x = mx.zeros((1, 8, 1, 128), mx.float32)
+    extra = [mx.zeros((4,), mx.float32) + i for i in range(9)]
+    mx.eval(x, *extra)
+    body = "  o[kv_tid()] = a[kv_tid()] + 1.0f;\n"
+    head = "__device__ inline int kv_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }\n"
+    pad = "// " + "x" * 76 + "\n"
+
+    def kernel(n_in: int, n_out: int, src_kb: int, strides: bool):
+        names = ["a"] + [f"i{j}" for j in range(n_in - 1)]
+        outs = ["o"] + [f"p{j}" for j in range(n_out - 1)]
+        src = body + ("  // " + " ".join(f"{m}_strides" for m in names) + "\n"
+                      if strides else "") + pad * (src_kb * 1024 // len(pad))
+        k = mx.fast.cuda_kernel(name=f"probe_{n_in}_{n_out}_{src_kb}_{int(strides)}",
+                                input_names=names, output_names=outs, source=src,
+                                header=head)
+
+        def call(y):
+            return k(inputs=[y] + extra[:n_in - 1], grid=(1024, 1, 1),
+                     threadgroup=(128, 1, 1), output_shapes=[y.shape] * n_out,
+                     output_dtypes=[mx.float32] * n_out)[0]
+        return call
+
+    def dispatch_us(f) -> float:
+        ts = []
+        for _ in range(30):
+            y = x
+            for _ in range(n_layers):
+                y = f(y)
+            mx.synchronize()
+            t0 = time.perf_counter()
+            mx.async_eval(y)
+            ts.append(time.perf_counter() - t0)
+            mx.eval(y)
+        ts.sort()
+        return ts[len(ts) // 2] / n_layers * 1e6
+
+    probes = {"mx add": lambda y: y + 1}
+    for n_in, n_out, kb, st in ((1, 1, 0, False), (10, 1, 0, False), (10, 3, 0, False),
+                                (10, 3, 0, True), (1, 1, 8, False), (1, 1, 18, False),
+                                (10, 3, 18, True)):
+        probes[f"cuda_kernel {n_in} in, {n_out} out, {kb} KB source"
+               + (", strides" if st else "")] = kernel(n_in, n_out, kb, st)
+    # The body read by NVRTC from a file (an absolute #include): the source MLX rebuilds
+    # and hashes per call shrinks to one line.
+    inc = Path("/tmp/mlx_lm_turbo_probe.inc")
+    inc.write_text(body + pad * (18 * 1024 // len(pad)))
+    k_inc = mx.fast.cuda_kernel(name="probe_include", input_names=["a"], output_names=["o"],
+                                source=f'#include "{inc}"\n', header=head)
+    probes["cuda_kernel 1 in, 1 out, 18 KB #included"] = lambda y: k_inc(
+        inputs=[y], grid=(1024, 1, 1), threadgroup=(128, 1, 1), output_shapes=[y.shape],
+        output_dtypes=[mx.float32])[0]
+    rows = {}
+    for name, f in probes.items():
+        try:
+            ok = mx.array_equal(f(x), x + 1).item()
+        except Exception as e:  # e.g. NVRTC cannot open the include
+            rows[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+            continue
+        rows[name] = dict(correct=ok, build=round(host_us(lambda: f(x), 500), 2),
+                          dispatch=round(dispatch_us(f), 2))
+    return rows
 
 
 def no_append(caches: list) -> None:
@@ -139,7 +216,9 @@ def main():
     if not a.no_ops:
         res["op_us"] = op_costs(a.context)
         res["host_us"] = host_costs()
-        print(json.dumps({k: res[k] for k in ("op_us", "host_us")}, indent=1), flush=True)
+        res["call_us"] = call_costs()
+        print(json.dumps({k: res[k] for k in ("op_us", "host_us", "call_us")}, indent=1),
+              flush=True)
     model = llama_3b_shaped()
     rows = res["e2e"] = []
     for kind in a.kinds.split(","):

@@ -92,7 +92,14 @@ struct bfloat16_t {
   explicit bfloat16_t(float) : bits(0) {}
   operator float() const { return 0.0f; }
 };
-enum class mem_flags { mem_threadgroup };
+enum class mem_flags { mem_threadgroup, mem_device };
+struct atomic_uint { uint v; };
+enum memory_order { memory_order_relaxed };
+inline uint atomic_fetch_add_explicit(atomic_uint* a, uint x, memory_order) {
+  const uint old = a->v;
+  a->v += x;
+  return old;
+}
 inline void threadgroup_barrier(mem_flags) {}
 inline void simdgroup_barrier(mem_flags) {}
 typedef unsigned short ushort;
@@ -151,11 +158,18 @@ def _kernel_parts(name, x_dtype=None):
     if name == "decode_mma":
         return (source.DECODE_MMA_BODY, decode.MMA_INPUTS, MMA_DTYPES, decode.DECODE_OUTPUTS,
                 ["float32"] * 3)
+    if name == "decode_mma_fold":
+        return (decode.KERNELS[name][0], decode.FOLD_INPUTS,
+                MMA_DTYPES + ["float32", "uint32", "float16"], decode.FOLD_OUTPUTS,
+                ["float32", "float16"])
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
-    return (source.ENCODE_BODY, encode.INPUTS,
-            [x_dtype, "float32", x_dtype, "float32"] + ENCODE_BUFFER_DTYPES, encode.OUTPUTS,
+    in_dtypes = [x_dtype, "float32", x_dtype, "float32"] + ENCODE_BUFFER_DTYPES
+    if name == "encode_inplace":
+        return (encode.IN_PLACE_BODY, encode.INPUTS, in_dtypes, encode.IN_PLACE_OUTPUTS,
+                ["uint32"])
+    return (source.ENCODE_BODY, encode.INPUTS, in_dtypes, encode.OUTPUTS,
             ["uint32", "uint32", "float16"] * 2)
 
 
@@ -164,7 +178,7 @@ def render_metal(template, name="decode", x_dtype=None) -> str:
     inputs, the thread attributes the body mentions), the template values baked into the
     body as the kernels are built (decode.build_kernel)."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "metal", template, mma=name == "decode_mma")
+    header, src = decode.full_source(body, "metal", template, mma=name.startswith("decode_mma"))
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const device {METAL_TYPES[dt]}* {n}")
@@ -192,11 +206,15 @@ using Strides = cuda::std::array<int64_t, 10>;
 """
 
 
-def render_cuda(template, name="decode", x_dtype=None) -> str:
+def render_cuda(template, name="decode", x_dtype=None, included=False) -> str:
     """A kernel as mx.fast.cuda_kernel assembles it (MLX's own device header replaced by
-    a stub declaring the Shape/Strides types it provides), template values baked in."""
+    a stub declaring the Shape/Strides types it provides), template values baked in;
+    ``included``: its text read from files, as build_kernel hands it over on CUDA."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "cuda", template, mma=name == "decode_mma")
+    header, src = decode.full_source(body, "cuda", template, mma=name.startswith("decode_mma"))
+    if included:
+        header, src = decode.included(header, src, names, f"test_{name}")
+        assert len(src) < 400
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const {CUDA_TYPES[dt]}* {n}")
@@ -261,17 +279,49 @@ def test_cuda_source_compiles(cfg, tmp_path):
         assert_cuda_compiles(render_cuda(tpl, name), tmp_path / f"{name}.cu")
 
 
-@pytest.mark.parametrize("kb,vb,d,live", [(3, 3, 128, 0), (4, 2, 64, 0), (3, 3, 128, 1)])
-def test_mma_metal_source_parses(kb, vb, d, live, tmp_path):
-    assert_metal_parses(render_metal(_mma_template(kb, vb, d, live=live), "decode_mma"),
-                        tmp_path / "decode_mma_metal.cpp")
+def test_included_kernel_text(tmp_path, monkeypatch):
+    """On CUDA build_kernel hands MLX a one-line source that #includes the text (MLX
+    hashes the source it is given at every evaluation): the files hold the exact text,
+    the stub names exactly the shape/strides parameters the text uses (MLX passes only
+    those it finds), a second build reuses the files, an unwritable folder keeps it inline."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tpl = _mma_template(3, 3, 128, live=1) + [("OT", "bfloat16")]
+    header, src = decode.full_source(decode.KERNELS["decode_mma_fold"][0], "cuda", tpl,
+                                     mma=True)
+    h, s = decode.included(header, src, decode.FOLD_INPUTS, "k")
+    assert len(h) + len(s) < 400 < len(src)
+    hpath, spath = h.split('"')[1], s.split('"')[1]
+    assert open(hpath).read() == header and open(spath).read() == src
+    for n in decode.FOLD_INPUTS:
+        for w in ("shape", "strides", "ndim"):
+            assert (f"{n}_{w}" in s) == (f"{n}_{w}" in src), (n, w)
+    assert "kn_shape" in s and "q_strides" in s and "cnt_strides" not in s
+    open(spath, "w").write("tampered")
+    assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (h, s)
+    assert open(spath).read() == src
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))   # a file: no folder under it
+    assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (header, src)
 
 
-def test_mma_cuda_source_compiles(tmp_path):
-    """...with launch bounds (4 blocks of NT threads per SM: at most 128 registers)."""
-    assert_cuda_compiles(render_cuda(_mma_template(3, 3, 128), "decode_mma"),
-                         tmp_path / "decode_mma.cu", ptx=True)
-    ptx = (tmp_path / "decode_mma.ptx").read_text()
+@pytest.mark.parametrize("kb,vb,d,live,fold", [(3, 3, 128, 0, 0), (4, 2, 64, 0, 0),
+                                               (3, 3, 128, 1, 0), (3, 3, 128, 1, 1)])
+def test_mma_metal_source_parses(kb, vb, d, live, fold, tmp_path):
+    name = "decode_mma_fold" if fold else "decode_mma"
+    tpl = _mma_template(kb, vb, d, live=live) + ([("OT", "float16")] if fold else [])
+    assert_metal_parses(render_metal(tpl, name), tmp_path / f"{name}_metal.cpp")
+
+
+@pytest.mark.parametrize("name,included", [("decode_mma", False), ("decode_mma_fold", True)])
+def test_mma_cuda_source_compiles(name, included, tmp_path, monkeypatch):
+    """...with launch bounds (4 blocks of NT threads per SM: at most 128 registers);
+    the folded one as build_kernel hands it to MLX on CUDA (its text in included files)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tpl = _mma_template(3, 3, 128) + ([("OT", "float16")] if name.endswith("fold") else [])
+    assert_cuda_compiles(render_cuda(tpl, name, included=included), tmp_path / f"{name}.cu",
+                         ptx=True)
+    ptx = (tmp_path / f"{name}.ptx").read_text()
     assert f".maxntid {decode.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
 
 
@@ -384,6 +434,30 @@ def test_steady_decode_path_matches_reference(monkeypatch):
     out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 1e-2, err
+
+
+@gpu
+@pytest.mark.parametrize("Hq,Hkv,S", [(24, 8, 5000), (8, 1, 131)])
+def test_folded_step_equals_two_launches(Hq, Hkv, S, monkeypatch):
+    """The steady step's one launch (combine folded in) against the two-launch step and
+    the reference: five launches queued before one evaluation (each orders itself after
+    the one before on the shared counters), then one more after it (counters reset)."""
+    from mlx_lm_turbo.attention import reference_attention
+    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    c, keys, values = _filled_cache("mse", 3, "mse", 3, Hkv=Hkv, S=S, D=128)
+    scale = 128 ** -0.5
+    qs = [mx.random.normal((1, Hq, 1, 128)).astype(mx.bfloat16) for _ in range(6)]
+    p = decode.plan(qs[0], keys, values, c, None, None, decode.backend())
+    folded = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=True)
+    two = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=False)
+    outs = [folded(q, keys, values) for q in qs[:5]]
+    mx.eval(outs)
+    outs.append(folded(qs[5], keys, values))
+    for q, out in zip(qs, outs):
+        ref = reference_attention(q, keys, values, c, scale).astype(mx.float32)
+        want = two(q, keys, values).astype(mx.float32)
+        assert mx.max(mx.abs(out.astype(mx.float32) - want)).item() < 8e-3
+        assert mx.max(mx.abs(out.astype(mx.float32) - ref)).item() < 1e-2
 
 
 @gpu
@@ -591,6 +665,33 @@ def test_emulated_mma_kernel_rising_scores(monkeypatch):
     assert err < 3e-3, err
 
 
+@emu
+@pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S,blocks,dtype", [
+    (3, 3, 128, 12, 4, 1, 1300, 28, mx.float16),   # GQA 3 (Llama-3.2-3B), 6 splits
+    (2, 4, 64, 4, 4, 1, 300, 528, mx.float16),     # DV 64: 2 dims a lane
+    (4, 2, 128, 8, 1, 1, 517, 2, mx.bfloat16),     # 8 rows, splits of several tiles
+    (3, 3, 128, 2, 2, 3, 300, 528, mx.float32),    # 3 query rows, a partial last split
+])
+def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, blocks, dtype,
+                                                  monkeypatch):
+    """The steady step's one launch (mma kernel + the combine of MMA_FOLD_TAIL: the last
+    block of a row merges every split, applies the inverse rotation, writes the output)
+    against the reference; every counter is back to zero for the next step."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
+    q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
+    scale = D ** -0.5
+    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    assert p["MMA"] is not None and decode.n_splits(S, Hkv) > 1
+    out, cnt = emulate.run_folded_emulated(q, keys, values, c, scale, p,
+                                           full=(c.keys, c.values))
+    ref = reference_attention(q, keys, values, c, scale)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err
+    assert cnt.shape == (Hkv,) and not cnt.any()
+
+
 def test_plan_chooses_mma_kernel(monkeypatch):
     """mse keys and values at <= 4 bits, <= 8 rows and whole-word key quarters: the mma
     kernel (short sequences too); otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
@@ -707,14 +808,17 @@ def _encode_template(km, kb, D, x_dtype, pair=1, inplace=0):
                                                      ("rvq", 3, 128, "float16", 1)])
 def test_encode_metal_source_parses(km, kb, D, x_dtype, inplace, tmp_path):
     tpl = _encode_template(km, kb, D, x_dtype, inplace=inplace)
-    assert_metal_parses(render_metal(tpl, "encode", x_dtype),
+    assert_metal_parses(render_metal(tpl, "encode_inplace" if inplace else "encode", x_dtype),
                         tmp_path / "encode_metal.cpp")
 
 
-def test_encode_cuda_source_compiles(tmp_path):
+@pytest.mark.parametrize("inplace", [0, 1])
+def test_encode_cuda_source_compiles(inplace, tmp_path):
     # rvq with bf16 input: the mse branch is compiled too (MODE is a constant, not #if).
-    assert_cuda_compiles(render_cuda(_encode_template("rvq", 3, 128, "bfloat16"), "encode",
-                                     "bfloat16"), tmp_path / "encode.cu", ptx=True)
+    name = "encode_inplace" if inplace else "encode"
+    assert_cuda_compiles(render_cuda(_encode_template("rvq", 3, 128, "bfloat16",
+                                                      inplace=inplace), name, "bfloat16"),
+                         tmp_path / f"{name}.cu", ptx=True)
 
 
 # The encode body run by the C++ thread emulation against the codec's MLX encode, under the

@@ -9,6 +9,8 @@ Pipeline (rotation is linear, so it never touches the keys or values):
      matrix-unit variant (DECODE_MMA_BODY: mma fragments from pair tables; mma_rep).
   3. Kernel 2: combine the splits.
   4. MLX: Π_Vᵀ once, cast to the queries' dtype.
+The steady decode step (``_steady``: mma kernel, no mask) applies Π_Vᵀ in kernel 2, and
+on CUDA folds kernel 2 into kernel 1 (the last block of a row combines: MMA_FOLD_TAIL).
 
 With an fp16 window (keys/values carry "recent", cache.py) kernel 1 gets one more split
 per row group, the *window block*: it scores the uncompressed copies with the raw queries
@@ -35,6 +37,7 @@ TARGET_BLOCKS = int(os.environ.get("MLX_LM_TURBO_BLOCKS", "528"))  # ~4 blocks p
 ENV = "MLX_LM_TURBO_KERNELS"
 # "0": the scalar decode kernel even where the mma one applies (which is the default).
 MMA_ENV = "MLX_LM_TURBO_MMA"
+FOLD_ENV = "MLX_LM_TURBO_FOLD"   # "0": the steady decode step keeps a separate combine launch
 # Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
 SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
 
@@ -146,6 +149,12 @@ DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
 MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt", "nk", "dep"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
+# The mma kernel with the combine folded in (source.MMA_FOLD_TAIL): cnt, the per-row
+# counters of finished blocks (zero between launches); prev, the output of the launch
+# before on the same counters (unread: it orders the launches, see ``fold_launcher``);
+# part, the three partials in one scratch output (source.MMA_FOLD_PARTS).
+FOLD_INPUTS = MMA_INPUTS + ["vmul", "cnt", "prev"]
+FOLD_OUTPUTS = ["part", "out"]
 
 
 def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list,
@@ -162,8 +171,48 @@ def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs:
     # text, constants included, in the name keeps an edited body from loading a stale
     # binary and gives each specialisation its own.
     tag = hashlib.sha1((header + src).encode()).hexdigest()[:10]
+    if backend_name == "cuda":
+        header, src = included(header, src, inputs, f"turbo_{name}_{tag}")
     return make(name=f"turbo_{name}_{tag}", input_names=inputs, output_names=outputs,
                 source=src, header=header, ensure_row_contiguous=False)
+
+
+def kernel_dir() -> str:
+    """Where ``included`` keeps kernel text: the user's cache folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlx_lm_turbo", "kernels")
+
+
+def included(header: str, src: str, inputs: list, stem: str) -> tuple[str, str]:
+    """CUDA: (header, source) that ``#include`` the kernel's text from files, for NVRTC to
+    read. MLX rebuilds a custom kernel's whole source on every call and hashes it at every
+    evaluation (~3 µs of host time per call for the 17 KB mma kernel, measured on the
+    H200 machine), and batch-1 decode waits on host time. The one-line source also lists
+    the ``<input>_shape``/``_strides``/``_ndim`` names the text uses: MLX passes those
+    parameters only where it finds the names in the source it is given. The files are
+    named by the text's hash, written whole (a temporary file renamed into place) and
+    read back before use; if the folder cannot be written, the text goes inline."""
+    d = kernel_dir()
+    paths = (os.path.join(d, f"{stem}.h.cuh"), os.path.join(d, f"{stem}.body.cuh"))
+    try:
+        os.makedirs(d, exist_ok=True)
+        for path, text in zip(paths, (header, src)):
+            try:
+                with open(path) as f:
+                    if f.read() == text:
+                        continue
+            except OSError:
+                pass
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    except OSError:
+        return header, src
+    used = [f"{n}_{w}" for n in inputs for w in ("shape", "strides", "ndim")
+            if f"{n}_{w}" in src]
+    return (f'#include "{paths[0]}"\n',
+            f'#include "{paths[1]}"\n' + (f"// {' '.join(used)}\n" if used else ""))
 
 
 def _kernel(backend_name: str, name: str, template: tuple):
@@ -172,12 +221,14 @@ def _kernel(backend_name: str, name: str, template: tuple):
     if kernel is None:
         body, inputs, outputs = KERNELS[name]
         kernel = _kernels[key] = build_kernel(body, backend_name, name, inputs, outputs,
-                                              template, mma=name == "decode_mma")
+                                              template, mma=name.startswith("decode_mma"))
     return kernel
 
 
 KERNELS = {"decode": (source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS),
            "decode_mma": (source.DECODE_MMA_BODY, MMA_INPUTS, DECODE_OUTPUTS),
+           "decode_mma_fold": (source.MMA_FOLD_PARTS + source.DECODE_MMA_BODY
+                               + source.MMA_FOLD_TAIL, FOLD_INPUTS, FOLD_OUTPUTS),
            "reduce": (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS)}
 
 
@@ -527,6 +578,31 @@ def launcher(template: list, p: dict, backend_name: str, vmul: mx.array, rotv: b
     return run
 
 
+def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype):
+    """The mma kernel with its combine folded in, as ``run(inputs, nsp)`` -> (B, Hq, L,
+    DV) in out_dtype (Π_Vᵀ applied): one launch instead of ``launcher``'s two. Each
+    ``run`` owns a counter array (the kernel's ``cnt``), and two launches counting on it
+    at once would corrupt it for good. MLX's CUDA graphs may run independent nodes
+    concurrently (a test or a benchmark queueing several calls before one eval), so every
+    launch takes an output of the one before as an input: the graph orders them."""
+    B, Hkv, NRG, RB, DV, Hq, L = (p[k] for k in ("B", "Hkv", "NRG", "RB", "DV", "Hq", "L"))
+    rows = B * Hkv * NRG
+    kernel = _kernel(backend_name, "decode_mma_fold", tuple(template) + (("OT", out_dtype),))
+    cnt = mx.zeros((rows,), mx.uint32)
+    prev = [mx.zeros((1,), out_dtype)]
+    mx.eval(cnt, prev[0])
+    dtypes = [mx.float32, out_dtype]
+
+    def run(inputs: list, nsp: int) -> mx.array:
+        out = kernel(inputs=inputs + [vmul, cnt, prev[0]], grid=(nsp * NT, rows, 1),
+                     threadgroup=(NT, 1, 1),
+                     output_shapes=[(rows * nsp * RB * (DV + 2),), (B, Hq, L, DV)],
+                     output_dtypes=dtypes)[1]
+        prev[0] = out
+        return out
+    return run
+
+
 def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, mask,
               p: dict, backend_name: str) -> mx.array:
     inputs, template, nsp = fused_inputs(queries, keys, values, cache, scale, mask, p)
@@ -538,21 +614,26 @@ def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, 
 
 
 def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p: dict,
-            backend_name: str):
+            backend_name: str, fold: bool = False):
     """``run_fused`` for the following decode steps of the mma kernel (same shapes, no
     mask, only S and the packed views change) with everything else resolved now: the
     per-call Python work of the general path (plan, inputs, template, kernel lookups)
     was ~10 µs a layer, and batch-1 decode waits on host time. The step also takes the
     cache's *live* dicts (cache.py: the whole buffers, just written in place, and
     "live": (S, positions, done)): then the LIVE kernel reads S from the positions and
-    runs after ``done``."""
+    runs after ``done``. ``fold``: one launch per step (``fold_launcher``)."""
     inputs, template, _ = fused_inputs(queries, keys, values, cache, scale, None, p)
     c = _consts(cache, scale, p)
     if not c["rotv"]:
         return None
-    run = launcher(template, p, backend_name, c["vmul"], True, queries.dtype)
-    run_live = launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"], True,
-                        queries.dtype)
+    if fold:
+        run = fold_launcher(template, p, backend_name, c["vmul"], queries.dtype)
+        run_live = fold_launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"],
+                                 queries.dtype)
+    else:
+        run = launcher(template, p, backend_name, c["vmul"], True, queries.dtype)
+        run_live = launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"], True,
+                            queries.dtype)
     qmul, kpt, vpt, nk, dep = inputs[1], inputs[6], inputs[7], inputs[8], inputs[9]
     rows = p["B"] * p["Hkv"] * p["NRG"]
 
@@ -590,7 +671,7 @@ def settle(packed: dict) -> dict:
 def _steady_sig(queries: mx.array, scale: float, cache) -> tuple:
     """What a ``_steady`` memo was resolved for (S and the packed views may change)."""
     return (queries.shape, queries.dtype, scale, cache.key_codec, cache.value_codec,
-            os.environ.get(ENV), os.environ.get(MMA_ENV))
+            os.environ.get(ENV), os.environ.get(MMA_ENV), os.environ.get(FOLD_ENV))
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -648,24 +729,34 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
         if mode:
             raise RuntimeError(f"{ENV}=1 but the fused kernel failed its check for {key}")
         return None
+
+    def agree(out):
+        from ..attention import reference_attention
+        ok, err = _agrees(out, reference_attention(queries, keys, values, cache, scale,
+                                                   mask, sinks))
+        return ok, f"max abs error {err:.3g} vs the reference"
     if state is None:
         # First use for this backend and shape: compare with the reference once.
-        from ..attention import reference_attention
-
-        def agree(out):
-            ok, err = _agrees(out, reference_attention(queries, keys, values, cache, scale,
-                                                       mask, sinks))
-            return ok, f"max abs error {err:.3g} vs the reference"
-
         return first_use(_checked, key, mode, "fused decode attention kernel",
                          "the reference path",
                          lambda: run_fused(queries, keys, values, cache, scale, mask, p, be),
                          agree)
     if mask is None and sinks is None and "recent" not in keys and p["MMA"] is not None:
-        step = _steady(queries, keys, values, cache, scale, p, be)
+        # The steady step, with the combine folded into the decode launch where that
+        # passed its own first-use check (CUDA only: see source.MMA_FOLD_TAIL).
+        fkey = key + ("fold",)
+        fold = be == "cuda" and os.environ.get(FOLD_ENV) != "0" and _checked.get(fkey) is not False
+        step = _steady(queries, keys, values, cache, scale, p, be, fold)
         if step is not None:
-            cache._fused_steady = (_steady_sig(queries, scale, cache), step, key + ("live",))
-            return step(queries, keys, values)
+            live_key = key + (("live", "fold") if fold else ("live",))
+            cache._fused_steady = (_steady_sig(queries, scale, cache), step, live_key)
+            if not fold or _checked.get(fkey):
+                return step(queries, keys, values)
+            out = first_use(_checked, fkey, mode, "folded decode attention kernel",
+                            "two launches a step", lambda: step(queries, keys, values), agree)
+            if out is not None:
+                return out
+            cache._fused_steady = None    # rebuilt without the fold on the next call
     return run_fused(queries, keys, values, cache, scale, mask, p, be)
 
 

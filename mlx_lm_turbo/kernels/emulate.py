@@ -22,6 +22,7 @@ from . import decode, source
 
 CPU_HEADER = r"""
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -34,11 +35,14 @@ struct float4 { float x, y, z, w; };
 #define KV_TG
 #define KV_DEV
 thread_local int emu_tid, emu_bx, emu_by;
-static int emu_nbx;
+static int emu_nbx, emu_nby;
 static std::barrier<>* emu_block;
 static std::barrier<>* emu_warps[32];
 static float emu_scratch[32][32];
 #define KV_BARRIER() emu_block->arrive_and_wait()
+// Blocks run one after another: a block's count is seen by the next one.
+#define KV_DEVICE_FENCE() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define KV_ATOMIC_INC(p, i) (((uint32_t*)(p))[i]++)
 static float emu_warp_reduce(float x, bool is_max) {
   const int w = emu_tid >> 5, l = emu_tid & 31;
   emu_scratch[w][l] = x;
@@ -147,6 +151,7 @@ CPU_PRELUDE = """
   const int kv_bx = emu_bx;
   const int kv_by = emu_by;
   const int kv_nbx = emu_nbx;
+  const int kv_nby = emu_nby;
   const int kv_lane = emu_tid & 31;
   const int kv_warp = emu_tid >> 5;
 """
@@ -189,6 +194,7 @@ def compile_kernel(body: str, names: list, dtypes: list, outs: list, template: l
            + body + "\n}\n" + r"""
 extern "C" void launch(void** p, int gx, int gy, int nt) {
   emu_nbx = gx;
+  emu_nby = gy;
   for (int by = 0; by < gy; ++by)
     for (int bx = 0; bx < gx; ++bx) {
       std::barrier<> blk(nt);
@@ -250,10 +256,9 @@ def _np(a: mx.array, full: mx.array = None):
     return x, list(a.shape), strides
 
 
-def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
-    """decode.run_fused with both kernels executed on the CPU. ``full`` (optional):
-    (keys_full, values_full), the buffers the packed views were sliced from, so that the
-    kernels see them as MLX hands them over (whole buffer + strides)."""
+def _captured(fn) -> dict:
+    """Run ``fn`` with decode's kernels replaced by recorders: {kernel name: (inputs,
+    template, grid, threadgroup, output shapes)} of the launches it makes."""
     captured = {}
 
     def fake_kernel(backend_name, name, template):
@@ -265,9 +270,16 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     orig = decode._kernel
     decode._kernel = fake_kernel
     try:
-        _RUN_FUSED(queries, keys, values, cache, scale, mask, p, "cuda")
+        fn()
     finally:
         decode._kernel = orig
+    return captured
+
+
+def _host_arrays(names: list, inputs: list, keys: dict, values: dict, full) -> list:
+    """The kernel inputs as the emulation reads them. ``full``: (keys_full, values_full),
+    the buffers the packed views were sliced from, so that the kernels see them as MLX
+    hands them over (whole buffer + strides)."""
     views = {}
     if full is not None:
         for view, buf in ((keys, full[0]), (values, full[1])):
@@ -281,29 +293,51 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
         if a.dtype == mx.bfloat16 or (a.dtype == mx.float16 and name not in _H2F_INPUTS):
             a = a.astype(mx.float32)
         return _np(a, views.get(id(a)))
+    return [host(n, a) for n, a in zip(names, inputs)]
 
-    def tpl(t):
-        return [(k, "float" if isinstance(v, mx.Dtype) else v) for k, v in t]
 
+def _tpl(t):
+    return [(k, "float" if isinstance(v, mx.Dtype) else v) for k, v in t]
+
+
+def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
+    """decode.run_fused with both kernels executed on the CPU (``full``: see
+    ``_host_arrays``)."""
+    captured = _captured(lambda: _RUN_FUSED(queries, keys, values, cache, scale, mask, p,
+                                            "cuda"))
     name = "decode_mma" if "decode_mma" in captured else "decode"
     body, names, onames = decode.KERNELS[name]
     inputs, template, grid, tg, oshapes = captured[name]
     nt = tg[0]
-    arrs = [host(n, a) for n, a in zip(names, inputs)]
+    arrs = _host_arrays(names, inputs, keys, values, full)
     outs = [np.zeros(s, np.float32) for s in oshapes]
-    run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, tpl(template))
+    run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, _tpl(template))
     run(arrs, outs, (grid[0] // nt, grid[1]), nt)
     rin, rtpl, rgrid, rtg, rshapes = captured["reduce"]
     vmul = _np(rin[3])
     out = np.zeros(rshapes[0], np.float32)
     run2 = compile_kernel(source.REDUCE_BODY, decode.REDUCE_INPUTS, [np.float32] * 4,
-                          decode.REDUCE_OUTPUTS, tpl(rtpl))
+                          decode.REDUCE_OUTPUTS, _tpl(rtpl))
     run2([(o, list(o.shape), [s // 4 for s in o.strides]) for o in outs] + [vmul], [out],
          (rgrid[0] // rtg[0], 1), rtg[0])
     o = mx.array(out)
     if dict(rtpl)["ROTV"] == 0:
         o = cache.value_codec.unrotate(o)
     return o.astype(queries.dtype)
+
+
+def run_folded_emulated(queries, keys, values, cache, scale, p, full=None):
+    """The steady decode step's one launch (the mma kernel with the combine folded in,
+    ``decode.fold_launcher``) executed on the CPU -> (output, the counters afterwards)."""
+    captured = _captured(lambda: decode._steady(queries, keys, values, cache, scale, p,
+                                                "cuda", fold=True)(queries, keys, values))
+    body, names, onames = decode.KERNELS["decode_mma_fold"]
+    inputs, template, grid, tg, oshapes = captured["decode_mma_fold"]
+    arrs = _host_arrays(names, inputs, keys, values, full)
+    outs = [np.zeros(s, np.float32) for s in oshapes]
+    run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, _tpl(template))
+    run(arrs, outs, (grid[0] // tg[0], grid[1]), tg[0])
+    return mx.array(outs[1]).astype(queries.dtype), arrs[names.index("cnt")][0]
 
 
 def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, codec2=None,
@@ -371,12 +405,10 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
     ins = ([_np(k.astype(mx.float32)), _np(encode.consts(kc)), _np(v.astype(mx.float32)),
             _np(encode.consts(vc)), (pos, [2], [1]), _np(mx.zeros((1,), mx.uint32))]
            + kb_np + vb_np)
-    dt_np = {mx.uint32: np.uint32, mx.float16: np.float16}
-    out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
-    outs = [np.zeros((1,), np.uint16 if d == np.float16 else d) for d in out_dtypes]
-    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS,
-                         [x.dtype.type for x, _, _ in ins], encode.OUTPUTS, tpl(template),
-                         out_dtypes)
+    outs = [np.zeros((1,), np.uint32)]
+    run = compile_kernel(encode.IN_PLACE_BODY, encode.INPUTS,
+                         [x.dtype.type for x, _, _ in ins], encode.IN_PLACE_OUTPUTS,
+                         tpl(template), [np.uint32])
     nt = kw["threadgroup"][0]
     run(ins, outs, (kw["grid"][0] // nt, 1), nt)
 

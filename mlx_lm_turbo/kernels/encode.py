@@ -32,6 +32,9 @@ MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 # pos/after/kb*/vb*: the in-place launch (``write_pair_in_place``); dummies otherwise.
 INPUTS = ["x", "cst", "x2", "cst2", "pos", "after", "kb1", "kb2", "kbn", "vb1", "vb2", "vbn"]
 OUTPUTS = ["codes1", "codes2", "rho", "codes1b", "codes2b", "rhob"]
+# The in-place launch (INPLACE = 1) outputs one word, ``done`` (source.ENCODE_IN_PLACE_OUTPUTS).
+IN_PLACE_BODY = source.ENCODE_IN_PLACE_OUTPUTS + source.ENCODE_BODY
+IN_PLACE_OUTPUTS = ["done"]
 MIN_DIM, MAX_DIM = 32, 1024   # one thread per coordinate, whole warps, <= 1024 per block
 MAX_BLOCKS = 4096             # beyond this many vectors, blocks loop over them
 
@@ -62,8 +65,12 @@ def _kernel(backend_name: str, template: tuple):
     key = (backend_name, template)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = build_kernel(source.ENCODE_BODY, backend_name, "encode",
-                                              INPUTS, OUTPUTS, template)
+        if dict(template)["INPLACE"]:
+            body, name, outputs = IN_PLACE_BODY, "encode_inplace", IN_PLACE_OUTPUTS
+        else:
+            body, name, outputs = source.ENCODE_BODY, "encode", OUTPUTS
+        kernel = _kernels[key] = build_kernel(body, backend_name, name, INPUTS, outputs,
+                                              template)
     return kernel
 
 
@@ -311,7 +318,7 @@ def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
     _, kwargs = launch_args(kc, k, vc, v)
     template = tuple(kwargs.pop("template")[:-1]) + (("INPLACE", 1),)
     kwargs.pop("inputs")
-    kwargs["output_shapes"] = [(1,)] * 6
+    kwargs["output_shapes"], kwargs["output_dtypes"] = [(1,)], [mx.uint32]
     kernel = _kernel(backend_name, template)
     ck, cv = consts(kc), consts(vc)
     _, no_after, no_codes2 = _buffer_dummies()[:3]

@@ -38,6 +38,11 @@ METAL_HEADER = """
 #define KV_NEG_INF (-INFINITY)
 #define KV_SHFL_XOR(x, o) simd_shuffle_xor(x, ushort(o))
 #define KV_WARP_ANY(p) simd_any(p)
+// (FOLD, the last-block combine, is dispatched on CUDA only: a threadgroup barrier does
+// not order device memory between threadgroups; these keep the text parsing.)
+#define KV_DEVICE_FENCE() threadgroup_barrier(mem_flags::mem_device)
+#define KV_ATOMIC_INC(p, i) \
+  atomic_fetch_add_explicit((device atomic_uint*)((p) + (i)), 1u, memory_order_relaxed)
 """
 
 METAL_PRELUDE = """
@@ -45,6 +50,7 @@ METAL_PRELUDE = """
   const int kv_bx = int(threadgroup_position_in_grid.x);
   const int kv_by = int(threadgroup_position_in_grid.y);
   const int kv_nbx = int(threadgroups_per_grid.x);
+  const int kv_nby = int(threadgroups_per_grid.y);
   const int kv_lane = int(thread_index_in_simdgroup);
   const int kv_warp = int(simdgroup_index_in_threadgroup);
 """
@@ -81,6 +87,8 @@ __device__ __forceinline__ float kv_warp_sum(float x) {
 #define KV_WARP_SUM(x) kv_warp_sum(x)
 #define KV_SHFL_XOR(x, o) __shfl_xor_sync(0xffffffffu, x, o)
 #define KV_WARP_ANY(p) __any_sync(0xffffffffu, p)
+#define KV_DEVICE_FENCE() __threadfence()
+#define KV_ATOMIC_INC(p, i) atomicAdd((unsigned int*)(p) + (i), 1u)
 """
 
 CUDA_PRELUDE = """
@@ -88,6 +96,7 @@ CUDA_PRELUDE = """
   const int kv_bx = int(blockIdx.x);
   const int kv_by = int(blockIdx.y);
   const int kv_nbx = int(gridDim.x);
+  const int kv_nby = int(gridDim.y);
   const int kv_lane = int(threadIdx.x) & 31;
   const int kv_warp = int(threadIdx.x) >> 5;
 """
@@ -853,6 +862,18 @@ ENCODE_BODY = """
   }
 """
 
+# The in-place launch's only output is ``done`` (one word): ENCODE_BODY's six output names,
+# written only where INPLACE is 0 (never in this launch), all name it, so MLX allocates
+# and tracks one output instead of six (each costs the host ~2 µs a call).
+ENCODE_IN_PLACE_OUTPUTS = """
+#define codes1 ((KV_DEV uint32_t*)done)
+#define codes2 ((KV_DEV uint32_t*)done)
+#define codes1b ((KV_DEV uint32_t*)done)
+#define codes2b ((KV_DEV uint32_t*)done)
+#define rho ((KV_DEV NORMT*)done)
+#define rhob ((KV_DEV NORMT*)done)
+"""
+
 # ---------------------------------------------------------------- tensor-core decode
 # Matrix-unit helpers for DECODE_MMA_BODY, appended to the backend header of that kernel
 # only. One warp computes C (16x8, fp32) += A (16x16, fp16) B (16x8, fp16). Fragments are
@@ -1331,5 +1352,124 @@ DECODE_MMA_BODY = """
     }
     mpart[pidx * RB + kv_tid] = M;
     lpart[pidx * RB + kv_tid] = lt;
+  }
+"""
+
+# FOLD: the split-K combine (REDUCE_BODY's work, with ROTV) done by the decode launch
+# itself, appended to DECODE_MMA_BODY for the steady decode step: batch-1 decode waits on
+# host time per graph node, and this drops one of a layer's three. Each block counts
+# itself done on cnt[row] (after a device fence, so its partials are visible first); the
+# block that counts last merges every split's partials, applies Π_Vᵀ = H_DV · vmul and
+# writes out (B, Hq, QL, DV) in OT, then resets its counter for the next step. The last
+# block's warps each merge a quarter of the splits for every row (loads of U splits in
+# flight), then the warps' results are merged through shared memory. A lane owns dims
+# d = lane * FE + j, so H_DV is FE-point butterflies in registers and 32-point ones
+# across lanes. cnt: one uint32 a row, zero between launches; launches that share a
+# counter must be ordered (one cache's steps are: each needs the previous token).
+# The folded launch's partials live in one scratch output ``part`` (an output costs the
+# host ~2 µs a call): [opart | mpart | lpart] for all (row, split) blocks.
+MMA_FOLD_PARTS = """
+#define opart part
+#define mpart (part + long(kv_nby) * kv_nbx * RB * DV)
+#define lpart (part + long(kv_nby) * kv_nbx * RB * (DV + 1))
+"""
+MMA_FOLD_TAIL = """
+  KV_SHARED int last_block[1];
+  KV_DEVICE_FENCE();
+  KV_BARRIER();
+  if (kv_tid == 0) last_block[0] = KV_ATOMIC_INC(cnt, kv_by) == uint32_t(nsp - 1) ? 1 : 0;
+  KV_BARRIER();
+  if (last_block[0]) {
+    KV_DEVICE_FENCE();
+    constexpr int FE = DV / 32;
+    constexpr int NR = GQ * QL;
+    constexpr int U = 8;
+    const long rbase = long(kv_by) * nsp;
+    KV_TG float* fsh = (KV_TG float*)tabs;     // NW * RB * DV floats (TABW holds them)
+    for (int r = 0; r < NR; ++r) {
+      float M = KV_NEG_INF;
+      float den = 0.0f;
+      float num[FE];
+#pragma unroll
+      for (int j = 0; j < FE; ++j) num[j] = 0.0f;
+      for (int s0 = kv_warp; s0 < nsp; s0 += NW * U) {
+        float m[U], l[U], o[U * FE];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int s = s0 + u * NW;
+          const long i = (rbase + (s < nsp ? s : s0)) * RB + r;
+          m[u] = s < nsp ? mpart[i] : KV_NEG_INF;
+          l[u] = s < nsp ? lpart[i] : 0.0f;
+#pragma unroll
+          for (int j = 0; j < FE; ++j)
+            o[u * FE + j] = s < nsp ? opart[i * DV + kv_lane * FE + j] : 0.0f;
+        }
+        float mc = M;
+#pragma unroll
+        for (int u = 0; u < U; ++u) mc = KV_MAX(mc, m[u]);
+        if (mc != KV_NEG_INF) {
+          const float a = (M == KV_NEG_INF) ? 0.0f : KV_EXP(M - mc);
+          den *= a;
+#pragma unroll
+          for (int j = 0; j < FE; ++j) num[j] *= a;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const float w = (m[u] == KV_NEG_INF) ? 0.0f : KV_EXP(m[u] - mc);
+            den += w * l[u];
+#pragma unroll
+            for (int j = 0; j < FE; ++j) num[j] += w * o[u * FE + j];
+          }
+          M = mc;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FE; ++j) fsh[(kv_warp * RB + r) * DV + kv_lane * FE + j] = num[j];
+      if (kv_lane == 0) {
+        red_m[kv_warp * RB + r] = M;
+        red_l[kv_warp * RB + r] = den;
+      }
+    }
+    KV_BARRIER();
+    for (int r = kv_warp; r < NR; r += NW) {
+      float M = KV_NEG_INF;
+      for (int w = 0; w < NW; ++w) M = KV_MAX(M, red_m[w * RB + r]);
+      float den = 0.0f;
+      float x[FE];
+#pragma unroll
+      for (int j = 0; j < FE; ++j) x[j] = 0.0f;
+      for (int w = 0; w < NW; ++w) {
+        const float m = red_m[w * RB + r];
+        if (m != KV_NEG_INF) {
+          const float f = KV_EXP(m - M);
+          den += f * red_l[w * RB + r];
+#pragma unroll
+          for (int j = 0; j < FE; ++j) x[j] += f * fsh[(w * RB + r) * DV + kv_lane * FE + j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FE; ++j) x[j] = den > 0.0f ? x[j] / den : 0.0f;
+#pragma unroll
+      for (int hh = 1; hh < FE; hh <<= 1)
+#pragma unroll
+        for (int j = 0; j < FE; ++j)
+          if ((j & hh) == 0) {
+            const float u0 = x[j];
+            const float u1 = x[j + hh];
+            x[j] = u0 + u1;
+            x[j + hh] = u0 - u1;
+          }
+      for (int hh = 1; hh < 32; hh <<= 1)
+#pragma unroll
+        for (int j = 0; j < FE; ++j) {
+          const float y = KV_SHFL_XOR(x[j], hh);
+          x[j] = (kv_lane & hh) ? y - x[j] : x[j] + y;
+        }
+      const int g = r / QL;
+      const int l = r - g * QL;
+      const long ob = (long(b * H * GQ + h * GQ + g) * QL + l) * DV + kv_lane * FE;
+#pragma unroll
+      for (int j = 0; j < FE; ++j) out[ob + j] = static_cast<OT>(x[j] * vmul[kv_lane * FE + j]);
+    }
+    if (kv_tid == 0) ((KV_DEV uint32_t*)cnt)[kv_by] = 0u;
   }
 """
