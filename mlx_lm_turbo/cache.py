@@ -35,7 +35,6 @@ a small model's attention, and their coding error costs the most.
 
 import copy
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -194,7 +193,7 @@ class TurboKVCache(_BaseCache):
         the steady decode kernel reads; ``kernels.settle`` makes plain views of it."""
         prev = self.offset
         kx = keys - self.key_mean if self.center_keys else keys
-        sig = (kx.shape, kx.dtype, os.environ.get(fused_encode.ENV))
+        sig = (kx.shape, kx.dtype, fused_decode.env_state())
         if self._append is not None and self._append[0] == sig:
             # (the launch resolved at an earlier step: host time is what this waits on)
             pos = fused_encode.positions(prev, 1)

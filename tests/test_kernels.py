@@ -342,6 +342,23 @@ def test_dispatcher_returns_none_on_cpu(monkeypatch):
         assert kernels.decode_attention(q, keys, values, c, 0.125) is None
 
 
+def test_env_state_follows_the_environment(monkeypatch):
+    """The memoised decode step and append are keyed by env_state (read from os.environ's
+    own dict): setting or clearing a switch must change it, as os.environ.get would."""
+    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    base = decode.env_state()
+    assert base == (None, None, None)
+    seen = {base}
+    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+        monkeypatch.setenv(name, "0")
+        seen.add(decode.env_state())
+    assert len(seen) == 4
+    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+        monkeypatch.delenv(name)
+    assert decode.env_state() == base
+
+
 def test_env_forces_reference(monkeypatch):
     monkeypatch.setenv(decode.ENV, "0")
     c, keys, values = _filled_cache("mse", 3, "mse", 3)

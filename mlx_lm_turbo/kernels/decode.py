@@ -75,6 +75,22 @@ def active_backend(mode: Optional[bool]) -> Optional[str]:
     return be
 
 
+_ENV_NAMES = (ENV, MMA_ENV, FOLD_ENV)
+# CPython keeps the environment in os.environ._data, keyed by os.fsencode(name) on POSIX.
+_ENV_KEYS = tuple(os.fsencode(n) for n in _ENV_NAMES) if os.name == "posix" else None
+
+
+def env_state() -> tuple:
+    """This module's three environment switches as set now (bytes or str, only for
+    comparing): what a memoised decode step or append was resolved under, checked per
+    layer and step. Read from os.environ's own dict where it is the POSIX one: its
+    public ``get`` costs ~0.5 µs a name, host time that batch-1 decode waits on."""
+    data = getattr(os.environ, "_data", None)
+    if _ENV_KEYS is not None and type(data) is dict:
+        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1]), data.get(_ENV_KEYS[2])
+    return tuple(os.environ.get(n) for n in _ENV_NAMES)
+
+
 def env_mode() -> Optional[bool]:
     """MLX_LM_TURBO_KERNELS: '0' forces the reference, '1' forces the kernel, else auto."""
     v = os.environ.get(ENV, "").strip().lower()
@@ -671,7 +687,7 @@ def settle(packed: dict) -> dict:
 def _steady_sig(queries: mx.array, scale: float, cache) -> tuple:
     """What a ``_steady`` memo was resolved for (S and the packed views may change)."""
     return (queries.shape, queries.dtype, scale, cache.key_codec, cache.value_codec,
-            os.environ.get(ENV), os.environ.get(MMA_ENV), os.environ.get(FOLD_ENV))
+            env_state())
 
 
 # --------------------------------------------------------------------------- dispatch
