@@ -299,6 +299,8 @@ def test_included_kernel_text(tmp_path, monkeypatch):
     open(spath, "w").write("tampered")
     assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (h, s)
     assert open(spath).read() == src
+    assert sorted(p.name for p in (tmp_path / "mlx_lm_turbo" / "kernels").iterdir()) == [
+        "k.body.cuh", "k.h.cuh"]   # no temporary file left behind
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))   # a file: no folder under it

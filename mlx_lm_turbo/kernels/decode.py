@@ -220,9 +220,13 @@ def included(header: str, src: str, inputs: list, stem: str) -> tuple[str, str]:
             except OSError:
                 pass
             tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):   # (a failed write leaves nothing behind)
+                    os.remove(tmp)
     except OSError:
         return header, src
     used = [f"{n}_{w}" for n in inputs for w in ("shape", "strides", "ndim")
