@@ -477,10 +477,30 @@ def llama_3b_shaped():
     return model
 
 
+class NoAttention:
+    """The ceiling of any KV cache: no append, no attention (the layer's attention output
+    is its rotated queries), the offset of an S-token cache. Its step time is the rest of
+    the model's, host and GPU, which no cache method can remove."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def update_and_fetch(self, keys, values):
+        self.offset += keys.shape[2]
+        return keys, values
+
+
+def no_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    return queries
+
+
 def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
-    """One cache per layer holding S random bf16 tokens: ``bf16`` (mlx-lm's KVCache) or
-    ``mse<b>[_w<W>]`` (ours, b bits, optional W-token fp16 window)."""
+    """One cache per layer holding S random bf16 tokens: ``bf16`` (mlx-lm's KVCache),
+    ``mse<b>[_w<W>]`` (ours, b bits, optional W-token fp16 window) or ``no_attention``
+    (the ceiling: see NoAttention)."""
     from mlx_lm.models.cache import KVCache
+    if kind == "no_attention":
+        return [NoAttention(S) for _ in range(layers)]
     caches = []
     for layer in range(layers):
         k = mx.random.normal((batch, 8, S, 128)).astype(mx.bfloat16)
@@ -556,6 +576,8 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
     between minutes on the H100 machine, so every kind's caches are filled first and the
     kinds are then timed in turn, ``rounds`` times: a kind's figures are medians over the
     rounds, its speedups the median of the per-round ratios to bf16 (same round)."""
+    from mlx_lm.models import llama
+
     from mlx_lm_turbo import patch
     patch.apply()
     model = llama_3b_shaped()
@@ -585,6 +607,9 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 if kind.endswith("_two_launch"):
                     os.environ[decode.FOLD_ENV] = "0"
                 orig_inplace = fused_encode.write_pair_in_place
+                orig_sdpa = llama.scaled_dot_product_attention
+                if kind == "no_attention":
+                    llama.scaled_dot_product_attention = no_attention
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
                     fused_encode.encode_pair = lambda kc, vc, k, v: None
@@ -603,6 +628,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
                     fused_encode.write_pair_in_place = orig_inplace
+                    llama.scaled_dot_product_attention = orig_sdpa
                     os.environ.pop(decode.FOLD_ENV, None)
                     if fold_env is not None:
                         os.environ[decode.FOLD_ENV] = fold_env
@@ -641,7 +667,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
                     help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_slice_writes, "
-                         "mse<b>_two_launch, mse<b>_w<W> (with a W-token fp16 window)")
+                         "mse<b>_two_launch, mse<b>_w<W> (with a W-token fp16 window), "
+                         "no_attention (no append, no attention: the ceiling of any cache)")
     ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
     ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")
     ap.add_argument("--rounds", type=int, default=3,

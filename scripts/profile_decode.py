@@ -65,10 +65,17 @@ def main(argv=None):
     p.add_argument("--kernels", default="mma,scalar",
                    help="decode kernels to time where both apply: mma (matrix units) and/or "
                         "scalar (MLX_LM_TURBO_MMA unset / 0)")
+    p.add_argument("--steady", action="store_true",
+                   help="also time the decode step as the model runs it (append one token, "
+                        "then attend through the in-place buffers), folded and with the "
+                        "combine in its own launch (MLX_LM_TURBO_FOLD=0)")
+    p.add_argument("--dtype", default="float16", help="float16 or bfloat16")
+    p.add_argument("--heads", type=int, default=32, help="query heads (8 KV heads)")
     p.add_argument("--out", default=None, help="JSON of the per-call times")
     args = p.parse_args(argv)
     start, stop = cuda_profiler()
-    B, Hq, Hkv, D = 1, 32, 8, 128
+    B, Hq, Hkv, D = 1, args.heads, 8, 128
+    dt = getattr(mx, args.dtype)
     scale = D ** -0.5
     res, calls = [], []
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -76,10 +83,10 @@ def main(argv=None):
     cases = []
     for S in map(int, args.lengths.split(",")):
         mx.random.seed(S)
-        k = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
-        v = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
-        q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
-        k1 = mx.random.normal((B, Hkv, 1, D)).astype(mx.float16)
+        k = mx.random.normal((B, Hkv, S, D)).astype(dt)
+        v = mx.random.normal((B, Hkv, S, D)).astype(dt)
+        q = mx.random.normal((B, Hq, 1, D)).astype(dt)
+        k1 = mx.random.normal((B, Hkv, 1, D)).astype(dt)
 
         def sdpa(q=q, k=k, v=v):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -117,6 +124,19 @@ def main(argv=None):
                 return list(c.keys.values()) + list(c.values.values())
 
             ops.append((f"append_1_token_mse{bits}", None, "", append))
+            if args.steady:
+                for fold in ("1", "0"):
+                    c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
+                    c.update_and_fetch(k, v)
+                    mx.eval(c.keys, c.values)
+
+                    def step(c=c, q=q, k1=k1, fold=fold):
+                        os.environ[decode.FOLD_ENV] = fold
+                        kv, vv = c.update_and_fetch(k1, k1)
+                        return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
+
+                    name = "steady_step_" + ("folded" if fold == "1" else "two_launch")
+                    ops.append((f"{name}_mse{bits}", None, "", step))
         row = {"S": S}
         for name, blocks, env, fn in ops:
             os.environ[decode.MMA_ENV] = env

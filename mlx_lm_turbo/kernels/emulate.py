@@ -401,11 +401,11 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
 
     kb_np, knames = buffers(kc, kbuf)
     vb_np, vnames = buffers(vc, vbuf)
-    pos = np.array([prev, prev + k.shape[2]], np.int32)
+    pos = np.array([prev, prev + k.shape[2], 0, 0], np.int32)
     ins = ([_np(k.astype(mx.float32)), _np(encode.consts(kc)), _np(v.astype(mx.float32)),
-            _np(encode.consts(vc)), (pos, [2], [1]), _np(mx.zeros((1,), mx.uint32))]
+            _np(encode.consts(vc)), (pos, [4], [1]), _np(mx.zeros((4,), mx.uint32))]
            + kb_np + vb_np)
-    outs = [np.zeros((1,), np.uint32)]
+    outs = [np.zeros((4,), np.uint32)]
     run = compile_kernel(encode.IN_PLACE_BODY, encode.INPUTS,
                          [x.dtype.type for x, _, _ in ins], encode.IN_PLACE_OUTPUTS,
                          tpl(template), [np.uint32])

@@ -26,7 +26,7 @@ import mlx.core as mx
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
 from . import source
-from .decode import ENV, active_backend, build_kernel, env_mode, first_use
+from .decode import ENV, active_backend, build_kernel, device_resident, env_mode, first_use
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 # pos/after/kb*/vb*: the in-place launch (``write_pair_in_place``); dummies otherwise.
@@ -113,7 +113,8 @@ def _dummy() -> mx.array:
 def _buffer_dummies() -> list:
     """Stand-ins for pos, after and the six cache buffers of the in-place launch (with
     their dtypes and ranks: the kernel text is typed by them)."""
-    d = [mx.zeros((2,), mx.int32), mx.zeros((1,), mx.uint32)]
+    # (16 bytes each: see decode.device_resident)
+    d = [mx.zeros((4,), mx.int32), mx.zeros((4,), mx.uint32)]
     for _ in range(2):
         d += [mx.zeros((1, 1, 1, 1), mx.uint32), mx.zeros((1, 1, 1, 1), mx.uint32),
               mx.zeros((1, 1, 1), NORM_DTYPE)]
@@ -296,14 +297,31 @@ def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]
 
 
 _pos_memo: list = [None, None]   # (prev, n), its pos array: shared by a step's layers
+_pos_step: dict = {}             # n -> int32 [n, n, 0, 0] in device memory
+
+
+def _device_int4(values: list) -> mx.array:
+    """int32 (4,) in device memory (decode.device_resident)."""
+    return device_resident(mx.array(values, mx.int32))
 
 
 def positions(prev: int, n: int) -> mx.array:
-    """int32 [prev, prev + n]: where an in-place append writes, and the keys held after
-    it (the live decode kernel's S). One array per decode step, whatever the layer."""
-    if _pos_memo[0] != (prev, n):
-        _pos_memo[0], _pos_memo[1] = (prev, n), mx.array([prev, prev + n], mx.int32)
-    return _pos_memo[1]
+    """int32 [prev, prev + n, 0, 0] in device memory: where an in-place append writes,
+    and the keys held after it (the live decode kernel's S). One array per decode step,
+    whatever the layer; the step after derives its own on the GPU (no host data)."""
+    if _pos_memo[0] == (prev, n):
+        return _pos_memo[1]
+    last = _pos_memo[0]
+    if last is not None and last[1] == n and last[0] + n == prev:
+        step = _pos_step.get(n)
+        if step is None:
+            step = _pos_step[n] = _device_int4([n, n, 0, 0])
+            mx.eval(step)
+        pos = _pos_memo[1] + step
+    else:
+        pos = _device_int4([prev, prev + n, 0, 0])
+    _pos_memo[0], _pos_memo[1] = (prev, n), pos
+    return pos
 
 
 def in_place_names(codec) -> tuple:
@@ -318,7 +336,8 @@ def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
     _, kwargs = launch_args(kc, k, vc, v)
     template = tuple(kwargs.pop("template")[:-1]) + (("INPLACE", 1),)
     kwargs.pop("inputs")
-    kwargs["output_shapes"], kwargs["output_dtypes"] = [(1,)], [mx.uint32]
+    # done: 16 bytes, in device memory (see decode.device_resident)
+    kwargs["output_shapes"], kwargs["output_dtypes"] = [(4,)], [mx.uint32]
     kernel = _kernel(backend_name, template)
     ck, cv = consts(kc), consts(vc)
     _, no_after, no_codes2 = _buffer_dummies()[:3]
