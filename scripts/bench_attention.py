@@ -13,6 +13,7 @@ sync cost). Ratios are vs fp16/bf16 SDPA measured in the same run.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -479,7 +480,7 @@ def llama_3b_shaped():
 
 class NoAttention:
     """The ceiling of any KV cache: no append, no attention (the layer's attention output
-    is its rotated queries), the offset of an S-token cache. Its step time is the rest of
+    is its queries, see ``model_attention``), the offset of an S-token cache. Its step time is the rest of
     the model's, host and GPU, which no cache method can remove."""
 
     def __init__(self, offset: int):
@@ -492,6 +493,20 @@ class NoAttention:
 
 def no_attention(queries, keys, values, cache, scale, mask, sinks=None):
     return queries
+
+
+@contextlib.contextmanager
+def model_attention(kind: str):
+    """The Llama model's attention for a block: ``no_attention`` for that kind (with
+    NoAttention caches), mlx-lm's patched one otherwise."""
+    from mlx_lm.models import llama
+    orig = llama.scaled_dot_product_attention
+    if kind == "no_attention":
+        llama.scaled_dot_product_attention = no_attention
+    try:
+        yield
+    finally:
+        llama.scaled_dot_product_attention = orig
 
 
 def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
@@ -576,8 +591,6 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
     between minutes on the H100 machine, so every kind's caches are filled first and the
     kinds are then timed in turn, ``rounds`` times: a kind's figures are medians over the
     rounds, its speedups the median of the per-round ratios to bf16 (same round)."""
-    from mlx_lm.models import llama
-
     from mlx_lm_turbo import patch
     patch.apply()
     model = llama_3b_shaped()
@@ -607,17 +620,15 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 if kind.endswith("_two_launch"):
                     os.environ[decode.FOLD_ENV] = "0"
                 orig_inplace = fused_encode.write_pair_in_place
-                orig_sdpa = llama.scaled_dot_product_attention
-                if kind == "no_attention":
-                    llama.scaled_dot_product_attention = no_attention
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
                     fused_encode.encode_pair = lambda kc, vc, k, v: None
                 if kind.endswith(("_mlx_encode", "_slice_writes")):
                     fused_encode.write_pair_in_place = lambda *a: None
                 try:
-                    sync = sync_steps(model, caches[kind], steps, batch)[0]
-                    pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
+                    with model_attention(kind):
+                        sync = sync_steps(model, caches[kind], steps, batch)[0]
+                        pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
                     times[kind].append((sync, pipe))
                     log("e2e", f"S={S} round {r} {kind}: sync {1e3 * times[kind][-1][0]:.2f} "
                         f"ms, pipelined {1e3 * times[kind][-1][1]:.2f} ms")
@@ -628,7 +639,6 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
                     fused_encode.write_pair_in_place = orig_inplace
-                    llama.scaled_dot_product_attention = orig_sdpa
                     os.environ.pop(decode.FOLD_ENV, None)
                     if fold_env is not None:
                         os.environ[decode.FOLD_ENV] = fold_env

@@ -20,11 +20,13 @@ import csv
 import json
 from collections import OrderedDict
 
-# An append and mlx-lm's quantized attention are sequences of MLX ops (None: the kernels up
-# to the next call, found by its first kernel's name: this call's first one again, or
-# another kind's).
-KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": None, "mlx": None}
-FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode", "mlx": ""}
+# An append, a steady decode step (``--steady``: the in-place append, the decode and, unless
+# folded, the combine) and mlx-lm's quantized attention are sequences of launches (None:
+# the kernels up to the next call, found by its first kernel's name: this call's first one
+# again, or another kind's).
+KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": None, "steady": None, "mlx": None}
+FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode",
+                "steady": "turbo_encode", "mlx": ""}
 
 
 def read_kernels(path: str) -> list[dict]:

@@ -30,7 +30,7 @@ from mlx_lm_turbo import patch  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
 from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
 # (scripts/ is on sys.path when this runs as a script)
-from bench_attention import (filled_caches, llama_3b_shaped, no_attention,  # noqa: E402
+from bench_attention import (filled_caches, llama_3b_shaped, model_attention,  # noqa: E402
                              pipelined_steps, sync_steps)
 from profile_decode import per_call_us  # noqa: E402
 
@@ -223,18 +223,14 @@ def main():
               flush=True)
     model = llama_3b_shaped()
     rows = res["e2e"] = []
-    from mlx_lm.models import llama
-    sdpa = llama.scaled_dot_product_attention
     for kind in a.kinds.split(","):
         caches = filled_caches(kind, a.context, len(model.layers))
-        if kind == "no_attention":   # the ceiling of any cache (bench_attention.NoAttention)
-            llama.scaled_dot_product_attention = no_attention
-        full, build = sync_steps(model, caches, a.steps)
-        pipe = pipelined_steps(model, caches, a.steps)
-        if kind != "no_attention":
-            no_append(caches)
-        attn_only, build_na = sync_steps(model, caches, a.steps)
-        llama.scaled_dot_product_attention = sdpa
+        with model_attention(kind):
+            full, build = sync_steps(model, caches, a.steps)
+            pipe = pipelined_steps(model, caches, a.steps)
+            if kind != "no_attention":   # (it has no append to take out)
+                no_append(caches)
+            attn_only, build_na = sync_steps(model, caches, a.steps)
         ms = lambda x: round(x * 1e3, 3)
         row = dict(cache=kind, context=a.context, full_ms=ms(full), build_ms=ms(build),
                    no_append_ms=ms(attn_only), no_append_build_ms=ms(build_na),

@@ -11,29 +11,22 @@ Kinds as in ``bench_attention.py --sections e2e`` (bf16, mse3, no_attention, ...
 """
 
 import argparse
-import csv
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/
 import mlx.core as mx  # noqa: E402
-from bench_attention import filled_caches, llama_3b_shaped, no_attention  # noqa: E402
+from bench_attention import filled_caches, llama_3b_shaped, model_attention  # noqa: E402
+from ncu_summary import read_kernels  # noqa: E402
 from profile_decode import cuda_profiler  # noqa: E402
-
-UNIT_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
-           "second": 1e6, "s": 1e6}
 
 
 def summarize(path: str, steps: int) -> dict:
-    """Kernel count and summed kernel time (µs) per step from an ncu --csv listing."""
-    with open(path) as f:
-        lines = [ln for ln in f if ln.startswith('"')]
-    total, kernels = 0.0, 0
-    for row in csv.DictReader(lines):
-        if row.get("Metric Name") == "gpu__time_duration.sum":
-            total += float(row["Metric Value"].replace(",", "")) * UNIT_US[row["Metric Unit"]]
-            kernels += 1
-    return dict(kernels_per_step=kernels / steps, gpu_us_per_step=round(total / steps, 1))
+    """Kernel count and summed kernel time (µs; ncu lists ns) per step from an ncu --csv
+    listing."""
+    kernels = read_kernels(path)
+    total = sum(k["gpu__time_duration.sum"] for k in kernels) / 1e3
+    return dict(kernels_per_step=len(kernels) / steps, gpu_us_per_step=round(total / steps, 1))
 
 
 def main() -> None:
@@ -46,24 +39,21 @@ def main() -> None:
     if a.summarize:
         print(summarize(a.summarize, a.steps))
         return
-    from mlx_lm.models import llama
-
     from mlx_lm_turbo import patch
     patch.apply()
     model = llama_3b_shaped()
     caches = filled_caches(a.kind, a.context, len(model.layers))
-    if a.kind == "no_attention":
-        llama.scaled_dot_product_attention = no_attention
     tok = mx.ones((1, 1), mx.int32)
-    for _ in range(3):  # JIT compiles and first-use checks stay out of the profile
-        mx.eval(model(tok, cache=caches))
-    mx.synchronize()
     start, stop = cuda_profiler()
-    start()
-    for _ in range(a.steps):
-        mx.eval(model(tok, cache=caches))
-    mx.synchronize()
-    stop()
+    with model_attention(a.kind):
+        for _ in range(3):  # JIT compiles and first-use checks stay out of the profile
+            mx.eval(model(tok, cache=caches))
+        mx.synchronize()
+        start()
+        for _ in range(a.steps):
+            mx.eval(model(tok, cache=caches))
+        mx.synchronize()
+        stop()
 
 
 if __name__ == "__main__":
