@@ -6,11 +6,13 @@ mlx-lm's own caches. ``update_and_fetch`` returns the packed views; the patched
 ``scaled_dot_product_attention`` reads them (fused kernel or pure-MLX reference).
 
 GPU decode steps (one token, once the steady fused kernel serves this cache) skip the MLX
-writes: the fused encode codes the token straight into the buffers and
-``update_and_fetch`` returns *live* dicts (whole buffers + what orders readers after the
-write; see ``_write_in_place``). Batch-1 decode waits on host time per graph node, and
-this is 2 nodes a layer on CUDA (the attention launch combines its splits), 3 on Metal,
-instead of ~11. The buffers are still the only copy: nothing is
+writes: the token is coded straight into the buffers and ``update_and_fetch`` returns
+*live* dicts (whole buffers + what orders readers after the write; see
+``_write_in_place``). On CUDA the attention launch codes it (the token waits in
+``_pending`` until then, and any other reader writes it first: ``_flush``), elsewhere
+the fused encode does, in a launch of its own. Batch-1 decode waits on host time per
+graph node, and this is 1 node a layer on CUDA (the attention launch also combines its
+splits), 3 on Metal, instead of ~11. The buffers are still the only copy: nothing is
 held twice, ``nbytes`` is unchanged.
 
 Optional key centring (``center_keys``): μ, the per-head mean key of the first block, is
@@ -130,6 +132,9 @@ class TurboKVCache(_BaseCache):
     _inplace = False
     _done = None
     _append = None   # (signature, the in-place launch resolved for it)
+    # (key, value, position) of a decode step's token left for the attention launch to
+    # code (see _write_in_place); ``_flush`` writes it where that launch does not.
+    _pending = None
 
     def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
                  value_method: Optional[str] = None, value_bits: Optional[int] = None,
@@ -152,7 +157,7 @@ class TurboKVCache(_BaseCache):
         self.key_codec = None
         self.value_codec = None
         self.key_mean = None
-        self._inplace, self._done, self._append = False, None, None
+        self._inplace, self._done, self._append, self._pending = False, None, None, None
 
     @classmethod
     def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
@@ -189,30 +194,58 @@ class TurboKVCache(_BaseCache):
     def _write_in_place(self, keys: mx.array, values: mx.array):
         """(live keys, live values) after coding one token into the buffers in place, or
         None where that does not apply (the caller writes through MLX). A live dict is the
-        packed dict of whole buffers plus "live": (keys held, positions array, done), what
-        the steady decode kernel reads; ``kernels.settle`` makes plain views of it."""
+        packed dict of whole buffers plus "live": (keys held, positions array, done,
+        owner), what the steady decode kernel reads; ``kernels.settle`` makes plain views
+        of it. Where the steady attention launch codes the token itself, it is only left
+        in ``_pending`` (owner: this cache, else None)."""
         prev = self.offset
         kx = keys - self.key_mean if self.center_keys else keys
+        if fused_decode.append_allowed(self._fused_steady):
+            # The steady attention launch codes the token itself (kernels.source
+            # MMA_APPEND): no launch here at all.
+            self._flush()
+            self._pending = (kx, values, prev)
+            self.offset = prev + 1
+            live = (self.offset, fused_encode.positions(prev, 1), self._done, self)
+            return {**self.keys, "live": live}, {**self.values, "live": live}
         sig = (kx.shape, kx.dtype, fused_decode.env_state())
         if self._append is not None and self._append[0] == sig:
             # (the launch resolved at an earlier step: host time is what this waits on)
             pos = fused_encode.positions(prev, 1)
-            self._done = self._append[1](kx, values, self.keys, self.values, pos, self._done)
+            self._done = self._append[1](kx, values, self.keys, self.values, pos,
+                                         fused_decode.write_marker(self._done))
         else:
             w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
                                                  values, self.keys, self.values, prev,
-                                                 self._done)
+                                                 fused_decode.write_marker(self._done))
             if w is None:
                 return None
             pos, self._done, write = w
             self._append = None if write is None else (sig, write)
         self.offset = prev + 1
-        live = (self.offset, pos, self._done)
+        live = (self.offset, pos, self._done, None)
         return {**self.keys, "live": live}, {**self.values, "live": live}
+
+    def _flush(self) -> Optional[mx.array]:
+        """Write a token left for the attention launch (``_pending``) that did not code it
+        (another reader came first, or that launch does not apply): through the in-place
+        launch, else MLX writes. Returns what orders readers after the last write."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            kx, values, prev = pending
+            w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
+                                                 values, self.keys, self.values, prev,
+                                                 fused_decode.write_marker(self._done))
+            if w is None:
+                self._write(kx, values, prev)
+            else:
+                self._done = w[1]
+        return self._done
 
     def _settle(self) -> None:
         """Wait for the last in-place append before the buffers are read or written any
         other way (a reader that does not take its ``done`` could run before it)."""
+        self._flush()
         if self._done is not None:
             mx.eval(self._done)
             self._done = None

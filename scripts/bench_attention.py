@@ -601,7 +601,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
         for kind in kinds:
             try:
                 base_kind = kind
-                for suffix in ("_mlx_encode", "_slice_writes", "_two_launch"):
+                for suffix in ("_mlx_encode", "_slice_writes", "_two_launch", "_own_append"):
                     base_kind = base_kind.replace(suffix, "")
                 caches[kind] = filled_caches(base_kind, S, layers, batch)
                 times[kind] = []
@@ -614,11 +614,16 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 # attention kept), to show what the fused encode kernel buys end to end;
                 # "_slice_writes": the fused encode's codes reach the buffers through MLX
                 # slice writes (no in-place append, attention reads sliced views);
-                # "_two_launch": the decode step's combine in a launch of its own.
+                # "_two_launch": the decode step's combine in a launch of its own;
+                # "_own_append": the token coded by the in-place append, a launch of its
+                # own, instead of by the attention launch.
                 orig_encode, orig_pair = fused_encode.encode, fused_encode.encode_pair
-                fold_env = os.environ.pop(decode.FOLD_ENV, None)
+                saved_env = {n: os.environ.pop(n, None) for n in (decode.FOLD_ENV,
+                                                                  decode.APPEND_ENV)}
                 if kind.endswith("_two_launch"):
                     os.environ[decode.FOLD_ENV] = "0"
+                if kind.endswith(("_own_append", "_mlx_encode", "_slice_writes")):
+                    os.environ[decode.APPEND_ENV] = "0"
                 orig_inplace = fused_encode.write_pair_in_place
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
@@ -639,9 +644,10 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
                     fused_encode.write_pair_in_place = orig_inplace
-                    os.environ.pop(decode.FOLD_ENV, None)
-                    if fold_env is not None:
-                        os.environ[decode.FOLD_ENV] = fold_env
+                    for n, v in saved_env.items():
+                        os.environ.pop(n, None)
+                        if v is not None:
+                            os.environ[n] = v
         base = times.get("bf16")
         for kind in kinds:
             if kind in errors:
@@ -677,7 +683,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
                     help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_slice_writes, "
-                         "mse<b>_two_launch, mse<b>_w<W> (with a W-token fp16 window), "
+                         "mse<b>_two_launch, mse<b>_own_append, mse<b>_w<W> (with a W-token "
+                         "fp16 window), "
                          "no_attention (no append, no attention: the ceiling of any cache)")
     ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
     ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")

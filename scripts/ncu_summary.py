@@ -23,10 +23,12 @@ from collections import OrderedDict
 # An append, a steady decode step (``--steady``: the in-place append, the decode and, unless
 # folded, the combine) and mlx-lm's quantized attention are sequences of launches (None:
 # the kernels up to the next call, found by its first kernel's name: this call's first one
-# again, or another kind's).
-KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": None, "steady": None, "mlx": None}
+# again, or another kind's); the appending step (``--steady``, the default step: the
+# attention launch codes the token) is one launch.
+KERNELS_PER_CALL = {"sdpa": 2, "fused": 2, "append": None, "steady": None, "mlx": None,
+                    "appending": 1}
 FIRST_KERNEL = {"sdpa": "sdpa", "fused": "turbo_decode", "append": "turbo_encode",
-                "steady": "turbo_encode", "mlx": ""}
+                "steady": "turbo_encode", "mlx": "", "appending": "turbo_decode_mma_fold_append"}
 
 
 def read_kernels(path: str) -> list[dict]:

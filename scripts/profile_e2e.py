@@ -102,16 +102,19 @@ def host_costs() -> dict:
 
     # One layer's whole decode step, as the model runs it (ours: once the steady kernel
     # and the in-place append are in use, from the third step on), next to mlx-lm's; and
-    # ours with the combine in a launch of its own (MLX_LM_TURBO_FOLD=0).
+    # ours with the token coded in a launch of its own (MLX_LM_TURBO_APPEND=0), then also
+    # the combine (MLX_LM_TURBO_FOLD=0).
     def step():
         keys, values = c.update_and_fetch(x, x)
         return decode.decode_attention(q, keys, values, c, 0.088)
     rows["turbo layer step: update_and_fetch + decode_attention"] = host_us(step)
-    os.environ[decode.FOLD_ENV] = "0"
+    os.environ[decode.APPEND_ENV] = "0"
     try:
-        rows["turbo layer step, combine in its own launch"] = host_us(step)
+        rows["turbo layer step, token coded in a launch of its own"] = host_us(step)
+        os.environ[decode.FOLD_ENV] = "0"
+        rows["turbo layer step, that and the combine in its own launch"] = host_us(step)
     finally:
-        del os.environ[decode.FOLD_ENV]
+        del os.environ[decode.FOLD_ENV], os.environ[decode.APPEND_ENV]
     kv = KVCache()
     kv.update_and_fetch(k, k)
     mx.eval(kv.keys, kv.values)

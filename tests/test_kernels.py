@@ -162,6 +162,10 @@ def _kernel_parts(name, x_dtype=None):
         return (decode.KERNELS[name][0], decode.FOLD_INPUTS,
                 MMA_DTYPES + ["float32", "uint32", "float16"], decode.FOLD_OUTPUTS,
                 ["float32", "float16"])
+    if name == "decode_mma_fold_append":   # x_dtype: the new key's and value's dtype
+        return (decode.KERNELS[name][0], decode.APPEND_INPUTS,
+                MMA_DTYPES + ["float32", "uint32", "float16"] + [x_dtype or "float16"] * 2
+                + ["float32"] * 2, decode.FOLD_OUTPUTS, ["float32", "float16"])
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
@@ -307,22 +311,31 @@ def test_included_kernel_text(tmp_path, monkeypatch):
     assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (header, src)
 
 
-@pytest.mark.parametrize("kb,vb,d,live,fold", [(3, 3, 128, 0, 0), (4, 2, 64, 0, 0),
-                                               (3, 3, 128, 1, 0), (3, 3, 128, 1, 1)])
-def test_mma_metal_source_parses(kb, vb, d, live, fold, tmp_path):
-    name = "decode_mma_fold" if fold else "decode_mma"
-    tpl = _mma_template(kb, vb, d, live=live) + ([("OT", "float16")] if fold else [])
+@pytest.mark.parametrize("kb,vb,d,live,name", [
+    (3, 3, 128, 0, "decode_mma"), (4, 2, 64, 0, "decode_mma"), (3, 3, 128, 1, "decode_mma"),
+    (3, 3, 128, 1, "decode_mma_fold"), (4, 2, 128, 1, "decode_mma_fold_append")])
+def test_mma_metal_source_parses(kb, vb, d, live, name, tmp_path):
+    tpl = _mma_template(kb, vb, d, live=live)
+    if name.endswith("append"):
+        tpl += [("NORMT", "float16")]
+    if "fold" in name:
+        tpl += [("OT", "float16")]
     assert_metal_parses(render_metal(tpl, name), tmp_path / f"{name}_metal.cpp")
 
 
-@pytest.mark.parametrize("name,included", [("decode_mma", False), ("decode_mma_fold", True)])
+@pytest.mark.parametrize("name,included", [("decode_mma", False), ("decode_mma_fold", True),
+                                           ("decode_mma_fold_append", True)])
 def test_mma_cuda_source_compiles(name, included, tmp_path, monkeypatch):
     """...with launch bounds (4 blocks of NT threads per SM: at most 128 registers);
-    the folded one as build_kernel hands it to MLX on CUDA (its text in included files)."""
+    the folded ones as build_kernel hands them to MLX on CUDA (text in included files)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tpl = _mma_template(3, 3, 128) + ([("OT", "float16")] if name.endswith("fold") else [])
-    assert_cuda_compiles(render_cuda(tpl, name, included=included), tmp_path / f"{name}.cu",
-                         ptx=True)
+    tpl = _mma_template(3, 3, 128, live=int(name.endswith("append")))
+    if name.endswith("append"):
+        tpl += [("NORMT", "float16")]
+    if "fold" in name:
+        tpl += [("OT", "float16")]
+    assert_cuda_compiles(render_cuda(tpl, name, x_dtype="bfloat16", included=included),
+                         tmp_path / f"{name}.cu", ptx=True)
     ptx = (tmp_path / f"{name}.ptx").read_text()
     assert f".maxntid {decode.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
 
@@ -347,16 +360,18 @@ def test_dispatcher_returns_none_on_cpu(monkeypatch):
 def test_env_state_follows_the_environment(monkeypatch):
     """The memoised decode step and append are keyed by env_state (read from os.environ's
     own dict): setting or clearing a switch must change it, as os.environ.get would."""
-    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+    names = decode._ENV_NAMES
+    assert decode.APPEND_ENV in names and decode.FOLD_ENV in names
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     base = decode.env_state()
-    assert base == (None, None, None)
+    assert base == (None,) * len(names)
     seen = {base}
-    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+    for name in names:
         monkeypatch.setenv(name, "0")
         seen.add(decode.env_state())
-    assert len(seen) == 4
-    for name in (decode.ENV, decode.MMA_ENV, decode.FOLD_ENV):
+    assert len(seen) == len(names) + 1
+    for name in names:
         monkeypatch.delenv(name)
     assert decode.env_state() == base
 
@@ -467,8 +482,8 @@ def test_folded_step_equals_two_launches(Hq, Hkv, S, monkeypatch):
     scale = 128 ** -0.5
     qs = [mx.random.normal((1, Hq, 1, 128)).astype(mx.bfloat16) for _ in range(6)]
     p = decode.plan(qs[0], keys, values, c, None, None, decode.backend())
-    folded = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=True)
-    two = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=False)
+    folded = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=True)[0]
+    two = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=False)[0]
     outs = [folded(q, keys, values) for q in qs[:5]]
     mx.eval(outs)
     outs.append(folded(qs[5], keys, values))
@@ -529,14 +544,16 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
 def test_in_place_generation_equals_slice_writes(monkeypatch):
     """mlx-lm's own decode loop on a small random llama (head dim 128, GQA 2:1, bf16),
     3-bit caches, a 240-token prompt and 40 greedy tokens (the buffers grow at 256):
-    with the in-place append every token and log-probability equals those of the same
-    caches written through MLX slice writes."""
+    with the token coded by the attention launch (the default), and with the in-place
+    append in a launch of its own, every token and log-probability equals those of the
+    same caches written through MLX slice writes."""
     from mlx_lm.generate import generate_step
     from mlx_lm.models import cache as mlx_cache
     from mlx_lm.models import llama
     from mlx_lm_turbo import patch
     from mlx_lm_turbo.cache import TurboConfig
     monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.delenv(decode.APPEND_ENV, raising=False)
     args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2,
                            intermediate_size=512, num_attention_heads=4, rms_norm_eps=1e-5,
                            vocab_size=512, num_key_value_heads=2, head_dim=128)
@@ -551,23 +568,30 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
     positions = encode.positions      # every in-place append asks for its positions
 
     def counted(prev, n):
-        calls.append(prev)
+        calls[-1] += 1
         return positions(prev, n)
     monkeypatch.setattr(encode, "positions", counted)
+    writer = encode.write_pair_in_place
     try:
         runs = []
-        for writer in (encode.write_pair_in_place, lambda *a: None):
-            monkeypatch.setattr(encode, "write_pair_in_place", writer)
+        for append, write in (("1", writer), ("0", writer), ("0", lambda *a: None)):
+            monkeypatch.setenv(decode.APPEND_ENV, append)
+            monkeypatch.setattr(encode, "write_pair_in_place", write)
+            calls.append(0)
             cache = mlx_cache.make_prompt_cache(model)
             steps = generate_step(prompt, model, prompt_cache=cache)
             runs.append([(int(y), lp) for (y, lp), _ in zip(steps, range(40))])
+            if append == "1":
+                appended = [k for k, ok in decode._checked.items() if k[-1] == "append"]
+                assert appended and all(decode._checked[k] for k in appended)
     finally:
         patch.set_config(None)
-    assert len(calls) >= 2 * 30        # both layers, from the third step on (not at 256)
-    assert [y for y, _ in runs[0]] == [y for y, _ in runs[1]]
-    for (_, a), (_, b) in zip(*runs):
-        assert mx.array_equal(a, b).item()
-
+    # both layers, from the third step on (not at 256); none with slice writes
+    assert calls[0] >= 2 * 30 and calls[1] >= 2 * 30 and calls[2] == 0
+    for run in runs[:2]:
+        assert [y for y, _ in run] == [y for y, _ in runs[2]]
+        for (_, a), (_, b) in zip(run, runs[2]):
+            assert mx.array_equal(a, b).item()
 
 @gpu
 @pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
@@ -709,6 +733,43 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err
     assert cnt.shape == (max(Hkv, 4),) and not cnt.any()
+
+
+@emu
+@pytest.mark.parametrize("kb,vb,Hq,Hkv,S,blocks,dtype", [
+    (3, 3, 12, 4, 1299, 28, mx.bfloat16),   # GQA 3, the token last of a 256-key split
+    (4, 2, 8, 2, 384, 528, mx.float16),     # the token alone in its split (S = 3 * 128)
+])
+def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, dtype,
+                                                   monkeypatch):
+    """The steady step's appending launch (source.MMA_APPEND): the block holding the new
+    token codes its key and value into the buffers, bit for bit as the codecs' encode,
+    touching nothing else, and the output attends over it (against the reference on the
+    buffers it leaves); the counters end at zero."""
+    from mlx_lm_turbo.kernels import emulate
+    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=128, seed=S)
+    knew = (3 * mx.random.normal((1, Hkv, 1, 128))).astype(dtype)
+    vnew = mx.random.normal((1, Hkv, 1, 128)).astype(dtype)
+    q = (2 * mx.random.normal((1, Hq, 1, 128))).astype(dtype)
+    scale = 128 ** -0.5
+    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    assert p["MMA"] is not None and decode._appends(p, keys, c)
+    live = (S + 1, mx.array([S, S + 1, 0, 0], mx.int32), None, None)
+    out, kbuf, vbuf, cnt = emulate.run_appending_emulated(
+        q, {**c.keys, "live": live}, {**c.values, "live": live}, c, scale, p, knew, vnew)
+    for codec, got, old, x in ((c.key_codec, kbuf, c.keys, knew),
+                               (c.value_codec, vbuf, c.values, vnew)):
+        want = codec.encode(x)
+        for name in want:
+            assert mx.array_equal(got[name][:, :, S:S + 1], want[name]).item(), name
+            for span in (slice(0, S), slice(S + 1, None)):
+                assert mx.array_equal(got[name][:, :, span], old[name][:, :, span]).item()
+    views = [{n: a[:, :, :S + 1] for n, a in b.items()} for b in (kbuf, vbuf)]
+    ref = reference_attention(q, *views, c, scale)
+    err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
+    assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err
+    assert not cnt.any()
 
 
 def test_plan_chooses_mma_kernel(monkeypatch):
@@ -871,6 +932,34 @@ def test_emulated_encode_matches_codec(km, kb, D, L, dtype, monkeypatch):
     assert ok, why
     for k in ref:
         assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype, k
+
+
+def test_token_left_to_attention_is_written_by_any_other_reader(monkeypatch):
+    """Where the steady attention launch codes the decode step's token itself,
+    update_and_fetch leaves it pending (nothing written yet); whatever reads the buffers
+    otherwise (settling the live dicts, the next update, keys_and_values) writes it
+    first, so the cache ends equal to a twin written through MLX only."""
+    c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
+    twin, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
+    monkeypatch.setitem(decode._checked, ("test", "append"), True)
+    c._fused_steady = (None, None, ("test", "live"), ("test", "append"), None)
+    steps = [[mx.random.normal((1, 2, 1, 128)).astype(mx.float16) for _ in range(2)]
+             for _ in range(3)]
+    keys, values = c.update_and_fetch(*steps[0])
+    assert c._pending is not None and c.offset == 251 and keys["live"][0] == 251
+    assert not c.keys["codes"][:, :, 250].any().item()        # not written yet
+    got = kernels.settle(keys)
+    twin.update_and_fetch(*steps[0])
+    want = twin.keys_and_values()[0]
+    assert c._pending is None and got["codes"].shape[2] == 251
+    assert all(mx.array_equal(got[n], want[n]).item() for n in want)
+    c.update_and_fetch(*steps[1])
+    c.update_and_fetch(*steps[2])    # (the step before never reached attention)
+    for k, v in steps[1:]:
+        twin.update_and_fetch(k, v)
+    for a, b in zip(c.keys_and_values(), twin.keys_and_values()):
+        assert all(mx.array_equal(a[n], b[n]).item() for n in b)
+    assert c._pending is None and c.offset == twin.offset == 253
 
 
 def test_positions_follow_the_decode_steps(monkeypatch):

@@ -38,6 +38,8 @@ ENV = "MLX_LM_TURBO_KERNELS"
 # "0": the scalar decode kernel even where the mma one applies (which is the default).
 MMA_ENV = "MLX_LM_TURBO_MMA"
 FOLD_ENV = "MLX_LM_TURBO_FOLD"   # "0": the steady decode step keeps a separate combine launch
+# "0": the steady decode step codes the new token in a launch of its own (see MMA_APPEND)
+APPEND_ENV = "MLX_LM_TURBO_APPEND"
 # Static shared memory per block (bytes): CUDA allows 48 KiB, Metal 32 KiB.
 SHARED_BUDGET = {"cuda": 48 * 1024, "metal": 32 * 1024}
 
@@ -75,19 +77,20 @@ def active_backend(mode: Optional[bool]) -> Optional[str]:
     return be
 
 
-_ENV_NAMES = (ENV, MMA_ENV, FOLD_ENV)
+_ENV_NAMES = (ENV, MMA_ENV, FOLD_ENV, APPEND_ENV)
 # CPython keeps the environment in os.environ._data, keyed by os.fsencode(name) on POSIX.
 _ENV_KEYS = tuple(os.fsencode(n) for n in _ENV_NAMES) if os.name == "posix" else None
 
 
 def env_state() -> tuple:
-    """This module's three environment switches as set now (bytes or str, only for
+    """This module's four environment switches as set now (bytes or str, only for
     comparing): what a memoised decode step or append was resolved under, checked per
     layer and step. Read from os.environ's own dict where it is the POSIX one: its
     public ``get`` costs ~0.5 µs a name, host time that batch-1 decode waits on."""
     data = getattr(os.environ, "_data", None)
     if _ENV_KEYS is not None and type(data) is dict:
-        return data.get(_ENV_KEYS[0]), data.get(_ENV_KEYS[1]), data.get(_ENV_KEYS[2])
+        k0, k1, k2, k3 = _ENV_KEYS
+        return data.get(k0), data.get(k1), data.get(k2), data.get(k3)
     return tuple(os.environ.get(n) for n in _ENV_NAMES)
 
 
@@ -171,6 +174,9 @@ REDUCE_OUTPUTS = ["out"]
 # part, the three partials in one scratch output (source.MMA_FOLD_PARTS).
 FOLD_INPUTS = MMA_INPUTS + ["vmul", "cnt", "prev"]
 FOLD_OUTPUTS = ["part", "out"]
+# The folded launch that also codes the new token (source.MMA_APPEND): its key and value
+# and their codecs' encode tables (encode.consts).
+APPEND_INPUTS = FOLD_INPUTS + ["knew", "vnew", "ck", "cv"]
 
 
 def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list,
@@ -249,6 +255,9 @@ KERNELS = {"decode": (source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS),
            "decode_mma": (source.DECODE_MMA_BODY, MMA_INPUTS, DECODE_OUTPUTS),
            "decode_mma_fold": (source.MMA_FOLD_PARTS + source.DECODE_MMA_BODY
                                + source.MMA_FOLD_TAIL, FOLD_INPUTS, FOLD_OUTPUTS),
+           "decode_mma_fold_append": (source.MMA_FOLD_PARTS + source.MMA_SETUP
+                                      + source.MMA_APPEND + source.MMA_MAIN
+                                      + source.MMA_FOLD_TAIL, APPEND_INPUTS, FOLD_OUTPUTS),
            "reduce": (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS)}
 
 
@@ -608,23 +617,25 @@ def launcher(template: list, p: dict, backend_name: str, vmul: mx.array, rotv: b
     return run
 
 
-def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype):
-    """The mma kernel with its combine folded in, as ``run(inputs, nsp)`` -> (B, Hq, L,
-    DV) in out_dtype (Π_Vᵀ applied): one launch instead of ``launcher``'s two. Each
+def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype,
+                  name: str = "decode_mma_fold"):
+    """The mma kernel with its combine folded in, as ``run(inputs, nsp, extra=())`` -> (B,
+    Hq, L, DV) in out_dtype (Π_Vᵀ applied): one launch instead of ``launcher``'s two
+    (``extra``: the inputs past FOLD_INPUTS of kernel ``name``). Each
     ``run`` owns a counter array (the kernel's ``cnt``), and two launches counting on it
     at once would corrupt it for good. MLX's CUDA graphs may run independent nodes
     concurrently (a test or a benchmark queueing several calls before one eval), so every
     launch takes an output of the one before as an input: the graph orders them."""
     B, Hkv, NRG, RB, DV, Hq, L = (p[k] for k in ("B", "Hkv", "NRG", "RB", "DV", "Hq", "L"))
     rows = B * Hkv * NRG
-    kernel = _kernel(backend_name, "decode_mma_fold", tuple(template) + (("OT", out_dtype),))
+    kernel = _kernel(backend_name, name, tuple(template) + (("OT", out_dtype),))
     cnt = mx.zeros((max(rows, 4),), mx.uint32)   # over 8 bytes: device memory
     prev = [mx.zeros((1,), out_dtype)]
     mx.eval(cnt, prev[0])
     dtypes = [mx.float32, out_dtype]
 
-    def run(inputs: list, nsp: int) -> mx.array:
-        out = kernel(inputs=inputs + [vmul, cnt, prev[0]], grid=(nsp * NT, rows, 1),
+    def run(inputs: list, nsp: int, extra=()) -> mx.array:
+        out = kernel(inputs=inputs + [vmul, cnt, prev[0], *extra], grid=(nsp * NT, rows, 1),
                      threadgroup=(NT, 1, 1),
                      output_shapes=[(rows * nsp * RB * (DV + 2),), (B, Hq, L, DV)],
                      output_dtypes=dtypes)[1]
@@ -644,28 +655,44 @@ def run_fused(queries: mx.array, keys: dict, values: dict, cache, scale: float, 
 
 
 def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p: dict,
-            backend_name: str, fold: bool = False):
+            backend_name: str, fold: bool = False, append: bool = False):
     """``run_fused`` for the following decode steps of the mma kernel (same shapes, no
     mask, only S and the packed views change) with everything else resolved now: the
     per-call Python work of the general path (plan, inputs, template, kernel lookups)
     was ~10 µs a layer, and batch-1 decode waits on host time. The step also takes the
-    cache's *live* dicts (cache.py: the whole buffers, just written in place, and
-    "live": (S, positions, done)): then the LIVE kernel reads S from the positions and
-    runs after ``done``. ``fold``: one launch per step (``fold_launcher``)."""
+    cache's *live* dicts (cache.py: the whole buffers and "live": (S, positions, done,
+    owner)): then the LIVE kernel reads S from the positions and runs after ``done``.
+    ``fold``: one launch per step (``fold_launcher``). ``append`` (with ``fold``): a
+    token the owner left to attention (its ``_pending``) is coded by that same launch
+    (source.MMA_APPEND); else it is written first (``owner._flush``).
+    Returns (step, coded) or None: ``coded(q, k, v, knew, vnew)`` runs the appending
+    launch on live dicts k, v (None without ``append``)."""
     inputs, template, _ = fused_inputs(queries, keys, values, cache, scale, None, p)
     c = _consts(cache, scale, p)
     if not c["rotv"]:
         return None
+    live_template = template[:-1] + [("LIVE", 1)]
     if fold:
         run = fold_launcher(template, p, backend_name, c["vmul"], queries.dtype)
-        run_live = fold_launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"],
-                                 queries.dtype)
+        run_live = fold_launcher(live_template, p, backend_name, c["vmul"], queries.dtype)
     else:
         run = launcher(template, p, backend_name, c["vmul"], True, queries.dtype)
-        run_live = launcher(template[:-1] + [("LIVE", 1)], p, backend_name, c["vmul"], True,
-                            queries.dtype)
+        run_live = launcher(live_template, p, backend_name, c["vmul"], True, queries.dtype)
     qmul, kpt, vpt, nk, dep = inputs[1], inputs[6], inputs[7], inputs[8], inputs[9]
     rows = p["B"] * p["Hkv"] * p["NRG"]
+    run_append = None
+    if append and fold:
+        from . import encode
+        run_append = fold_launcher(live_template + [("NORMT", encode.NORM_DTYPE)], p,
+                                   backend_name, c["vmul"], queries.dtype,
+                                   "decode_mma_fold_append")
+        tables = (encode.consts(cache.key_codec), encode.consts(cache.value_codec))
+
+    def coded(q: mx.array, k: dict, v: dict, knew: mx.array, vnew: mx.array) -> mx.array:
+        S, pos, done = k["live"][:3]
+        return run_append([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
+                           pos, write_marker(done, dep)], n_splits(S, rows),
+                          (knew, vnew) + tables)
 
     def step(q: mx.array, k: dict, v: dict) -> mx.array:
         live = k.get("live")
@@ -673,10 +700,27 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
             kn = k["norm"]
             return run([q, qmul, k["codes"], kn, v["codes"], v["norm"], kpt, vpt, nk, dep],
                        n_splits(kn.shape[2], rows))
-        S, pos, done = live
+        S, pos, done, owner = live
+        pending = None if owner is None else owner._pending
+        if pending is not None:
+            knew, vnew, at = pending
+            if run_append is not None and at == S - 1 and knew.dtype == vnew.dtype == q.dtype:
+                out = coded(q, k, v, knew, vnew)
+                owner._pending, owner._done = None, out
+                return out
+            done = owner._flush()
         return run_live([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
-                         pos, done], n_splits(S, rows))
-    return step
+                         pos, write_marker(done, dep)], n_splits(S, rows))
+    return step, (None if run_append is None else coded)
+
+
+def write_marker(done: Optional[mx.array], default=None) -> Optional[mx.array]:
+    """What a reader of the buffers takes to run after the last in-place write: the
+    in-place append's ``done`` (uint32), else ``default``. An appending attention
+    launch's output (cache.py keeps it as ``_done``) is left out, so that the kernels
+    always see one dtype there (a new dtype is a new compile): the next appending launch
+    is ordered by ``fold_launcher``, and any launch of a later step by its queries."""
+    return done if done is not None and done.dtype == mx.uint32 else default
 
 
 def live_allowed(steady: tuple) -> bool:
@@ -686,15 +730,25 @@ def live_allowed(steady: tuple) -> bool:
     return _checked.get(steady[2]) is not False
 
 
+def append_allowed(steady: tuple) -> bool:
+    """Whether such a cache may leave a decode step's token for attention to code
+    (``_steady``'s ``append``): the memo has the appending launch, which has not failed
+    its first-use check."""
+    return steady[3] is not None and _checked.get(steady[3]) is not False
+
+
 def settle(packed: dict) -> dict:
     """A cache's live dict (see ``_steady``) as the plain packed views of the keys held,
-    for any other reader: waits for the in-place write, then slices the buffers. Other
-    dicts pass through."""
+    for any other reader: writes a token left to attention (the owner's ``_flush``),
+    waits for the in-place write, then slices the buffers. Other dicts pass through."""
     live = packed.get("live")
     if live is None:
         return packed
-    S, _, done = live
-    mx.eval(done)
+    S, _, done, owner = live
+    if owner is not None:
+        done = owner._flush()
+    if done is not None:
+        mx.eval(done)
     return {n: a[:, :, :S] for n, a in packed.items() if n != "live"}
 
 
@@ -726,6 +780,21 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
     steady = getattr(cache, "_fused_steady", None)
     if mask is None and sinks is None and steady is not None and "recent" not in keys \
             and steady[0] == _steady_sig(queries, scale, cache):
+        owner = keys["live"][3] if "live" in keys else None
+        if owner is not None and owner._pending is not None:
+            # The token waits for this launch to code it (cache.py ``_pending``).
+            state = None if steady[3] is None else _checked.get(steady[3])
+            if state:
+                return steady[1](queries, keys, values)
+            if state is None and steady[3] is not None:
+                out = first_use(_checked, steady[3], env_mode(),
+                                "decode attention kernel that codes the new token",
+                                "a launch of its own for the append",
+                                *_append_check(queries, keys, values, cache, scale,
+                                               steady[4]))
+                if out is not None:
+                    return steady[1](queries, keys, values)
+            owner._flush()
         live = _checked.get(steady[2]) if "live" in keys else True
         if live:
             return steady[1](queries, keys, values)
@@ -776,10 +845,14 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
         # passed its own first-use check (CUDA only: see source.MMA_FOLD_TAIL).
         fkey = key + ("fold",)
         fold = be == "cuda" and os.environ.get(FOLD_ENV) != "0" and _checked.get(fkey) is not False
-        step = _steady(queries, keys, values, cache, scale, p, be, fold)
-        if step is not None:
+        made = _steady(queries, keys, values, cache, scale, p, be, fold,
+                       fold and _appends(p, keys, cache))
+        if made is not None:
+            step, coded = made
             live_key = key + (("live", "fold") if fold else ("live",))
-            cache._fused_steady = (_steady_sig(queries, scale, cache), step, live_key)
+            append_key = None if coded is None else live_key + ("append",)
+            cache._fused_steady = (_steady_sig(queries, scale, cache), step, live_key,
+                                   append_key, coded)
             if not fold or _checked.get(fkey):
                 return step(queries, keys, values)
             out = first_use(_checked, fkey, mode, "folded decode attention kernel",
@@ -788,6 +861,50 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
                 return out
             cache._fused_steady = None    # rebuilt without the fold on the next call
     return run_fused(queries, keys, values, cache, scale, mask, p, be)
+
+
+def _appends(p: dict, keys: dict, cache) -> bool:
+    """Whether the steady step of this call may code the decode step's token itself
+    (source.MMA_APPEND: one query position, a thread per dim, no key centring or fp16
+    window, the norms in the in-place append's dtype); MLX_LM_TURBO_APPEND=0 says no."""
+    from .encode import NORM_DTYPE
+    return (os.environ.get(APPEND_ENV) != "0" and p["L"] == 1 and p["D"] == p["DV"] == NT
+            and not getattr(cache, "center_keys", False)
+            and not getattr(cache, "fp16_window", 0) and keys["norm"].dtype == NORM_DTYPE)
+
+
+def _append_check(queries: mx.array, keys: dict, values: dict, cache, scale: float,
+                  coded) -> tuple:
+    """(run, agree) for ``first_use`` of the appending launch: it runs on copies of the
+    live buffers; the token it codes must equal the codecs' encode (encode.compare's
+    rule), nothing else may change, and its output must agree with the reference over
+    the copies."""
+    from . import encode
+    S, _, _, owner = keys["live"]
+    knew, vnew, at = owner._pending
+    copies = [{n: a + 0 for n, a in d.items() if n != "live"} for d in (keys, values)]
+
+    def run():
+        return coded(queries, {**copies[0], "live": keys["live"]},
+                     {**copies[1], "live": values["live"]}, knew, vnew)
+
+    def agree(out):
+        from ..attention import reference_attention
+        mx.eval(out)
+        why, ok = [], True
+        for codec, got, orig, x in ((cache.key_codec, copies[0], keys, knew),
+                                    (cache.value_codec, copies[1], values, vnew)):
+            good, w = encode.compare(codec, {n: a[:, :, at:at + 1] for n, a in got.items()},
+                                     codec.encode(x))
+            moved = sum(not mx.array_equal(got[n][:, :, s], orig[n][:, :, s]).item()
+                        for n in got for s in (slice(0, at), slice(at + 1, None)))
+            ok = ok and good and moved == 0
+            why.append(f"{w}, {moved} other spans changed")
+        ref = reference_attention(queries, *({n: a[:, :, :S] for n, a in c.items()}
+                                             for c in copies), cache, scale)
+        good, err = _agrees(out, ref)
+        return ok and good, "; ".join(why) + f"; max abs error {err:.3g} vs the reference"
+    return run, agree
 
 
 def first_use(checked: dict, key: tuple, mode: Optional[bool], what: str, fallback: str,

@@ -297,7 +297,9 @@ def _host_arrays(names: list, inputs: list, keys: dict, values: dict, full) -> l
 
 
 def _tpl(t):
-    return [(k, "float" if isinstance(v, mx.Dtype) else v) for k, v in t]
+    """Template types for the emulation: floats, but the norms' fp16 (NORMT) bit for bit."""
+    return [((k, "emu_half" if k == "NORMT" else "float") if isinstance(v, mx.Dtype)
+             else (k, v)) for k, v in t]
 
 
 def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
@@ -330,7 +332,7 @@ def run_folded_emulated(queries, keys, values, cache, scale, p, full=None):
     """The steady decode step's one launch (the mma kernel with the combine folded in,
     ``decode.fold_launcher``) executed on the CPU -> (output, the counters afterwards)."""
     captured = _captured(lambda: decode._steady(queries, keys, values, cache, scale, p,
-                                                "cuda", fold=True)(queries, keys, values))
+                                                "cuda", fold=True)[0](queries, keys, values))
     body, names, onames = decode.KERNELS["decode_mma_fold"]
     inputs, template, grid, tg, oshapes = captured["decode_mma_fold"]
     arrs = _host_arrays(names, inputs, keys, values, full)
@@ -338,6 +340,29 @@ def run_folded_emulated(queries, keys, values, cache, scale, p, full=None):
     run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, _tpl(template))
     run(arrs, outs, (grid[0] // tg[0], grid[1]), tg[0])
     return mx.array(outs[1]).astype(queries.dtype), arrs[names.index("cnt")][0]
+
+
+def run_appending_emulated(queries, keys, values, cache, scale, p, knew, vnew):
+    """The steady step's appending launch (``decode._steady``'s ``coded``: it codes the
+    token knew/vnew at live position S - 1 into the buffers, then attends) executed on the
+    CPU, on copies of the live dicts' buffers -> (output, key buffers, value buffers,
+    counters), the buffers as the launch leaves them."""
+    captured = _captured(lambda: decode._steady(queries, keys, values, cache, scale, p, "cuda",
+                                                fold=True, append=True)[1](
+        queries, keys, values, knew, vnew))
+    name = "decode_mma_fold_append"
+    body, names, onames = decode.KERNELS[name]
+    inputs, template, grid, tg, oshapes = captured[name]
+    arrs = _host_arrays(names, inputs, keys, values, None)
+    outs = [np.zeros(s, np.float32) for s in oshapes]
+    run = compile_kernel(body, names, [x.dtype.type for x, _, _ in arrs], onames, _tpl(template))
+    run(arrs, outs, (grid[0] // tg[0], grid[1]), tg[0])
+
+    def back(codes, norm):
+        return {"codes": mx.array(arrs[names.index(codes)][0]),
+                "norm": mx.array(arrs[names.index(norm)][0].view(np.float16))}
+    return (mx.array(outs[1]).astype(queries.dtype), back("kc", "kn"), back("vc", "vn"),
+            arrs[names.index("cnt")][0])
 
 
 def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, codec2=None,
@@ -358,10 +383,6 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     else:
         xh = _np(xin.astype(mx.float32))
 
-    def tpl(t):
-        return [(k, "emu_half" if k == "NORMT" else "float") if isinstance(v, mx.Dtype)
-                else (k, v) for k, v in t]
-
     dt_np = {mx.uint32: np.uint32, mx.float16: np.float16}
     out_dtypes = [dt_np[d] for d in kw["output_dtypes"]]
     outs = [np.zeros(s, np.uint16 if d == np.float16 else d)
@@ -369,7 +390,7 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     extra = [_np(a) for a in kw["inputs"][4:]]   # the in-place launch's dummies
     run = compile_kernel(source.ENCODE_BODY, encode.INPUTS,
                          [np.float32] * 4 + [x.dtype.type for x, _, _ in extra],
-                         encode.OUTPUTS, tpl(kw["template"]), out_dtypes)
+                         encode.OUTPUTS, _tpl(kw["template"]), out_dtypes)
     nt = kw["threadgroup"][0]
     run([xh, _np(cst), _np(x2in.astype(mx.float32)), _np(cst2)] + extra, outs,
         (kw["grid"][0] // nt, 1), nt)
@@ -390,10 +411,6 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
     _, kw = encode.launch_args(kc, k, vc, v)
     template = [(n, 1 if n == "INPLACE" else x) for n, x in kw["template"]]
 
-    def tpl(t):
-        return [(n, "emu_half" if n == "NORMT" else "float") if isinstance(x, mx.Dtype)
-                else (n, x) for n, x in t]
-
     def buffers(codec, buf):
         names = encode.in_place_names(codec)
         codes2 = buf[names[1]] if names[1] else mx.zeros((1, 1, 1, 1), mx.uint32)
@@ -408,7 +425,7 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
     outs = [np.zeros((4,), np.uint32)]
     run = compile_kernel(encode.IN_PLACE_BODY, encode.INPUTS,
                          [x.dtype.type for x, _, _ in ins], encode.IN_PLACE_OUTPUTS,
-                         tpl(template), [np.uint32])
+                         _tpl(template), [np.uint32])
     nt = kw["threadgroup"][0]
     run(ins, outs, (kw["grid"][0] // nt, 1), nt)
 

@@ -725,45 +725,12 @@ REDUCE_BODY = """
 # 0: x2, cst2 and the b outputs are one-element dummies.
 # cst = [signs (D) | boundaries1, centroids1, boundaries2, centroids2 (2^BITS each, padded)
 #        | 1/√D, scale]. codes2 is a one-word dummy in MODE 0.
-ENCODE_BODY = """
-  constexpr int NW = D / 32;
-  constexpr int NL = 1 << BITS;
-  KV_SHARED float xs[D];
-  KV_SHARED uint32_t cs1[D];
-  KV_SHARED uint32_t cs2[D];
-  KV_SHARED float red[2 * NW];
-  KV_SHARED float tab[4 * NL];
-
-  const int i = kv_tid;
-  const int H = int(x_shape[1]);
-  const int L = int(x_shape[2]);
-  const int nvec = int(x_shape[0]) * H * L;
-  // INPLACE: the codes go straight into the cache's buffers kb1/kb2/kbn (x) and
-  // vb1/vb2/vbn (x2), row (b, h, pos[0] + l), not into fresh outputs. An MLX kernel has
-  // no in-place output, and the slice writes that would copy outputs into the buffers
-  // cost a graph node each, host time that batch-1 decode waits on. cache.py says when
-  // the buffers are the cache's alone; the (unwritten) outputs only order later readers.
-  // (The buffers' element strides: the codes' last one is 1.)
-  // PAIR: blocks [0, nb) code x, blocks [nb, 2 nb) code x2 (the grid is even).
-  const int nb = PAIR ? kv_nbx / 2 : kv_nbx;
-  const bool second = PAIR && kv_bx >= nb;
-  const int bx = second ? kv_bx - nb : kv_bx;
-  for (int e = i; e < 4 * NL; e += D) tab[e] = second ? cst2[D + e] : cst[D + e];
-  const float sgn = second ? cst2[i] : cst[i];
-  const float hs = cst[D + 4 * NL];
-  const float rs = second ? cst2[D + 4 * NL + 1] : cst[D + 4 * NL + 1];
-  KV_BARRIER();
-
-  for (int vec = bx; vec < nvec; vec += nb) {
-    const int l = vec % L;
-    const int bh = vec / L;
-    const int h = bh % H;
-    const int b = bh / H;
-    const float v = second
-        ? static_cast<float>(x2[long(b) * x2_strides[0] + long(h) * x2_strides[1]
-                                + long(l) * x2_strides[2] + long(i) * x2_strides[3]])
-        : static_cast<float>(x[long(b) * x_strides[0] + long(h) * x_strides[1]
-                               + long(l) * x_strides[2] + long(i) * x_strides[3]]);
+# One vector's coding (ENCODE_BODY's steps from the norm on), shared by ENCODE_BODY and the
+# appending decode launch (MMA_APPEND): thread i < D holds coordinate v (``load`` declares
+# it); the text reads xs, cs1, cs2, red (shared), tab, sgn, hs, rs and the constants BITS,
+# NL, W, MODE, NW = D / 32, writes word i < W of each code stream (``put_words``: w1, w2)
+# and the norm (``put_norm``, thread 0: r16), and ends on a barrier.
+CODE_VECTOR_QUANTISE = """
     const float ss = KV_WARP_SUM(v * v);
     if (kv_lane == 0) red[kv_warp] = ss;
     KV_BARRIER();
@@ -818,6 +785,67 @@ ENCODE_BODY = """
         w1 |= (sh >= 0) ? (cs1[c] << sh) : (cs1[c] >> (-sh));
         if (MODE == 1) w2 |= (sh >= 0) ? (cs2[c] << sh) : (cs2[c] >> (-sh));
       }
+"""
+CODE_VECTOR_NORM = """
+    }
+    if (i == 0) {
+      float rt = 0.0f;
+      for (int w = 0; w < NW; ++w) rt += red[NW + w];
+      const float n16 = static_cast<float>(static_cast<NORMT>(nrm));
+      const NORMT r16 = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
+"""
+CODE_VECTOR_END = """
+    }
+    KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
+"""
+
+
+def code_vector(load: str, put_words: str, put_norm: str) -> str:
+    """Kernel text: one vector coded (see CODE_VECTOR_QUANTISE)."""
+    return load + CODE_VECTOR_QUANTISE + put_words + CODE_VECTOR_NORM + put_norm + CODE_VECTOR_END
+
+
+ENCODE_BODY = """
+  constexpr int NW = D / 32;
+  constexpr int NL = 1 << BITS;
+  KV_SHARED float xs[D];
+  KV_SHARED uint32_t cs1[D];
+  KV_SHARED uint32_t cs2[D];
+  KV_SHARED float red[2 * NW];
+  KV_SHARED float tab[4 * NL];
+
+  const int i = kv_tid;
+  const int H = int(x_shape[1]);
+  const int L = int(x_shape[2]);
+  const int nvec = int(x_shape[0]) * H * L;
+  // INPLACE: the codes go straight into the cache's buffers kb1/kb2/kbn (x) and
+  // vb1/vb2/vbn (x2), row (b, h, pos[0] + l), not into fresh outputs. An MLX kernel has
+  // no in-place output, and the slice writes that would copy outputs into the buffers
+  // cost a graph node each, host time that batch-1 decode waits on. cache.py says when
+  // the buffers are the cache's alone; the (unwritten) outputs only order later readers.
+  // (The buffers' element strides: the codes' last one is 1.)
+  // PAIR: blocks [0, nb) code x, blocks [nb, 2 nb) code x2 (the grid is even).
+  const int nb = PAIR ? kv_nbx / 2 : kv_nbx;
+  const bool second = PAIR && kv_bx >= nb;
+  const int bx = second ? kv_bx - nb : kv_bx;
+  for (int e = i; e < 4 * NL; e += D) tab[e] = second ? cst2[D + e] : cst[D + e];
+  const float sgn = second ? cst2[i] : cst[i];
+  const float hs = cst[D + 4 * NL];
+  const float rs = second ? cst2[D + 4 * NL + 1] : cst[D + 4 * NL + 1];
+  KV_BARRIER();
+
+  for (int vec = bx; vec < nvec; vec += nb) {
+    const int l = vec % L;
+    const int bh = vec / L;
+    const int h = bh % H;
+    const int b = bh / H;
+""" + code_vector("""
+    const float v = second
+        ? static_cast<float>(x2[long(b) * x2_strides[0] + long(h) * x2_strides[1]
+                                + long(l) * x2_strides[2] + long(i) * x2_strides[3]])
+        : static_cast<float>(x[long(b) * x_strides[0] + long(h) * x_strides[1]
+                               + long(l) * x_strides[2] + long(i) * x_strides[3]]);
+""", """
       if (INPLACE) {
         const long t = long(pos[0]) + l;
         if (second) {
@@ -838,12 +866,7 @@ ENCODE_BODY = """
         codes1[long(vec) * W + i] = w1;
         if (MODE == 1) codes2[long(vec) * W + i] = w2;
       }
-    }
-    if (i == 0) {
-      float rt = 0.0f;
-      for (int w = 0; w < NW; ++w) rt += red[NW + w];
-      const float n16 = static_cast<float>(static_cast<NORMT>(nrm));
-      const NORMT r16 = static_cast<NORMT>(n16 / KV_MAX(KV_SQRT(rt), 1e-30f));
+""", """
       if (INPLACE) {
         const long t = long(pos[0]) + l;
         if (second)
@@ -857,8 +880,7 @@ ENCODE_BODY = """
       } else {
         rho[vec] = r16;
       }
-    }
-    KV_BARRIER();  // the next vector reuses xs, cs1/cs2 and red
+""") + """
   }
 """
 
@@ -1177,7 +1199,7 @@ def mma_tile(masked: bool) -> str:
 """
 
 
-DECODE_MMA_BODY = """
+MMA_SETUP = """
 // Bits of the 64-bit x from bit s on (s < 0: shifted up by -s), as 32 bits; s is a
 // compile-time constant after unrolling, so this is one shift (a funnel shift for s > 0).
 #define KV_FIELD(x, s) ((s) >= 0 ? uint32_t((x) >> ((s) >= 0 ? (s) : 0)) \\
@@ -1223,7 +1245,57 @@ DECODE_MMA_BODY = """
   chunk = ((chunk + NT - 1) / NT) * NT;
   const int start = split * chunk;
   const int end = KV_MIN(S, start + chunk);
+"""
 
+def append_vector(x: str, tab: str, bits: str, words: str, codes: str, norm: str) -> str:
+    """Kernel text for MMA_APPEND: this block's row (b, h) of the new vector ``x`` coded
+    with the encode table ``tab`` at ``bits`` (``words`` code words) into token ``tok`` of
+    the buffers ``codes`` and ``norm``."""
+    def at(a, last):
+        return (f"long(b) * {a}_strides[0] + long(h) * {a}_strides[1] + long({last}) * "
+                f"{a}_strides[{3 if a == x else 2}]")
+    return ("""      {
+        constexpr int BITS = $B;
+        constexpr int NL = 1 << $B;
+        constexpr int W = $W;
+        const KV_DEV float* tab = $T + D;
+        const float sgn = $T[i];
+        const float hs = $T[D + 4 * NL];
+""".replace("$B", bits).replace("$W", words).replace("$T", tab)
+        + code_vector(f"        const float v = static_cast<float>({x}[{at(x, 'i')}]);\n",
+                      f"        ((KV_DEV uint32_t*){codes})[{at(codes, 'tok')} + i] = w1;\n",
+                      f"        ((KV_DEV NORMT*){norm})[{at(norm, 'tok')}] = r16;\n")
+        + "      }\n")
+
+
+# APPEND (the steady decode step of one token, CUDA): the attention launch codes the new
+# token itself, with no launch of its own (batch-1 decode waits on host time per graph
+# node, and on the GPU the append took 4-6 µs plus a gap). Goes between MMA_SETUP and
+# MMA_MAIN. The block whose split holds the token (position tok = nk[0], the last of the
+# S = nk[1] held) codes its key knew and value vnew (B, Hkv, 1, D, any float dtype,
+# read through strides) as ENCODE_BODY does (mse, tables ck/cv = encode.consts) into the
+# buffers kc/kn and vc/vn before it reads them; no other block reads that token, and the
+# block barrier that ends the coding makes the writes visible to the block's own loads.
+# Needs D == DV == NT (a thread per coordinate; NW = D / 32 warps). The shared query
+# arrays, not yet filled, hold the scratch: xs and red in qs, the codes in qb.
+MMA_APPEND = """
+  static_assert(D == NT && DV == NT, "the appending launch codes with a thread per dim");
+  {
+    const int tok = int(nk[0]);
+    if (tok >= start && tok < end) {
+      const int i = kv_tid;
+      constexpr int MODE = 0;
+      const float rs = 1.0f;
+      KV_TG float* xs = qs;
+      KV_TG float* red = qs + D;
+      KV_TG uint32_t* cs1 = (KV_TG uint32_t*)qb;
+      KV_TG uint32_t* cs2 = cs1;
+""" + append_vector("knew", "ck", "KB", "WK", "kc", "kn") \
+    + append_vector("vnew", "cv", "VB", "WV", "vc", "vn") + """    }
+  }
+"""
+
+MMA_MAIN = """
   // ---- query rows (row g*QL + l; rows past GQ*QL are zero) x signs*scale/sqrt(D) ----
   for (int e = kv_tid; e < RB * D; e += NT) {
     const int r = e / D;
@@ -1355,6 +1427,8 @@ DECODE_MMA_BODY = """
   }
 """
 
+DECODE_MMA_BODY = MMA_SETUP + MMA_MAIN
+
 # FOLD: the split-K combine (REDUCE_BODY's work, with ROTV) done by the decode launch
 # itself, appended to DECODE_MMA_BODY for the steady decode step: batch-1 decode waits on
 # host time per graph node, and this drops one of a layer's three. Each block counts
@@ -1383,50 +1457,75 @@ MMA_FOLD_TAIL = """
     KV_DEVICE_FENCE();
     constexpr int FE = DV / 32;
     constexpr int NR = GQ * QL;
-    constexpr int U = 8;
+    // Rows in groups of RG, each warp's loads of UK splits x RG rows in flight together
+    // (~72 floats a lane: the merge is a chain of L2 round trips, ~5 for 66 splits x 3
+    // rows; one row at a time, 8 splits in flight, took 9).
+    constexpr int RG0 = 32 / (FE + 2) > 0 ? 32 / (FE + 2) : 1;
+    constexpr int RG = RG0 < NR ? RG0 : NR;
+    constexpr int UK = (96 - RG * (FE + 2)) / (RG * (FE + 2)) > 0
+                       ? (96 - RG * (FE + 2)) / (RG * (FE + 2)) : 1;
     const long rbase = long(kv_by) * nsp;
     KV_TG float* fsh = (KV_TG float*)tabs;     // NW * RB * DV floats (TABW holds them)
-    for (int r = 0; r < NR; ++r) {
-      float M = KV_NEG_INF;
-      float den = 0.0f;
-      float num[FE];
+    for (int r0 = 0; r0 < NR; r0 += RG) {
+      float M[RG], den[RG], num[RG * FE];
 #pragma unroll
-      for (int j = 0; j < FE; ++j) num[j] = 0.0f;
-      for (int s0 = kv_warp; s0 < nsp; s0 += NW * U) {
-        float m[U], l[U], o[U * FE];
+      for (int g = 0; g < RG; ++g) {
+        M[g] = KV_NEG_INF;
+        den[g] = 0.0f;
+      }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+      for (int j = 0; j < RG * FE; ++j) num[j] = 0.0f;
+      for (int s0 = kv_warp; s0 < nsp; s0 += NW * UK) {
+        float m[UK * RG], l[UK * RG], o[UK * RG * FE];
+#pragma unroll
+        for (int u = 0; u < UK; ++u) {
           const int s = s0 + u * NW;
-          const long i = (rbase + (s < nsp ? s : s0)) * RB + r;
-          m[u] = s < nsp ? mpart[i] : KV_NEG_INF;
-          l[u] = s < nsp ? lpart[i] : 0.0f;
+          const long base = (rbase + (s < nsp ? s : s0)) * RB + r0;
 #pragma unroll
-          for (int j = 0; j < FE; ++j)
-            o[u * FE + j] = s < nsp ? opart[i * DV + kv_lane * FE + j] : 0.0f;
-        }
-        float mc = M;
+          for (int g = 0; g < RG; ++g) {
+            const bool ok = s < nsp && r0 + g < NR;
+            const long i = base + (r0 + g < NR ? g : 0);
+            m[u * RG + g] = ok ? mpart[i] : KV_NEG_INF;
+            l[u * RG + g] = ok ? lpart[i] : 0.0f;
 #pragma unroll
-        for (int u = 0; u < U; ++u) mc = KV_MAX(mc, m[u]);
-        if (mc != KV_NEG_INF) {
-          const float a = (M == KV_NEG_INF) ? 0.0f : KV_EXP(M - mc);
-          den *= a;
-#pragma unroll
-          for (int j = 0; j < FE; ++j) num[j] *= a;
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const float w = (m[u] == KV_NEG_INF) ? 0.0f : KV_EXP(m[u] - mc);
-            den += w * l[u];
-#pragma unroll
-            for (int j = 0; j < FE; ++j) num[j] += w * o[u * FE + j];
+            for (int j = 0; j < FE; ++j)
+              o[(u * RG + g) * FE + j] = ok ? opart[i * DV + kv_lane * FE + j] : 0.0f;
           }
-          M = mc;
+        }
+#pragma unroll
+        for (int g = 0; g < RG; ++g) {
+          float mc = M[g];
+#pragma unroll
+          for (int u = 0; u < UK; ++u) mc = KV_MAX(mc, m[u * RG + g]);
+          if (mc != KV_NEG_INF) {
+            const float a = (M[g] == KV_NEG_INF) ? 0.0f : KV_EXP(M[g] - mc);
+            den[g] *= a;
+#pragma unroll
+            for (int j = 0; j < FE; ++j) num[g * FE + j] *= a;
+#pragma unroll
+            for (int u = 0; u < UK; ++u) {
+              const float mu = m[u * RG + g];
+              const float w = (mu == KV_NEG_INF) ? 0.0f : KV_EXP(mu - mc);
+              den[g] += w * l[u * RG + g];
+#pragma unroll
+              for (int j = 0; j < FE; ++j) num[g * FE + j] += w * o[(u * RG + g) * FE + j];
+            }
+            M[g] = mc;
+          }
         }
       }
 #pragma unroll
-      for (int j = 0; j < FE; ++j) fsh[(kv_warp * RB + r) * DV + kv_lane * FE + j] = num[j];
-      if (kv_lane == 0) {
-        red_m[kv_warp * RB + r] = M;
-        red_l[kv_warp * RB + r] = den;
+      for (int g = 0; g < RG; ++g) {
+        const int r = r0 + g;
+        if (r < NR) {
+#pragma unroll
+          for (int j = 0; j < FE; ++j)
+            fsh[(kv_warp * RB + r) * DV + kv_lane * FE + j] = num[g * FE + j];
+          if (kv_lane == 0) {
+            red_m[kv_warp * RB + r] = M[g];
+            red_l[kv_warp * RB + r] = den[g];
+          }
+        }
       }
     }
     KV_BARRIER();
