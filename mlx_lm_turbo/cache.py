@@ -133,8 +133,11 @@ class TurboKVCache(_BaseCache):
     _done = None
     _append = None   # (signature, the in-place launch resolved for it)
     # (key, value, position) of a decode step's token left for the attention launch to
-    # code (see _write_in_place); ``_flush`` writes it where that launch does not.
+    # code (see _write_in_place); ``_flush`` writes it where that launch does not. The
+    # last such launch's output is ``_coded``: readers wait for it too (``_done`` stays
+    # the in-place append's uint32 marker, one dtype for the kernels that take it).
     _pending = None
+    _coded = None
 
     def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
                  value_method: Optional[str] = None, value_bits: Optional[int] = None,
@@ -157,7 +160,8 @@ class TurboKVCache(_BaseCache):
         self.key_codec = None
         self.value_codec = None
         self.key_mean = None
-        self._inplace, self._done, self._append, self._pending = False, None, None, None
+        self._inplace, self._done, self._append = False, None, None
+        self._pending = self._coded = None
 
     @classmethod
     def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
@@ -195,9 +199,9 @@ class TurboKVCache(_BaseCache):
         """(live keys, live values) after coding one token into the buffers in place, or
         None where that does not apply (the caller writes through MLX). A live dict is the
         packed dict of whole buffers plus "live": (keys held, positions array, done,
-        owner), what the steady decode kernel reads; ``kernels.settle`` makes plain views
-        of it. Where the steady attention launch codes the token itself, it is only left
-        in ``_pending`` (owner: this cache, else None)."""
+        owner: this cache), what the steady decode kernel reads; ``kernels.settle`` makes
+        plain views of it. Where the steady attention launch codes the token itself, it is
+        only left in ``_pending``."""
         prev = self.offset
         kx = keys - self.key_mean if self.center_keys else keys
         if fused_decode.append_allowed(self._fused_steady):
@@ -212,18 +216,17 @@ class TurboKVCache(_BaseCache):
         if self._append is not None and self._append[0] == sig:
             # (the launch resolved at an earlier step: host time is what this waits on)
             pos = fused_encode.positions(prev, 1)
-            self._done = self._append[1](kx, values, self.keys, self.values, pos,
-                                         fused_decode.write_marker(self._done))
+            self._done = self._append[1](kx, values, self.keys, self.values, pos, self._done)
         else:
             w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
                                                  values, self.keys, self.values, prev,
-                                                 fused_decode.write_marker(self._done))
+                                                 self._done)
             if w is None:
                 return None
             pos, self._done, write = w
             self._append = None if write is None else (sig, write)
         self.offset = prev + 1
-        live = (self.offset, pos, self._done, None)
+        live = (self.offset, pos, self._done, self)
         return {**self.keys, "live": live}, {**self.values, "live": live}
 
     def _flush(self) -> Optional[mx.array]:
@@ -235,7 +238,7 @@ class TurboKVCache(_BaseCache):
             kx, values, prev = pending
             w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
                                                  values, self.keys, self.values, prev,
-                                                 fused_decode.write_marker(self._done))
+                                                 self._done)
             if w is None:
                 self._write(kx, values, prev)
             else:
@@ -246,9 +249,10 @@ class TurboKVCache(_BaseCache):
         """Wait for the last in-place append before the buffers are read or written any
         other way (a reader that does not take its ``done`` could run before it)."""
         self._flush()
-        if self._done is not None:
-            mx.eval(self._done)
-            self._done = None
+        wait = [a for a in (self._done, self._coded) if a is not None]
+        if wait:
+            mx.eval(wait)
+        self._done = self._coded = None
 
     def _write(self, keys: mx.array, values: mx.array, prev: int) -> None:
         """Encode a block and write its codes at token ``prev``, growing the buffers in

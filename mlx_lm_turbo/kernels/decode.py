@@ -691,7 +691,7 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
     def coded(q: mx.array, k: dict, v: dict, knew: mx.array, vnew: mx.array) -> mx.array:
         S, pos, done = k["live"][:3]
         return run_append([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
-                           pos, write_marker(done, dep)], n_splits(S, rows),
+                           pos, dep if done is None else done], n_splits(S, rows),
                           (knew, vnew) + tables)
 
     def step(q: mx.array, k: dict, v: dict) -> mx.array:
@@ -706,21 +706,12 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
             knew, vnew, at = pending
             if run_append is not None and at == S - 1 and knew.dtype == vnew.dtype == q.dtype:
                 out = coded(q, k, v, knew, vnew)
-                owner._pending, owner._done = None, out
+                owner._pending, owner._coded = None, out
                 return out
             done = owner._flush()
         return run_live([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
-                         pos, write_marker(done, dep)], n_splits(S, rows))
+                         pos, dep if done is None else done], n_splits(S, rows))
     return step, (None if run_append is None else coded)
-
-
-def write_marker(done: Optional[mx.array], default=None) -> Optional[mx.array]:
-    """What a reader of the buffers takes to run after the last in-place write: the
-    in-place append's ``done`` (uint32), else ``default``. An appending attention
-    launch's output (cache.py keeps it as ``_done``) is left out, so that the kernels
-    always see one dtype there (a new dtype is a new compile): the next appending launch
-    is ordered by ``fold_launcher``, and any launch of a later step by its queries."""
-    return done if done is not None and done.dtype == mx.uint32 else default
 
 
 def live_allowed(steady: tuple) -> bool:
@@ -739,15 +730,16 @@ def append_allowed(steady: tuple) -> bool:
 
 def settle(packed: dict) -> dict:
     """A cache's live dict (see ``_steady``) as the plain packed views of the keys held,
-    for any other reader: writes a token left to attention (the owner's ``_flush``),
-    waits for the in-place write, then slices the buffers. Other dicts pass through."""
+    for any other reader: writes a token left to attention and waits for the writes (the
+    owner's ``_settle``; else for the in-place write), then slices the buffers. Other
+    dicts pass through."""
     live = packed.get("live")
     if live is None:
         return packed
     S, _, done, owner = live
     if owner is not None:
-        done = owner._flush()
-    if done is not None:
+        owner._settle()
+    elif done is not None:
         mx.eval(done)
     return {n: a[:, :, :S] for n, a in packed.items() if n != "live"}
 
@@ -782,11 +774,14 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
             and steady[0] == _steady_sig(queries, scale, cache):
         owner = keys["live"][3] if "live" in keys else None
         if owner is not None and owner._pending is not None:
-            # The token waits for this launch to code it (cache.py ``_pending``).
-            state = None if steady[3] is None else _checked.get(steady[3])
+            # The token waits for this launch to code it (cache.py ``_pending``), which
+            # reads it in the queries' dtype (the kernel is built for one).
+            knew, vnew, at = owner._pending
+            usable = at == keys["live"][0] - 1 and knew.dtype == vnew.dtype == queries.dtype
+            state = None if steady[3] is None or not usable else _checked.get(steady[3])
             if state:
                 return steady[1](queries, keys, values)
-            if state is None and steady[3] is not None:
+            if state is None and steady[3] is not None and usable:
                 out = first_use(_checked, steady[3], env_mode(),
                                 "decode attention kernel that codes the new token",
                                 "a launch of its own for the append",
