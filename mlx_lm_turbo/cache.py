@@ -229,10 +229,10 @@ class TurboKVCache(_BaseCache):
         live = (self.offset, pos, self._done, self)
         return {**self.keys, "live": live}, {**self.values, "live": live}
 
-    def _flush(self) -> Optional[mx.array]:
+    def _flush(self) -> None:
         """Write a token left for the attention launch (``_pending``) that did not code it
         (another reader came first, or that launch does not apply): through the in-place
-        launch, else MLX writes. Returns what orders readers after the last write."""
+        launch, else MLX writes."""
         pending, self._pending = self._pending, None
         if pending is not None:
             kx, values, prev = pending
@@ -243,7 +243,6 @@ class TurboKVCache(_BaseCache):
                 self._write(kx, values, prev)
             else:
                 self._done = w[1]
-        return self._done
 
     def _settle(self) -> None:
         """Wait for the last in-place append before the buffers are read or written any

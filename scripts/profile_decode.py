@@ -127,15 +127,15 @@ def main(argv=None):
 
             ops.append((f"append_1_token_mse{bits}", None, "", append))
             if args.steady:
-                for name, fold, own in (("appending", "1", "1"), ("folded", "1", "0"),
-                                        ("two_launch", "0", "0")):
+                for name, fold, append in (("appending", "1", "1"), ("folded", "1", "0"),
+                                           ("two_launch", "0", "0")):
                     c = TurboKVCache("turboquant_mse", bits, "turboquant_mse", bits)
                     c.update_and_fetch(k, v)
                     mx.eval(c.keys, c.values)
 
-                    def step(c=c, q=q, k1=k1, fold=fold, own=own):
+                    def step(c=c, q=q, k1=k1, fold=fold, append=append):
                         os.environ[decode.FOLD_ENV] = fold
-                        os.environ[decode.APPEND_ENV] = "0" if own == "0" else "1"
+                        os.environ[decode.APPEND_ENV] = append
                         kv, vv = c.update_and_fetch(k1, k1)
                         return turbo_attention(q, kv, vv, c, scale=scale, mask=None)
 

@@ -664,7 +664,8 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
     owner)): then the LIVE kernel reads S from the positions and runs after ``done``.
     ``fold``: one launch per step (``fold_launcher``). ``append`` (with ``fold``): a
     token the owner left to attention (its ``_pending``) is coded by that same launch
-    (source.MMA_APPEND); else it is written first (``owner._flush``).
+    (source.MMA_APPEND); ``decode_attention`` passes one only where that launch applies
+    (it writes the token first otherwise, ``owner._flush``).
     Returns (step, coded) or None: ``coded(q, k, v, knew, vnew)`` runs the appending
     launch on live dicts k, v (None without ``append``)."""
     inputs, template, _ = fused_inputs(queries, keys, values, cache, scale, None, p)
@@ -701,14 +702,11 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
             return run([q, qmul, k["codes"], kn, v["codes"], v["norm"], kpt, vpt, nk, dep],
                        n_splits(kn.shape[2], rows))
         S, pos, done, owner = live
-        pending = None if owner is None else owner._pending
-        if pending is not None:
-            knew, vnew, at = pending
-            if run_append is not None and at == S - 1 and knew.dtype == vnew.dtype == q.dtype:
-                out = coded(q, k, v, knew, vnew)
-                owner._pending, owner._coded = None, out
-                return out
-            done = owner._flush()
+        if owner._pending is not None:
+            knew, vnew, _ = owner._pending
+            out = coded(q, k, v, knew, vnew)
+            owner._pending, owner._coded = None, out
+            return out
         return run_live([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
                          pos, dep if done is None else done], n_splits(S, rows))
     return step, (None if run_append is None else coded)
@@ -731,16 +729,12 @@ def append_allowed(steady: tuple) -> bool:
 def settle(packed: dict) -> dict:
     """A cache's live dict (see ``_steady``) as the plain packed views of the keys held,
     for any other reader: writes a token left to attention and waits for the writes (the
-    owner's ``_settle``; else for the in-place write), then slices the buffers. Other
-    dicts pass through."""
+    owner's ``_settle``), then slices the buffers. Other dicts pass through."""
     live = packed.get("live")
     if live is None:
         return packed
-    S, _, done, owner = live
-    if owner is not None:
-        owner._settle()
-    elif done is not None:
-        mx.eval(done)
+    live[3]._settle()
+    S = live[0]
     return {n: a[:, :, :S] for n, a in packed.items() if n != "live"}
 
 
