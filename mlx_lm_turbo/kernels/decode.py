@@ -689,11 +689,14 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
                                    "decode_mma_fold_append")
         tables = (encode.consts(cache.key_codec), encode.consts(cache.value_codec))
 
-    def coded(q: mx.array, k: dict, v: dict, knew: mx.array, vnew: mx.array) -> mx.array:
+    def live_inputs(q: mx.array, k: dict, v: dict) -> tuple[list, int]:
+        """(inputs, splits) of a LIVE launch on live dicts k, v."""
         S, pos, done = k["live"][:3]
-        return run_append([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
-                           pos, dep if done is None else done], n_splits(S, rows),
-                          (knew, vnew) + tables)
+        return ([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt, pos,
+                 dep if done is None else done], n_splits(S, rows))
+
+    def coded(q: mx.array, k: dict, v: dict, knew: mx.array, vnew: mx.array) -> mx.array:
+        return run_append(*live_inputs(q, k, v), (knew, vnew) + tables)
 
     def step(q: mx.array, k: dict, v: dict) -> mx.array:
         live = k.get("live")
@@ -701,14 +704,13 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
             kn = k["norm"]
             return run([q, qmul, k["codes"], kn, v["codes"], v["norm"], kpt, vpt, nk, dep],
                        n_splits(kn.shape[2], rows))
-        S, pos, done, owner = live
+        owner = live[3]
         if owner._pending is not None:
             knew, vnew, _ = owner._pending
             out = coded(q, k, v, knew, vnew)
             owner._pending, owner._coded = None, out
             return out
-        return run_live([q, qmul, k["codes"], k["norm"], v["codes"], v["norm"], kpt, vpt,
-                         pos, dep if done is None else done], n_splits(S, rows))
+        return run_live(*live_inputs(q, k, v))
     return step, (None if run_append is None else coded)
 
 
@@ -772,16 +774,15 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
             # reads it in the queries' dtype (the kernel is built for one).
             knew, vnew, at = owner._pending
             usable = at == keys["live"][0] - 1 and knew.dtype == vnew.dtype == queries.dtype
-            state = None if steady[3] is None or not usable else _checked.get(steady[3])
-            if state:
-                return steady[1](queries, keys, values)
-            if state is None and steady[3] is not None and usable:
-                out = first_use(_checked, steady[3], env_mode(),
-                                "decode attention kernel that codes the new token",
-                                "a launch of its own for the append",
-                                *_append_check(queries, keys, values, cache, scale,
-                                               steady[4]))
-                if out is not None:
+            if steady[3] is not None and usable:
+                state = _checked.get(steady[3])
+                if state is None:   # first use: judged on copies of the buffers
+                    state = first_use(_checked, steady[3], env_mode(),
+                                      "decode attention kernel that codes the new token",
+                                      "a launch of its own for the append",
+                                      *_append_check(queries, keys, values, cache, scale,
+                                                     steady[4])) is not None
+                if state:
                     return steady[1](queries, keys, values)
             owner._flush()
         live = _checked.get(steady[2]) if "live" in keys else True
