@@ -168,8 +168,8 @@ DECODE_OUTPUTS = ["opart", "mpart", "lpart"]
 MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt", "nk", "dep"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
-# The mma kernel with the combine folded in (source.MMA_FOLD_TAIL): cnt, the per-row
-# counters of finished blocks (zero between launches); prev, the output of the launch
+# The mma kernel with the combine folded in (source.MMA_FOLD_TAIL): cnt, the per-row and
+# per-group counters of finished blocks (``fold_counters``, zero between launches); prev, the output of the launch
 # before on the same counters (unread: it orders the launches, see ``fold_launcher``);
 # part, the three partials in one scratch output (source.MMA_FOLD_PARTS).
 FOLD_INPUTS = MMA_INPUTS + ["vmul", "cnt", "prev"]
@@ -617,6 +617,16 @@ def launcher(template: list, p: dict, backend_name: str, vmul: mx.array, rotv: b
     return run
 
 
+FOLD_GROUP = source.FOLD_GROUP
+
+
+def fold_counters(rows: int, nsp: int) -> mx.array:
+    """Zeroed counters of the folded launch (source.MMA_FOLD_TAIL): one per row, then per
+    row one per group of FOLD_GROUP splits, for up to ``nsp`` splits; at least 4 words,
+    so MLX keeps them in device memory."""
+    return mx.zeros((max(rows * (1 + -(-nsp // FOLD_GROUP)), 4),), mx.uint32)
+
+
 def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype,
                   name: str = "decode_mma_fold"):
     """The mma kernel with its combine folded in, as ``run(inputs, nsp, extra=())`` -> (B,
@@ -629,13 +639,15 @@ def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, ou
     B, Hkv, NRG, RB, DV, Hq, L = (p[k] for k in ("B", "Hkv", "NRG", "RB", "DV", "Hq", "L"))
     rows = B * Hkv * NRG
     kernel = _kernel(backend_name, name, tuple(template) + (("OT", out_dtype),))
-    cnt = mx.zeros((max(rows, 4),), mx.uint32)   # over 8 bytes: device memory
+    cnt = [fold_counters(rows, TARGET_BLOCKS)]
     prev = [mx.zeros((1,), out_dtype)]
-    mx.eval(cnt, prev[0])
+    mx.eval(cnt[0], prev[0])
     dtypes = [mx.float32, out_dtype]
 
     def run(inputs: list, nsp: int, extra=()) -> mx.array:
-        out = kernel(inputs=inputs + [vmul, cnt, prev[0], *extra], grid=(nsp * NT, rows, 1),
+        if cnt[0].size < rows * (1 + -(-nsp // FOLD_GROUP)):   # (all zero between launches)
+            cnt[0] = fold_counters(rows, nsp)
+        out = kernel(inputs=inputs + [vmul, cnt[0], prev[0], *extra], grid=(nsp * NT, rows, 1),
                      threadgroup=(NT, 1, 1),
                      output_shapes=[(rows * nsp * RB * (DV + 2),), (B, Hq, L, DV)],
                      output_dtypes=dtypes)[1]

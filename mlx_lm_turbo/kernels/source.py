@@ -101,16 +101,16 @@ CUDA_PRELUDE = """
   const int kv_warp = int(threadIdx.x) >> 5;
 """
 
-def rows_hadamard(buf: str, n: str) -> str:
-    """Kernel text: unnormalised in-place Walsh-Hadamard transform (MLX's order) of the RB
-    rows of length ``n`` in shared array ``buf`` (written before a barrier), ending on a
-    barrier. Rows of 32 or more: one warp per row, n/32 consecutive entries per lane,
-    butterflies of smaller stride in registers and the others by shuffles (the mma kernel
+def rows_hadamard(buf: str, n: str, rows: str = "RB") -> str:
+    """Kernel text: unnormalised in-place Walsh-Hadamard transform (MLX's order) of the
+    first ``rows`` (of RB) rows of length ``n`` in shared array ``buf`` (written before a
+    barrier), ending on a barrier. Rows of 32 or more: one warp per row, n/32 consecutive
+    entries per lane, butterflies of smaller stride in registers and the others by shuffles (the mma kernel
     spent ~8% of its instructions at 128k in the barrier-per-stage form, ~1170 per warp;
     now ~130). Shorter rows: the butterflies spread over the block, a barrier per stage."""
     return f"""    if ({n} >= 32) {{
       constexpr int E_ = {n} >= 32 ? {n} / 32 : 1;
-      for (int r = kv_warp; r < RB; r += NT / 32) {{
+      for (int r = kv_warp; r < {rows}; r += NT / 32) {{
         KV_TG float* row_ = {buf} + r * {n} + kv_lane * E_;
         float x_[E_];
 #pragma unroll
@@ -137,7 +137,7 @@ def rows_hadamard(buf: str, n: str) -> str:
       }}
     }} else {{
       for (int hh = 1; hh < {n}; hh <<= 1) {{
-        for (int e = kv_tid; e < RB * {n} / 2; e += NT) {{
+        for (int e = kv_tid; e < ({rows}) * {n} / 2; e += NT) {{
           const int r = e / ({n} / 2);
           const int k = e - r * ({n} / 2);
           const int i = r * {n} + (k / hh) * 2 * hh + (k % hh);
@@ -1313,7 +1313,7 @@ MMA_MAIN = """
   //      copies per 128-bit store where there are four (a word-by-word copy with its
   //      loads cost ~4% of the H100 samples at 128k) ----
 """ + repeat_copy("ktab", "kpt", "KTN", "KREPL") + repeat_copy("vtab", "vpt", "VTN", "VREPL") + """  KV_BARRIER();
-""" + rows_hadamard("qs", "D") + """
+""" + rows_hadamard("qs", "D", "GQ * QL") + """   // (the padding rows stay zero)
   // ---- B staging of the rotated rows: k index kk of step s is dim
   //      (P & 3) * KQ + 4s + 2 (P >> 2) + (kk & 1), P = kk >> 1 ----
   for (int e = kv_tid; e < D * RB; e += NT) {
@@ -1409,7 +1409,8 @@ MMA_MAIN = """
     }
   KV_BARRIER();
   const long pidx = long(kv_by) * nsp + split;
-  for (int e = kv_tid; e < RB * DV; e += NT) {
+  // Only the GQ*QL rows that exist: the combine never reads the padding rows' partials.
+  for (int e = kv_tid; e < GQ * QL * DV; e += NT) {
     float o = 0.0f;
     for (int w = 0; w < NW; ++w) o += osh[w * RB * DV + e];
     opart[pidx * RB * DV + e] = o;
@@ -1431,15 +1432,19 @@ DECODE_MMA_BODY = MMA_SETUP + MMA_MAIN
 
 # FOLD: the split-K combine (REDUCE_BODY's work, with ROTV) done by the decode launch
 # itself, appended to DECODE_MMA_BODY for the steady decode step: batch-1 decode waits on
-# host time per graph node, and this drops one of a layer's three. Each block counts
-# itself done on cnt[row] (after a device fence, so its partials are visible first); the
-# block that counts last merges every split's partials, applies Π_Vᵀ = H_DV · vmul and
-# writes out (B, Hq, QL, DV) in OT, then resets its counter for the next step. The last
-# block's warps each merge a quarter of the splits for every row (loads of U splits in
-# flight), then the warps' results are merged through shared memory. A lane owns dims
-# d = lane * FE + j, so H_DV is FE-point butterflies in registers and 32-point ones
-# across lanes. cnt: one uint32 a row, zero between launches; launches that share a
-# counter must be ordered (one cache's steps are: each needs the previous token).
+# host time per graph node, and this drops one of a layer's three. In two levels: each
+# block counts itself done on its group's counter (after a device fence, so its partials
+# are visible first); the block that counts last in a group of FOLD_GROUP splits merges
+# the group's partials into the group's first one, then counts the group done on the
+# row's counter; the block that counts last there merges the groups, applies
+# Π_Vᵀ = H_DV · vmul and writes out (B, Hq, QL, DV) in OT. (One level took 5-9 µs after
+# the row's last block at 32k-128k, a chain of ~5 L2 round trips over 65 splits.) Every
+# merger resets the counter it won. A merging block's warps each take a share of the
+# slots for every row (loads of UK slots in flight), then the warps' results are merged
+# through shared memory. A lane owns dims d = lane * FE + j, so H_DV is FE-point
+# butterflies in registers and 32-point ones across lanes. cnt (decode.fold_counters):
+# one uint32 a row, then per row one a group, zero between launches; launches that share
+# counters must be ordered (one cache's steps are: each needs the previous token).
 # The folded launch's partials live in one scratch output ``part`` (an output costs the
 # host ~2 µs a call): [opart | mpart | lpart] for all (row, split) blocks.
 MMA_FOLD_PARTS = """
@@ -1447,16 +1452,32 @@ MMA_FOLD_PARTS = """
 #define mpart (part + long(kv_nby) * kv_nbx * RB * DV)
 #define lpart (part + long(kv_nby) * kv_nbx * RB * (DV + 1))
 """
+FOLD_GROUP = 16   # splits a block of the first merge level combines (MMA_FOLD_TAIL)
 MMA_FOLD_TAIL = """
   KV_SHARED int last_block[1];
+  // Two levels: the last block of each group of FGS splits merges the group into the
+  // group's first partial; the last of those merges the groups and writes out. After
+  // the last block's loop, the chain is two short merges instead of one of every split.
+  constexpr int FE = DV / 32;
+  constexpr int NR = GQ * QL;
+  constexpr int FGS = """ + str(FOLD_GROUP) + """;
+  const int ng = (nsp + FGS - 1) / FGS;
+  const int grp = split / FGS;
+  // cnt: a counter per row, then per row one per group (cnt_shape[0] sets how many).
+  const int ngc = (int(cnt_shape[0]) - kv_nby) / kv_nby;
+  const long gci = kv_nby + long(kv_by) * ngc + grp;
   KV_DEVICE_FENCE();
   KV_BARRIER();
-  if (kv_tid == 0) last_block[0] = KV_ATOMIC_INC(cnt, kv_by) == uint32_t(nsp - 1) ? 1 : 0;
+  if (kv_tid == 0)
+    last_block[0] = KV_ATOMIC_INC(cnt, gci) == uint32_t(KV_MIN(FGS, nsp - grp * FGS) - 1);
   KV_BARRIER();
-  if (last_block[0]) {
+  for (int level = 0; level < 2 && last_block[0]; ++level) {
     KV_DEVICE_FENCE();
-    constexpr int FE = DV / 32;
-    constexpr int NR = GQ * QL;
+    // slots t < count of this merge: splits first + t * stride
+    const int first = level == 0 ? grp * FGS : 0;
+    const int stride = level == 0 ? 1 : FGS;
+    const int count = level == 0 ? KV_MIN(FGS, nsp - first) : ng;
+    const bool writes_out = level == 1 || ng == 1;
     // Rows in groups of RG, each warp's loads of UK splits x RG rows in flight together
     // (~72 floats a lane: the merge is a chain of L2 round trips, ~5 for 66 splits x 3
     // rows; one row at a time, 8 splits in flight, took 9).
@@ -1475,21 +1496,35 @@ MMA_FOLD_TAIL = """
       }
 #pragma unroll
       for (int j = 0; j < RG * FE; ++j) num[j] = 0.0f;
-      for (int s0 = kv_warp; s0 < nsp; s0 += NW * UK) {
+      for (int s0 = kv_warp; s0 < count; s0 += NW * UK) {
         float m[UK * RG], l[UK * RG], o[UK * RG * FE];
 #pragma unroll
         for (int u = 0; u < UK; ++u) {
-          const int s = s0 + u * NW;
-          const long base = (rbase + (s < nsp ? s : s0)) * RB + r0;
+          const int t = s0 + u * NW;
+          const long base = (rbase + first + (t < count ? t : s0) * stride) * RB + r0;
 #pragma unroll
           for (int g = 0; g < RG; ++g) {
-            const bool ok = s < nsp && r0 + g < NR;
+            const bool ok = t < count && r0 + g < NR;
             const long i = base + (r0 + g < NR ? g : 0);
             m[u * RG + g] = ok ? mpart[i] : KV_NEG_INF;
             l[u * RG + g] = ok ? lpart[i] : 0.0f;
+            // A lane's FE floats are contiguous and 16-byte aligned: 128-bit loads where
+            // FE allows (one request per warp instruction instead of four). i is always
+            // a written partial (clamped above), so the loads need no guard.
 #pragma unroll
-            for (int j = 0; j < FE; ++j)
-              o[(u * RG + g) * FE + j] = ok ? opart[i * DV + kv_lane * FE + j] : 0.0f;
+            for (int j = 0; j < FE; j += (FE % 4 == 0 ? 4 : 1)) {
+              const long src = i * DV + kv_lane * FE + j;
+              const int dst = (u * RG + g) * FE + j;
+              if (FE % 4 == 0) {
+                const float4 v4 = *(KV_DEV const float4*)(opart + src);
+                o[dst] = ok ? v4.x : 0.0f;
+                o[FE % 4 == 0 ? dst + 1 : dst] = ok ? v4.y : 0.0f;
+                o[FE % 4 == 0 ? dst + 2 : dst] = ok ? v4.z : 0.0f;
+                o[FE % 4 == 0 ? dst + 3 : dst] = ok ? v4.w : 0.0f;
+              } else {
+                o[dst] = ok ? opart[src] : 0.0f;
+              }
+            }
           }
         }
 #pragma unroll
@@ -1545,6 +1580,16 @@ MMA_FOLD_TAIL = """
           for (int j = 0; j < FE; ++j) x[j] += f * fsh[(w * RB + r) * DV + kv_lane * FE + j];
         }
       }
+      if (!writes_out) {          // the group's partial, in place of its first split's
+        const long i = (rbase + first) * RB + r;
+#pragma unroll
+        for (int j = 0; j < FE; ++j) opart[i * DV + kv_lane * FE + j] = x[j];
+        if (kv_lane == 0) {
+          mpart[i] = M;
+          lpart[i] = den;
+        }
+        continue;
+      }
 #pragma unroll
       for (int j = 0; j < FE; ++j) x[j] = den > 0.0f ? x[j] / den : 0.0f;
 #pragma unroll
@@ -1569,6 +1614,13 @@ MMA_FOLD_TAIL = """
 #pragma unroll
       for (int j = 0; j < FE; ++j) out[ob + j] = static_cast<OT>(x[j] * vmul[kv_lane * FE + j]);
     }
-    if (kv_tid == 0) ((KV_DEV uint32_t*)cnt)[kv_by] = 0u;
+    // Counters back to zero for the next launch; a group's merger goes on to count
+    // its group done for the row.
+    if (kv_tid == 0) ((KV_DEV uint32_t*)cnt)[level == 0 ? gci : long(kv_by)] = 0u;
+    if (writes_out) break;
+    KV_DEVICE_FENCE();
+    KV_BARRIER();
+    if (kv_tid == 0) last_block[0] = KV_ATOMIC_INC(cnt, kv_by) == uint32_t(ng - 1) ? 1 : 0;
+    KV_BARRIER();
   }
 """
