@@ -306,7 +306,8 @@ def test_phase_stamps_mark_every_phase():
         stamps += clocks + [t0, t0 + int(clocks[-1] / ghz), 7]
     got = pt.summarize(stamps, nsp, rows)
     assert got["sm_ghz"] == ghz and got["blocks"] == 2
-    assert [got[n]["median_us"] for n in pt.PHASES] == [float(i + 1) for i in range(len(pt.PHASES))]
+    assert [got[n]["median_us"] for n in pt.PHASES] == [float(i + 1)
+                                                        for i in range(len(pt.PHASES))]
 
 
 def test_included_kernel_text(tmp_path, monkeypatch):
@@ -761,7 +762,8 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err
     nsp = decode.n_splits(S, Hkv)
-    assert cnt.size >= Hkv * (1 + -(-nsp // decode.FOLD_GROUP)) and not cnt.any()
+    assert nsp > decode.FOLD_GROUP or S < 2000   # (the last case runs both merge levels)
+    assert cnt.size >= decode.fold_counter_words(Hkv, nsp) and not cnt.any()
 
 
 @emu

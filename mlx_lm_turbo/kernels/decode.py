@@ -169,9 +169,10 @@ MMA_INPUTS = ["q", "qmul", "kc", "kn", "vc", "vn", "kpt", "vpt", "nk", "dep"]
 REDUCE_INPUTS = ["opart", "mpart", "lpart", "vmul"]
 REDUCE_OUTPUTS = ["out"]
 # The mma kernel with the combine folded in (source.MMA_FOLD_TAIL): cnt, the per-row and
-# per-group counters of finished blocks (``fold_counters``, zero between launches); prev, the output of the launch
-# before on the same counters (unread: it orders the launches, see ``fold_launcher``);
-# part, the three partials in one scratch output (source.MMA_FOLD_PARTS).
+# per-group counters of finished blocks (``fold_counters``, zero between launches); prev,
+# the output of the launch before on the same counters (unread: it orders the launches,
+# see ``fold_launcher``); part, the three partials in one scratch output
+# (source.MMA_FOLD_PARTS).
 FOLD_INPUTS = MMA_INPUTS + ["vmul", "cnt", "prev"]
 FOLD_OUTPUTS = ["part", "out"]
 # The folded launch that also codes the new token (source.MMA_APPEND): its key and value
@@ -620,11 +621,16 @@ def launcher(template: list, p: dict, backend_name: str, vmul: mx.array, rotv: b
 FOLD_GROUP = source.FOLD_GROUP
 
 
+def fold_counter_words(rows: int, nsp: int) -> int:
+    """Counters the folded launch needs (source.MMA_FOLD_TAIL): one per row, then per row
+    one per group of FOLD_GROUP splits, for ``nsp`` splits."""
+    return rows * (1 + -(-nsp // FOLD_GROUP))
+
+
 def fold_counters(rows: int, nsp: int) -> mx.array:
-    """Zeroed counters of the folded launch (source.MMA_FOLD_TAIL): one per row, then per
-    row one per group of FOLD_GROUP splits, for up to ``nsp`` splits; at least 4 words,
-    so MLX keeps them in device memory."""
-    return mx.zeros((max(rows * (1 + -(-nsp // FOLD_GROUP)), 4),), mx.uint32)
+    """Zeroed counters for up to ``nsp`` splits; at least 4 words, so MLX keeps them in
+    device memory."""
+    return mx.zeros((max(fold_counter_words(rows, nsp), 4),), mx.uint32)
 
 
 def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype,
@@ -645,7 +651,7 @@ def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, ou
     dtypes = [mx.float32, out_dtype]
 
     def run(inputs: list, nsp: int, extra=()) -> mx.array:
-        if cnt[0].size < rows * (1 + -(-nsp // FOLD_GROUP)):   # (all zero between launches)
+        if cnt[0].size < fold_counter_words(rows, nsp):   # (all zero between launches)
             cnt[0] = fold_counters(rows, nsp)
         out = kernel(inputs=inputs + [vmul, cnt[0], prev[0], *extra], grid=(nsp * NT, rows, 1),
                      threadgroup=(NT, 1, 1),

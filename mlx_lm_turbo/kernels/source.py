@@ -105,9 +105,10 @@ def rows_hadamard(buf: str, n: str, rows: str = "RB") -> str:
     """Kernel text: unnormalised in-place Walsh-Hadamard transform (MLX's order) of the
     first ``rows`` (of RB) rows of length ``n`` in shared array ``buf`` (written before a
     barrier), ending on a barrier. Rows of 32 or more: one warp per row, n/32 consecutive
-    entries per lane, butterflies of smaller stride in registers and the others by shuffles (the mma kernel
-    spent ~8% of its instructions at 128k in the barrier-per-stage form, ~1170 per warp;
-    now ~130). Shorter rows: the butterflies spread over the block, a barrier per stage."""
+    entries per lane, butterflies of smaller stride in registers and the others by
+    shuffles (the mma kernel spent ~8% of its instructions at 128k in the
+    barrier-per-stage form, ~1170 per warp; now ~130). Shorter rows: the butterflies
+    spread over the block, a barrier per stage."""
     return f"""    if ({n} >= 32) {{
       constexpr int E_ = {n} >= 32 ? {n} / 32 : 1;
       for (int r = kv_warp; r < {rows}; r += NT / 32) {{
