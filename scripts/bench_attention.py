@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 import warnings
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -533,29 +534,40 @@ def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
     return caches
 
 
-def sync_steps(model, caches, steps: int, batch: int = 1) -> tuple[float, float]:
-    """Seconds per decode step, synchronous (build a step, evaluate it), and the host
-    time of building its graph alone."""
+def sync_steps(model, caches, steps: int, batch: int = 1,
+               per_step: Optional[list] = None) -> tuple[float, float, float]:
+    """Seconds per decode step, synchronous (build a step, evaluate it), the host time of
+    building its graph alone, and of queueing it with the GPU idle (``mx.async_eval`` on
+    a finished stream): build + dispatch is the host's whole share of a step, what a
+    pipelined step cannot go below. ``per_step``: gets each step's (build, dispatch,
+    wait for the GPU)."""
     tok = mx.ones((batch, 1), mx.int32)
     for _ in range(3):
         mx.eval(model(tok, cache=caches))
-    build = 0.0
+    build = dispatch = 0.0
     t = time.perf_counter()
     for _ in range(steps):
         b0 = time.perf_counter()
         logits = model(tok, cache=caches)
-        build += time.perf_counter() - b0
+        b1 = time.perf_counter()
+        mx.async_eval(logits)
+        b2 = time.perf_counter()
+        build, dispatch = build + b1 - b0, dispatch + b2 - b1
         mx.eval(logits)
-    return (time.perf_counter() - t) / steps, build / steps
+        if per_step is not None:
+            per_step.append((b1 - b0, b2 - b1, time.perf_counter() - b2))
+    return (time.perf_counter() - t) / steps, build / steps, dispatch / steps
 
 
-def pipelined_steps(model, caches, steps: int, batch: int = 1) -> dict:
+def pipelined_steps(model, caches, steps: int, batch: int = 1,
+                    per_step: Optional[list] = None) -> dict:
     """mlx_lm.generate's loop (step n+1 built and queued with async_eval while step n
     runs, so host work overlaps GPU work), seconds per step: in all (``total``) and split
     into building the graph (``build``), queueing it (``dispatch``: MLX's eval walks the
     graph and adds the kernels) and waiting for the previous step's token (``wait``: ~0
     when the host is the bottleneck); plus the peak memory above the resident set in bytes
-    (a cache append that copies its buffer shows here)."""
+    (a cache append that copies its buffer shows here). ``per_step``: gets each step's
+    (build, dispatch, wait)."""
     y = mx.argmax(model(mx.ones((batch, 1), mx.int32), cache=caches)[:, -1], axis=-1,
                   keepdims=True)
     mx.async_eval(y)
@@ -578,6 +590,8 @@ def pipelined_steps(model, caches, steps: int, batch: int = 1) -> dict:
         y.tolist()
         t3 = time.perf_counter()
         build, dispatch, wait = build + t1 - t0, dispatch + t2 - t1, wait + t3 - t2
+        if per_step is not None:
+            per_step.append((t1 - t0, t2 - t1, t3 - t2))
         y = nxt
     y.tolist()
     total = time.perf_counter() - t
@@ -632,11 +646,11 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                     fused_encode.write_pair_in_place = lambda *a: None
                 try:
                     with model_attention(kind):
-                        sync = sync_steps(model, caches[kind], steps, batch)[0]
+                        sync, build, dispatch = sync_steps(model, caches[kind], steps, batch)
                         pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
-                    times[kind].append((sync, pipe))
-                    log("e2e", f"S={S} round {r} {kind}: sync {1e3 * times[kind][-1][0]:.2f} "
-                        f"ms, pipelined {1e3 * times[kind][-1][1]:.2f} ms")
+                    times[kind].append((sync, pipe, build + dispatch))
+                    log("e2e", f"S={S} round {r} {kind}: sync {1e3 * sync:.2f} ms, "
+                        f"pipelined {1e3 * pipe:.2f} ms, host {1e3 * (build + dispatch):.2f} ms")
                 except Exception as e:
                     errors[kind] = f"error: {type(e).__name__}: {e}"[:300]
                     traceback.print_exc()
@@ -660,7 +674,10 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                            pipelined_tok_per_s=round(1 / pipe, 2),
                            batch_tok_per_s=round(batch / sync, 1),
                            sync_ms_rounds=[round(1e3 * t[0], 3) for t in times[kind]],
-                           pipelined_ms_rounds=[round(1e3 * t[1], 3) for t in times[kind]])
+                           pipelined_ms_rounds=[round(1e3 * t[1], 3) for t in times[kind]],
+                           # build + dispatch of a synchronous step: where a pipelined
+                           # step sits near it, the host sets the pace
+                           host_ms_rounds=[round(1e3 * t[2], 3) for t in times[kind]])
                 if base:
                     row["speedup"] = round(statistics.median(
                         b[0] / t[0] for b, t in zip(base, times[kind])), 3)

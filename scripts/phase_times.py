@@ -88,7 +88,8 @@ def stamped_fold_launcher(template, p, backend_name, vmul, out_dtype,
     mx.eval(cnt, prev[0])
 
     def run(inputs, nsp, extra=()):
-        outs = kernel(inputs=inputs + [vmul, cnt, prev[0], *extra],
+        fixed = [] if vmul is None else [vmul]
+        outs = kernel(inputs=inputs + fixed + [cnt, prev[0], *extra],
                       grid=(nsp * decode.NT, rows, 1), threadgroup=(decode.NT, 1, 1),
                       output_shapes=[(rows * nsp * RB * (DV + 2),), (B, Hq, L, DV),
                                      (rows * nsp * NSTAMP,)],

@@ -7,11 +7,12 @@ cache append or the attention taken out, bf16 cache vs ours, in one run.
 ``no_attention`` is the ceiling of any cache: no append and no attention at all.
 
 Rows (ms per token): ``full`` (synchronous: build a step, evaluate it), ``build`` (host
-time to build one step's graph, no evaluation), ``no_append`` (the cache write skipped:
-attention over the same S tokens every step), ``pipelined`` (as mlx_lm.generate decodes,
-split into build / dispatch / wait: ``bench_attention.pipelined_steps``); per-op wall
-costs queued back to back (``op_us``) and the host time to build one layer's pieces
-(``host_us``).
+time to build one step's graph, no evaluation), ``idle_dispatch`` (host time to queue
+it with the GPU idle: build + idle_dispatch is the host's share of a step),
+``no_append`` (the cache write skipped: attention over the same S tokens every step),
+``pipelined`` (as mlx_lm.generate decodes, split into build / dispatch / wait:
+``bench_attention.pipelined_steps``); per-op wall costs queued back to back (``op_us``)
+and the host time to build one layer's pieces (``host_us``).
 """
 
 import argparse
@@ -108,6 +109,20 @@ def host_costs() -> dict:
         keys, values = c.update_and_fetch(x, x)
         return decode.decode_attention(q, keys, values, c, 0.088)
     rows["turbo layer step: update_and_fetch + decode_attention"] = host_us(step)
+    steady = getattr(c, "_fused_steady", None)
+    if steady is not None and steady[4] is not None:
+        # Its parts: the appending launch alone (the kernel call and its inputs), and
+        # the step with the positions' per-step add already made (a model's other
+        # layers share it).
+        ks, vs = c.update_and_fetch(x, x)
+        rows["turbo appending launch alone"] = host_us(lambda: steady[4](q, ks, vs, x, x))
+        decode.decode_attention(q, ks, vs, c, 0.088)
+
+        def step_same_positions():
+            c.offset -= 1
+            keys, values = c.update_and_fetch(x, x)
+            return decode.decode_attention(q, keys, values, c, 0.088)
+        rows["turbo layer step, positions made"] = host_us(step_same_positions)
     os.environ[decode.APPEND_ENV] = "0"
     try:
         rows["turbo layer step, token coded in a launch of its own"] = host_us(step)
@@ -134,7 +149,7 @@ def call_costs(n_layers: int = 28) -> dict:
     if not hasattr(mx.fast, "cuda_kernel") or mx.default_device() != mx.gpu:
         return {}
     x = mx.zeros((1, 8, 1, 128), mx.float32)
-    extra = [mx.zeros((4,), mx.float32) + i for i in range(9)]
+    extra = [mx.zeros((4,), mx.float32) + i for i in range(16)]
     mx.eval(x, *extra)
     body = "  o[kv_tid()] = a[kv_tid()] + 1.0f;\n"
     head = "__device__ inline int kv_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }\n"
@@ -171,8 +186,8 @@ def call_costs(n_layers: int = 28) -> dict:
 
     probes = {"mx add": lambda y: y + 1}
     for n_in, n_out, kb, st in ((1, 1, 0, False), (10, 1, 0, False), (10, 3, 0, False),
-                                (10, 3, 0, True), (1, 1, 8, False), (1, 1, 18, False),
-                                (10, 3, 18, True)):
+                                (10, 3, 0, True), (17, 2, 0, False), (1, 1, 8, False),
+                                (1, 1, 18, False), (10, 3, 18, True)):
         probes[f"cuda_kernel {n_in} in, {n_out} out, {kb} KB source"
                + (", strides" if st else "")] = kernel(n_in, n_out, kb, st)
     # The body read by NVRTC from a file (an absolute #include): the source MLX rebuilds
@@ -229,13 +244,14 @@ def main():
     for kind in a.kinds.split(","):
         caches = filled_caches(kind, a.context, len(model.layers))
         with model_attention(kind):
-            full, build = sync_steps(model, caches, a.steps)
+            full, build, dispatch = sync_steps(model, caches, a.steps)
             pipe = pipelined_steps(model, caches, a.steps)
             if kind != "no_attention":   # (it has no append to take out)
                 no_append(caches)
-            attn_only, build_na = sync_steps(model, caches, a.steps)
+            attn_only, build_na, _ = sync_steps(model, caches, a.steps)
         ms = lambda x: round(x * 1e3, 3)
         row = dict(cache=kind, context=a.context, full_ms=ms(full), build_ms=ms(build),
+                   idle_dispatch_ms=ms(dispatch),
                    no_append_ms=ms(attn_only), no_append_build_ms=ms(build_na),
                    pipelined_ms=ms(pipe["total"]), pipe_build_ms=ms(pipe["build"]),
                    pipe_dispatch_ms=ms(pipe["dispatch"]), pipe_wait_ms=ms(pipe["wait"]),

@@ -164,8 +164,9 @@ def _kernel_parts(name, x_dtype=None):
                 ["float32", "float16"])
     if name == "decode_mma_fold_append":   # x_dtype: the new key's and value's dtype
         return (decode.KERNELS[name][0], decode.APPEND_INPUTS,
-                MMA_DTYPES + ["float32", "uint32", "float16"] + [x_dtype or "float16"] * 2
-                + ["float32"] * 2, decode.FOLD_OUTPUTS, ["float32", "float16"])
+                ["float16", "uint32"] + MMA_DTYPES[2:6] + MMA_DTYPES[8:]
+                + ["uint32", "float16"] + [x_dtype or "float16"] * 2,
+                decode.FOLD_OUTPUTS, ["float32", "float16"])
     if name == "reduce":
         return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
                 ["float16"])
@@ -230,6 +231,11 @@ def render_cuda(template, name="decode", x_dtype=None, included=False) -> str:
     return (CUDA_STUB + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             f"__global__ void turbo_{name}(\n  " + ",\n  ".join(args) + ") {\n"
             + src + "\n}\n}\n")
+
+
+def _table_offsets():
+    """Offsets of the appending kernel's tables in cdata (any will do to compile)."""
+    return [(n, 4 * i) for i, n in enumerate(decode.TABLE_OFFSETS)]
 
 
 def _config_template(cfg):
@@ -310,6 +316,25 @@ def test_phase_stamps_mark_every_phase():
                                                         for i in range(len(pt.PHASES))]
 
 
+def test_merged_tables_keep_every_word():
+    """The appending launch's tables in one uint32 input: each at its offset (a multiple
+    of 4 words), bit for bit, in order; other dtypes are refused."""
+    tables = [mx.array([0.5, -1.25, 3.0], mx.float32), mx.array([1, 2 ** 32 - 1], mx.uint32),
+              mx.arange(8, dtype=mx.uint32), mx.array([-0.0, 7.5, 1e-30, 2.0, 9.0]),
+              mx.ones((2, 2)), mx.array([6], mx.uint32)]
+    offsets, merged = decode.merged_tables(tables)
+    assert [n for n, _ in offsets] == list(decode.TABLE_OFFSETS)
+    assert merged.dtype == mx.uint32
+    for (_, at), t in zip(offsets, tables):
+        assert at % 4 == 0
+        got = merged[at:at + t.size]
+        want = t.reshape(-1)
+        assert mx.array_equal(got.view(mx.float32) if t.dtype == mx.float32 else got, want)
+    assert offsets[-1][1] + 1 <= merged.size
+    with pytest.raises(TypeError):
+        decode.merged_tables([mx.ones((3,), mx.float16)])
+
+
 def test_included_kernel_text(tmp_path, monkeypatch):
     """On CUDA build_kernel hands MLX a one-line source that #includes the text (MLX
     hashes the source it is given at every evaluation): the files hold the exact text,
@@ -344,7 +369,7 @@ def test_included_kernel_text(tmp_path, monkeypatch):
 def test_mma_metal_source_parses(kb, vb, d, live, name, tmp_path):
     tpl = _mma_template(kb, vb, d, live=live)
     if name.endswith("append"):
-        tpl += [("NORMT", "float16")]
+        tpl += [("NORMT", "float16")] + _table_offsets()
     if "fold" in name:
         tpl += [("OT", "float16")]
     assert_metal_parses(render_metal(tpl, name), tmp_path / f"{name}_metal.cpp")
@@ -358,7 +383,7 @@ def test_mma_cuda_source_compiles(name, included, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tpl = _mma_template(3, 3, 128, live=int(name.endswith("append")))
     if name.endswith("append"):
-        tpl += [("NORMT", "float16")]
+        tpl += [("NORMT", "float16")] + _table_offsets()
     if "fold" in name:
         tpl += [("OT", "float16")]
     assert_cuda_compiles(render_cuda(tpl, name, x_dtype="bfloat16", included=included),

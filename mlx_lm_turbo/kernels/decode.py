@@ -175,9 +175,12 @@ REDUCE_OUTPUTS = ["out"]
 # (source.MMA_FOLD_PARTS).
 FOLD_INPUTS = MMA_INPUTS + ["vmul", "cnt", "prev"]
 FOLD_OUTPUTS = ["part", "out"]
-# The folded launch that also codes the new token (source.MMA_APPEND): its key and value
-# and their codecs' encode tables (encode.consts).
-APPEND_INPUTS = FOLD_INPUTS + ["knew", "vnew", "ck", "cv"]
+# The folded launch that also codes the new token (source.MMA_APPEND): its key and value;
+# its constant tables (qmul, kpt, vpt, vmul and the codecs' encode tables) in one input,
+# cdata, at the offsets TABLE_OFFSETS name (``merged_tables``, source.APPEND_TABLES).
+APPEND_INPUTS = ["q", "cdata", "kc", "kn", "vc", "vn", "nk", "dep", "cnt", "prev", "knew",
+                 "vnew"]
+TABLE_OFFSETS = ("TQMUL", "TKPT", "TVPT", "TVMUL", "TCK", "TCV")
 
 
 def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs: list,
@@ -256,7 +259,8 @@ KERNELS = {"decode": (source.DECODE_BODY, DECODE_INPUTS, DECODE_OUTPUTS),
            "decode_mma": (source.DECODE_MMA_BODY, MMA_INPUTS, DECODE_OUTPUTS),
            "decode_mma_fold": (source.MMA_FOLD_PARTS + source.DECODE_MMA_BODY
                                + source.MMA_FOLD_TAIL, FOLD_INPUTS, FOLD_OUTPUTS),
-           "decode_mma_fold_append": (source.MMA_FOLD_PARTS + source.MMA_SETUP
+           "decode_mma_fold_append": (source.APPEND_TABLES + source.MMA_FOLD_PARTS
+                                      + source.MMA_SETUP
                                       + source.MMA_APPEND + source.MMA_MAIN
                                       + source.MMA_FOLD_TAIL, APPEND_INPUTS, FOLD_OUTPUTS),
            "reduce": (source.REDUCE_BODY, REDUCE_INPUTS, REDUCE_OUTPUTS)}
@@ -454,10 +458,11 @@ def cached_plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
 
 def n_splits(S: int, blocks_per_split: int) -> int:
     """Splits of the sequence (whole tiles each) so the grid has ~TARGET_BLOCKS blocks."""
-    tiles = math.ceil(S / NT)
+    # (integer ceilings: every layer of every decode step comes here)
+    tiles = -(-S // NT)
     want = max(1, TARGET_BLOCKS // max(1, blocks_per_split))
-    per = max(1, math.ceil(tiles / want))
-    return math.ceil(tiles / per)
+    per = max(1, -(-tiles // want))
+    return -(-tiles // per)
 
 
 # --------------------------------------------------------------------------- launch
@@ -513,6 +518,26 @@ def pair_table(codec) -> mx.array:
         t = codec.__dict__["_pair_table"] = device_resident(mx.array(words))
         mx.eval(t)
     return t
+
+
+def merged_tables(tables: list) -> tuple[list, mx.array]:
+    """One uint32 array holding ``tables`` (float32 ones by their bits), each at a
+    multiple of 4 words, and the template constants [(TABLE_OFFSETS[i], word offset)]
+    that place them; evaluated, in device memory."""
+    words, offsets, at = [], [], 0
+    for name, t in zip(TABLE_OFFSETS, tables):
+        t = t.reshape(-1)
+        if t.dtype == mx.float32:
+            t = t.view(mx.uint32)
+        elif t.dtype != mx.uint32:
+            raise TypeError(f"table {name}: float32 or uint32 words, not {t.dtype}")
+        pad = -t.size % 4
+        words += [t, mx.zeros((pad,), mx.uint32)] if pad else [t]
+        offsets.append((name, at))
+        at += t.size + pad
+    merged = device_resident(mx.concatenate(words))
+    mx.eval(merged)
+    return offsets, merged
 
 
 def device_resident(x: mx.array) -> mx.array:
@@ -633,11 +658,12 @@ def fold_counters(rows: int, nsp: int) -> mx.array:
     return mx.zeros((max(fold_counter_words(rows, nsp), 4),), mx.uint32)
 
 
-def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, out_dtype,
-                  name: str = "decode_mma_fold"):
+def fold_launcher(template: list, p: dict, backend_name: str, vmul: Optional[mx.array],
+                  out_dtype, name: str = "decode_mma_fold"):
     """The mma kernel with its combine folded in, as ``run(inputs, nsp, extra=())`` -> (B,
-    Hq, L, DV) in out_dtype (Π_Vᵀ applied): one launch instead of ``launcher``'s two
-    (``extra``: the inputs past FOLD_INPUTS of kernel ``name``). Each
+    Hq, L, DV) in out_dtype (Π_Vᵀ applied): one launch instead of ``launcher``'s two.
+    The kernel's inputs are ``inputs``, vmul (unless None: the appending kernel reads it
+    from its tables), its counters and the launch before's output, then ``extra``. Each
     ``run`` owns a counter array (the kernel's ``cnt``), and two launches counting on it
     at once would corrupt it for good. MLX's CUDA graphs may run independent nodes
     concurrently (a test or a benchmark queueing several calls before one eval), so every
@@ -649,13 +675,16 @@ def fold_launcher(template: list, p: dict, backend_name: str, vmul: mx.array, ou
     prev = [mx.zeros((1,), out_dtype)]
     mx.eval(cnt[0], prev[0])
     dtypes = [mx.float32, out_dtype]
+    fixed = [] if vmul is None else [vmul]
+    out_shape = (B, Hq, L, DV)
+    most = [TARGET_BLOCKS]   # the splits cnt[0] has counters for
 
     def run(inputs: list, nsp: int, extra=()) -> mx.array:
-        if cnt[0].size < fold_counter_words(rows, nsp):   # (all zero between launches)
-            cnt[0] = fold_counters(rows, nsp)
-        out = kernel(inputs=inputs + [vmul, cnt[0], prev[0], *extra], grid=(nsp * NT, rows, 1),
-                     threadgroup=(NT, 1, 1),
-                     output_shapes=[(rows * nsp * RB * (DV + 2),), (B, Hq, L, DV)],
+        if nsp > most[0]:   # (the counters are all zero between launches)
+            cnt[0], most[0] = fold_counters(rows, nsp), nsp
+        out = kernel(inputs=inputs + fixed + [cnt[0], prev[0], *extra],
+                     grid=(nsp * NT, rows, 1), threadgroup=(NT, 1, 1),
+                     output_shapes=[(rows * nsp * RB * (DV + 2),), out_shape],
                      output_dtypes=dtypes)[1]
         prev[0] = out
         return out
@@ -702,10 +731,12 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
     run_append = None
     if append and fold:
         from . import encode
-        run_append = fold_launcher(live_template + [("NORMT", encode.NORM_DTYPE)], p,
-                                   backend_name, c["vmul"], queries.dtype,
+        offsets, cdata = merged_tables([qmul, kpt, vpt, c["vmul"],
+                                        encode.consts(cache.key_codec),
+                                        encode.consts(cache.value_codec)])
+        run_append = fold_launcher(live_template + [("NORMT", encode.NORM_DTYPE)] + offsets,
+                                   p, backend_name, None, queries.dtype,
                                    "decode_mma_fold_append")
-        tables = (encode.consts(cache.key_codec), encode.consts(cache.value_codec))
 
     def live_inputs(q: mx.array, k: dict, v: dict) -> tuple[list, int]:
         """(inputs, splits) of a LIVE launch on live dicts k, v."""
@@ -714,7 +745,9 @@ def _steady(queries: mx.array, keys: dict, values: dict, cache, scale: float, p:
                  dep if done is None else done], n_splits(S, rows))
 
     def coded(q: mx.array, k: dict, v: dict, knew: mx.array, vnew: mx.array) -> mx.array:
-        return run_append(*live_inputs(q, k, v), (knew, vnew) + tables)
+        S, pos, done = k["live"][:3]
+        return run_append([q, cdata, k["codes"], k["norm"], v["codes"], v["norm"], pos,
+                           dep if done is None else done], n_splits(S, rows), (knew, vnew))
 
     def step(q: mx.array, k: dict, v: dict) -> mx.array:
         live = k.get("live")
@@ -800,8 +833,10 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
                                       "a launch of its own for the append",
                                       *_append_check(queries, keys, values, cache, scale,
                                                      steady[4])) is not None
-                if state:
-                    return steady[1](queries, keys, values)
+                if state:   # (``step``'s appending branch inline: host time per layer)
+                    out = steady[4](queries, keys, values, knew, vnew)
+                    owner._pending, owner._coded = None, out
+                    return out
             owner._flush()
         live = _checked.get(steady[2]) if "live" in keys else True
         if live:

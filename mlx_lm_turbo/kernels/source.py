@@ -1296,6 +1296,19 @@ MMA_APPEND = """
   }
 """
 
+# The appending launch's constant tables arrive as one input, cdata (uint32 words:
+# decode.merged_tables), at the offsets its template names: a kernel input costs the host
+# ~0.7 µs a call to build and queue (MLX, H200 machine), and batch-1 decode waits on the
+# host. The names the shared text reads become views of it.
+APPEND_TABLES = """
+#define qmul ((const KV_DEV float*)(cdata + TQMUL))
+#define kpt (cdata + TKPT)
+#define vpt (cdata + TVPT)
+#define vmul ((const KV_DEV float*)(cdata + TVMUL))
+#define ck ((const KV_DEV float*)(cdata + TCK))
+#define cv ((const KV_DEV float*)(cdata + TCV))
+"""
+
 MMA_MAIN = """
   // ---- query rows (row g*QL + l; rows past GQ*QL are zero) x signs*scale/sqrt(D) ----
   for (int e = kv_tid; e < RB * D; e += NT) {
