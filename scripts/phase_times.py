@@ -43,18 +43,21 @@ def stamp(i: int) -> str:
             " = clock64();\n")
 
 
+# Thread 0 of a block stamps its start (globaltimer, SM) and its end (globaltimer).
+START = ("  if (kv_tid == 0) {\n    unsigned long long t_; unsigned int s_;\n"
+         '    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));\n'
+         '    asm volatile("mov.u32 %0, %%smid;" : "=r"(s_));\n'
+         f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 3}] = t_;\n"
+         f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 1}] = s_;\n"
+         "  }\n")
+END = ("  if (kv_tid == 0) {\n    unsigned long long t_;\n"
+       '    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));\n'
+       f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 2}] = t_;\n"
+       "  }\n")
+
+
 def stamped_body() -> str:
-    """The appending kernel's body with the stamps in."""
-    start = ("  if (kv_tid == 0) {\n    unsigned long long t_; unsigned int s_;\n"
-             '    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));\n'
-             '    asm volatile("mov.u32 %0, %%smid;" : "=r"(s_));\n'
-             f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 3}] = t_;\n"
-             f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 1}] = s_;\n"
-             "  }\n")
-    end = ("  if (kv_tid == 0) {\n    unsigned long long t_;\n"
-           '    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));\n'
-           f"    stamps[(long(kv_by) * kv_nbx + kv_bx) * {NSTAMP} + {NSTAMP - 2}] = t_;\n"
-           "  }\n")
+    """The appending kernel's body (decode.KERNELS) with the stamps in."""
     main = source.MMA_MAIN
     for i, (_, anchor) in enumerate(MAIN_ANCHORS):
         at = main.index(anchor)
@@ -65,9 +68,9 @@ def stamped_body() -> str:
     anchors = ("  for (int level = 0;", "  if (last_block[0]) {")   # (the latter: before
     at = min(tail.index(a) for a in anchors if a in tail)         # the two-level merge)
     tail = tail[:at] + stamp(3 + len(MAIN_ANCHORS) + 1) + tail[at:]
-    return (source.MMA_FOLD_PARTS + start + stamp(0) + source.MMA_SETUP + stamp(1)
-            + source.MMA_APPEND + stamp(2) + main + stamp(3 + len(MAIN_ANCHORS)) + tail
-            + stamp(NSTAMP - 4) + end)
+    return (source.APPEND_TABLES + source.MMA_FOLD_PARTS + START + stamp(0)
+            + source.MMA_SETUP + stamp(1) + source.MMA_APPEND + stamp(2) + main
+            + stamp(3 + len(MAIN_ANCHORS)) + tail + stamp(NSTAMP - 4) + END)
 
 
 CAPTURED = []

@@ -302,6 +302,9 @@ def test_phase_stamps_mark_every_phase():
     body = pt.stamped_body()
     at = [body.index(f"* {pt.NSTAMP} + {i}] = clock64()") for i in range(len(pt.PHASES) + 1)]
     assert at == sorted(at) and body.count("clock64()") == len(pt.PHASES) + 1
+    for piece in [pt.START, pt.END] + [pt.stamp(i) for i in range(len(pt.PHASES) + 1)]:
+        body = body.replace(piece, "")
+    assert body == decode.KERNELS["decode_mma_fold_append"][0]   # the stamps, nothing else
     nsp, rows, ghz = 2, 1, 2.0                      # 2 blocks; phase i takes i + 1 µs
     stamps = []
     for blk in range(nsp):
