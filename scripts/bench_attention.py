@@ -480,9 +480,11 @@ def llama_3b_shaped():
 
 
 class NoAttention:
-    """The ceiling of any KV cache: no append, no attention (the layer's attention output
-    is its queries, see ``model_attention``), the offset of an S-token cache. Its step time is the rest of
-    the model's, host and GPU, which no cache method can remove."""
+    """The cache of the ceilings: no append, the offset of an S-token cache, the keys and
+    values handed back as given. With ``no_attention`` the layer's attention output is its
+    queries (so the key and value projections drop out of the step too: a loose bound);
+    with ``no_attention_kv`` it depends on the keys and values (the tighter bound: the
+    rest of the model's step, host and GPU, which no cache method can remove)."""
 
     def __init__(self, offset: int):
         self.offset = offset
@@ -496,14 +498,23 @@ def no_attention(queries, keys, values, cache, scale, mask, sinks=None):
     return queries
 
 
+def no_attention_kv(queries, keys, values, cache, scale, mask, sinks=None):
+    """``no_attention`` that still needs the layer's keys and values (one dependency
+    node, no kernel): the key and value projections and the keys' RoPE stay in the step,
+    as every cache needs them. The tighter ceiling of any cache."""
+    return mx.depends([queries], [keys, values])[0]
+
+
 @contextlib.contextmanager
 def model_attention(kind: str):
-    """The Llama model's attention for a block: ``no_attention`` for that kind (with
-    NoAttention caches), mlx-lm's patched one otherwise."""
+    """The Llama model's attention for a block: ``no_attention`` or ``no_attention_kv``
+    for those kinds (with NoAttention caches), mlx-lm's patched one otherwise."""
     from mlx_lm.models import llama
     orig = llama.scaled_dot_product_attention
     if kind == "no_attention":
         llama.scaled_dot_product_attention = no_attention
+    elif kind == "no_attention_kv":
+        llama.scaled_dot_product_attention = no_attention_kv
     try:
         yield
     finally:
@@ -512,10 +523,10 @@ def model_attention(kind: str):
 
 def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
     """One cache per layer holding S random bf16 tokens: ``bf16`` (mlx-lm's KVCache),
-    ``mse<b>[_w<W>]`` (ours, b bits, optional W-token fp16 window) or ``no_attention``
-    (the ceiling: see NoAttention)."""
+    ``mse<b>[_w<W>]`` (ours, b bits, optional W-token fp16 window), ``no_attention`` or
+    ``no_attention_kv`` (the ceilings: see NoAttention)."""
     from mlx_lm.models.cache import KVCache
-    if kind == "no_attention":
+    if kind.startswith("no_attention"):
         return [NoAttention(S) for _ in range(layers)]
     caches = []
     for layer in range(layers):
@@ -532,6 +543,51 @@ def filled_caches(kind: str, S: int, layers: int, batch: int = 1) -> list:
         mx.eval(c.state[0] if kind == "bf16" else c.keys, c.values)
         caches.append(c)
     return caches
+
+
+def probe_launch():
+    """A custom kernel that does nothing, called as the appending launch is (its inputs:
+    the live buffers, the positions, the new key and value, stand-ins for its tables,
+    counters and ordering inputs; the same shape and stride parameters, outputs, grid):
+    what any one-launch-a-layer step pays MLX per call."""
+    from mlx_lm_turbo.kernels import decode
+    names = "cnt_shape kc_strides kn_shape kn_strides knew_strides q_strides vc_strides " \
+            "vn_strides vnew_strides"
+    kernel = mx.fast.cuda_kernel(
+        name="e2e_probe_launch", input_names=decode.APPEND_INPUTS,
+        output_names=decode.FOLD_OUTPUTS, ensure_row_contiguous=False,
+        source=f"  // {names}\n  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0)"
+               f" part[0] = 0.f;\n")
+    small = [mx.zeros((64,), mx.uint32) for _ in range(3)]
+    mx.eval(small)
+
+    def launch(q, k, v, knew, vnew):
+        S, pos = k["live"][0], k["live"][1]
+        rows = q.shape[0] * k["codes"].shape[1] * 2
+        nsp = decode.n_splits(S, rows)
+        return kernel(inputs=[q, small[0], k["codes"], k["norm"], v["codes"], v["norm"],
+                              pos, small[1], small[2], small[1], knew, vnew],
+                      grid=(nsp * decode.NT, rows, 1), threadgroup=(decode.NT, 1, 1),
+                      output_shapes=[(rows * nsp * 8 * (q.shape[-1] + 2),), q.shape],
+                      output_dtypes=[mx.float32, q.dtype])[1]
+    return launch
+
+
+def drop_launch(model, caches: list, batch: int = 1, probe: bool = False) -> None:
+    """Diagnostic (kind ``mse<b>_no_launch``): ours with the decode step's appending launch
+    replaced by a dependency node on its inputs, everything else of our step (the cache's
+    and the attention's Python, the positions) kept. Its outputs are wrong; its host time
+    against ours is what the launch costs, against ``no_attention_kv`` what our Python
+    costs. ``probe`` (kind ``mse<b>_probe_launch``): replaced by ``probe_launch`` instead.
+    Runs a few steps first, so the caches hold their checked steady step."""
+    for _ in range(3):
+        mx.eval(model(mx.ones((batch, 1), mx.int32), cache=caches))
+    launch = probe_launch() if probe else (
+        lambda q, k, v, knew, vnew: mx.depends([q], [knew, vnew, k["live"][1]])[0])
+    for c in caches:
+        steady = c._fused_steady
+        assert steady is not None and steady[4] is not None, "no appending launch to drop"
+        c._fused_steady = steady[:4] + (launch,)
 
 
 def sync_steps(model, caches, steps: int, batch: int = 1,
@@ -615,9 +671,12 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
         for kind in kinds:
             try:
                 base_kind = kind
-                for suffix in ("_mlx_encode", "_slice_writes", "_two_launch", "_own_append"):
+                for suffix in ("_mlx_encode", "_slice_writes", "_two_launch", "_own_append",
+                               "_no_launch", "_probe_launch"):
                     base_kind = base_kind.replace(suffix, "")
                 caches[kind] = filled_caches(base_kind, S, layers, batch)
+                if kind.endswith(("_no_launch", "_probe_launch")):
+                    drop_launch(model, caches[kind], batch, kind.endswith("_probe_launch"))
                 times[kind] = []
             except Exception as e:
                 errors[kind] = f"error: {type(e).__name__}: {e}"[:300]
@@ -648,7 +707,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                     with model_attention(kind):
                         sync, build, dispatch = sync_steps(model, caches[kind], steps, batch)
                         pipe = pipelined_steps(model, caches[kind], steps, batch)["total"]
-                    times[kind].append((sync, pipe, build + dispatch))
+                    times[kind].append((sync, pipe, build + dispatch, build))
                     log("e2e", f"S={S} round {r} {kind}: sync {1e3 * sync:.2f} ms, "
                         f"pipelined {1e3 * pipe:.2f} ms, host {1e3 * (build + dispatch):.2f} ms")
                 except Exception as e:
@@ -677,7 +736,9 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                            pipelined_ms_rounds=[round(1e3 * t[1], 3) for t in times[kind]],
                            # build + dispatch of a synchronous step: where a pipelined
                            # step sits near it, the host sets the pace
-                           host_ms_rounds=[round(1e3 * t[2], 3) for t in times[kind]])
+                           host_ms_rounds=[round(1e3 * t[2], 3) for t in times[kind]],
+                           # of which building the graph (Python, MLX's op calls)
+                           build_ms_rounds=[round(1e3 * t[3], 3) for t in times[kind]])
                 if base:
                     row["speedup"] = round(statistics.median(
                         b[0] / t[0] for b, t in zip(base, times[kind])), 3)
@@ -701,8 +762,12 @@ def main() -> None:
     ap.add_argument("--kinds", default="bf16,mse3,mse3_mlx_encode,mse4",
                     help="e2e caches: bf16, mse<b>, mse<b>_mlx_encode, mse<b>_slice_writes, "
                          "mse<b>_two_launch, mse<b>_own_append, mse<b>_w<W> (with a W-token "
-                         "fp16 window), "
-                         "no_attention (no append, no attention: the ceiling of any cache)")
+                         "fp16 window); diagnostics: mse<b>_no_launch (the appending launch "
+                         "replaced by a dependency node), mse<b>_probe_launch (by a kernel "
+                         "that does nothing), "
+                         "no_attention (no append, no attention, no key/value projections: "
+                         "a loose ceiling of any cache), no_attention_kv (the same with the "
+                         "key/value projections and RoPE kept: the tighter ceiling)")
     ap.add_argument("--steps", type=int, default=20, help="e2e decode steps timed per row")
     ap.add_argument("--batch", type=int, default=1, help="e2e sequences decoded together")
     ap.add_argument("--rounds", type=int, default=3,
