@@ -550,12 +550,11 @@ def probe_launch():
     the live buffers, the positions, the new key and value, stand-ins for its tables,
     counters and ordering inputs; the same shape and stride parameters, outputs, grid):
     what any one-launch-a-layer step pays MLX per call."""
-    from mlx_lm_turbo.kernels import decode
-    names = "cnt_shape kc_strides kn_shape kn_strides knew_strides q_strides vc_strides " \
-            "vn_strides vnew_strides"
+    body, inputs, outputs = decode.KERNELS["decode_mma_fold_append"]
+    names = " ".join(decode.shape_params(body, inputs))
     kernel = mx.fast.cuda_kernel(
-        name="e2e_probe_launch", input_names=decode.APPEND_INPUTS,
-        output_names=decode.FOLD_OUTPUTS, ensure_row_contiguous=False,
+        name="e2e_probe_launch", input_names=inputs, output_names=outputs,
+        ensure_row_contiguous=False,
         source=f"  // {names}\n  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0)"
                f" part[0] = 0.f;\n")
     small = [mx.zeros((64,), mx.uint32) for _ in range(3)]
@@ -573,6 +572,12 @@ def probe_launch():
     return launch
 
 
+def no_launch(q, k, v, knew, vnew):
+    """The appending launch (``_steady``'s ``coded``) replaced by a dependency node on its
+    inputs: its outputs are wrong, only its host time is used."""
+    return mx.depends([q], [knew, vnew, k["live"][1]])[0]
+
+
 def drop_launch(model, caches: list, batch: int = 1, probe: bool = False) -> None:
     """Diagnostic (kind ``mse<b>_no_launch``): ours with the decode step's appending launch
     replaced by a dependency node on its inputs, everything else of our step (the cache's
@@ -582,8 +587,7 @@ def drop_launch(model, caches: list, batch: int = 1, probe: bool = False) -> Non
     Runs a few steps first, so the caches hold their checked steady step."""
     for _ in range(3):
         mx.eval(model(mx.ones((batch, 1), mx.int32), cache=caches))
-    launch = probe_launch() if probe else (
-        lambda q, k, v, knew, vnew: mx.depends([q], [knew, vnew, k["live"][1]])[0])
+    launch = probe_launch() if probe else no_launch
     for c in caches:
         steady = c._fused_steady
         assert steady is not None and steady[4] is not None, "no appending launch to drop"

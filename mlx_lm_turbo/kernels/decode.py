@@ -209,6 +209,13 @@ def kernel_dir() -> str:
     return os.path.join(base, "mlx_lm_turbo", "kernels")
 
 
+def shape_params(src: str, inputs: list) -> list:
+    """The ``<input>_shape``/``_strides``/``_ndim`` names ``src`` uses: MLX passes those
+    parameters of a custom kernel only where it finds the names in its source."""
+    return [f"{n}_{w}" for n in inputs for w in ("shape", "strides", "ndim")
+            if f"{n}_{w}" in src]
+
+
 def included(header: str, src: str, inputs: list, stem: str) -> tuple[str, str]:
     """CUDA: (header, source) that ``#include`` the kernel's text from files, for NVRTC to
     read. MLX rebuilds a custom kernel's whole source on every call and hashes it at every
@@ -239,8 +246,7 @@ def included(header: str, src: str, inputs: list, stem: str) -> tuple[str, str]:
                     os.remove(tmp)
     except OSError:
         return header, src
-    used = [f"{n}_{w}" for n in inputs for w in ("shape", "strides", "ndim")
-            if f"{n}_{w}" in src]
+    used = shape_params(src, inputs)
     return (f'#include "{paths[0]}"\n',
             f'#include "{paths[1]}"\n' + (f"// {' '.join(used)}\n" if used else ""))
 
