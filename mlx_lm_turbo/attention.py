@@ -1,15 +1,26 @@
 """Attention over a TurboKVCache.
 
-The reference path works in the rotated domain: ⟨q, x̂⟩ = ⟨Π_K q, decode_rotated(k)⟩,
-so keys are never inverse-rotated; the value sum is accumulated in the value rotation's
-domain and rotated back once. Keys are stored centred (k - μ, see cache.py): scores
-differ from ⟨q, k⟩ by q·μ, the same for every key of a query, which softmax ignores.
-The fused kernels (``kernels``) take over where they run.
+Attention works in the rotated domain: ⟨q, x̂⟩ = ⟨Π_K q, decode_rotated(k)⟩, so keys are
+never inverse-rotated; the value sum is accumulated in the value rotation's domain and
+rotated back once. Keys are stored centred (k - μ, see cache.py): scores differ from
+⟨q, k⟩ by q·μ, the same for every key of a query, which softmax ignores.
+
+Three paths, chosen per call (``turbo_attention``):
+- the fused kernels (``kernels``) where they run (GPU, query length ≤ 8);
+- ``reference_attention``: the past decoded to float32 and one SDPA, for calls whose
+  float32 scores stay small (decode steps, short prompts; also the kernels' first-use
+  ground truth);
+- ``prefill_attention`` for long query blocks over a long past, with memory bounded by a
+  block of keys, never by the context: on a GPU without a window, mask array or sinks,
+  the past decoded in the model's dtype and MLX's fused SDPA (one layer's keys and values
+  at model precision, what a plain cache holds for that layer); otherwise an online
+  softmax over key blocks decoded one at a time (MLX's own SDPA materialises every
+  query's float32 scores over the whole context where it has no fused kernel).
 
 With an fp16 window (cache.py) the returned dicts carry the uncompressed span of the
-newest tokens under "recent": those keys/values join the coded ones as extra columns of
-one SDPA, and the mask picks, per query i, the copy for keys i-W < j ≤ i and the code
-for the others.
+newest tokens under "recent": those keys/values join the coded ones as extra columns,
+and the mask picks, per query i, the copy for keys i-W < j ≤ i and the code for the
+others.
 """
 
 from typing import Optional
@@ -17,6 +28,12 @@ from typing import Optional
 import mlx.core as mx
 
 from . import kernels
+
+# float32 scores (batch × query heads × queries × keys) above this go to prefill_attention.
+SCORE_BYTES = 1 << 26
+# prefill_attention's key block, as float32 scores: larger on a GPU, where each block costs
+# a dozen launches of host time and memory is not the CPU's.
+BLOCK_BYTES = {"cpu": 1 << 24, "gpu": 1 << 30}
 
 
 def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
@@ -44,7 +61,137 @@ def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: f
     out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks)
     if out is not None:
         return out
-    return reference_attention(queries, keys, values, cache, scale, mask, sinks)
+    B, H, L, _ = queries.shape
+    S = next(iter(keys.values())).shape[2]
+    if 4 * B * H * L * S <= SCORE_BYTES:
+        return reference_attention(queries, keys, values, cache, scale, mask, sinks)
+    return prefill_attention(queries, keys, values, cache, scale, mask, sinks)
+
+
+def prefill_attention(queries: mx.array, keys: dict, values: dict, cache, scale: float,
+                      mask=None, sinks: Optional[mx.array] = None,
+                      block: Optional[int] = None) -> mx.array:
+    """Attention whose memory is bounded by a block of keys (see the module docstring).
+    ``block``: keys decoded at a time (default: float32 scores of ~SCORE_BYTES)."""
+    keys, values = kernels.settle(keys), kernels.settle(values)
+    fused = (mx.default_device() == mx.gpu and sinks is None and "recent" not in keys
+             and (mask is None or isinstance(mask, str))
+             and queries.dtype in (mx.float16, mx.bfloat16))
+    if fused:
+        return _fused_in_model_dtype(queries, keys, values, cache, scale, mask)
+    return _blocked(queries, keys, values, cache, scale, mask, sinks, block)
+
+
+def _decode_blocks(codec, packed: dict, dtype, block: int) -> mx.array:
+    """All tokens of ``packed`` decoded (rotated domain) to ``dtype``, a block of tokens at
+    a time so that the float32 intermediates stay one block long."""
+    S = next(iter(packed.values())).shape[2]
+    parts = [codec.decode_rotated({n: a[:, :, s:s + block] for n, a in packed.items()})
+             .astype(dtype) for s in range(0, S, block)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
+def _fused_in_model_dtype(queries, keys, values, cache, scale, mask) -> mx.array:
+    kc, vc = cache.key_codec, cache.value_codec
+    dtype = queries.dtype
+    k = _decode_blocks(kc, keys, dtype, 4096)
+    v = _decode_blocks(vc, values, dtype, 4096)
+    q = kc.rotate(queries).astype(dtype)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return vc.unrotate(out).astype(dtype)
+
+
+def _heads_view(mask: mx.array, n_heads: int, n_kv: int) -> mx.array:
+    """An SDPA mask (≤ 4 dims, broadcasting to B × H × L × S) in the grouped layout
+    B × H_kv × G × L × S of ``_blocked``."""
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] == n_heads and n_heads > 1:
+        return mask.reshape(mask.shape[0], n_kv, n_heads // n_kv, *mask.shape[2:])
+    return mask[:, :, None]
+
+
+def _blocked(queries, keys, values, cache, scale, mask, sinks, block) -> mx.array:
+    """Online softmax over key blocks decoded to float32 one at a time."""
+    kc, vc = cache.key_codec, cache.value_codec
+    B, H, L, _ = queries.shape
+    S = next(iter(keys.values())).shape[2]
+    Hk = next(iter(keys.values())).shape[1]
+    if block is None:
+        budget = BLOCK_BYTES["gpu" if mx.default_device() == mx.gpu else "cpu"]
+        block = max(256, budget // (4 * B * H * L) // 256 * 256)
+    q = (kc.rotate(queries) * scale).reshape(B, Hk, H // Hk, L, -1)
+    if isinstance(mask, mx.array):
+        mask = _heads_view(mask, H, Hk)
+        if mask.dtype != mx.bool_:
+            mask = mask.astype(mx.float32)
+    qpos = mx.arange(S - L, S)[:, None]
+    mean = None
+    if sinks is not None:
+        # The sink logit does not move with q·μ: put the key mean back.
+        mean = kc.rotate(cache.key_mean.astype(mx.float32))[:, :, None]
+    recent = "recent" in keys
+    n = keys["recent"].shape[2] if recent else 0
+    W = cache.fp16_window
+
+    def scores(k, kpos, cols, copies):
+        """Masked float32 scores of one block of keys (positions ``kpos``, columns
+        ``cols`` of a mask array)."""
+        s = q @ k.swapaxes(-1, -2)
+        keep = None
+        if isinstance(mask, mx.array):
+            m = mask[..., cols]
+            if m.dtype == mx.bool_:
+                keep = m
+            else:
+                s = s + m
+        elif mask == "causal":
+            keep = kpos <= qpos
+        if recent:
+            # The window rule: a query reads its W nearest keys from the copies.
+            near = (qpos - kpos < W) & (kpos >= S - n)
+            near = near if copies else ~near
+            keep = near if keep is None else keep & near
+        return s if keep is None else mx.where(keep, s, -mx.inf)
+
+    m_run = mx.full((B, Hk, H // Hk, L, 1), -mx.inf)
+    l_run = mx.zeros((B, Hk, H // Hk, L, 1))
+    acc = None
+    if sinks is not None:
+        m_run = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, Hk, H // Hk, 1, 1),
+                                m_run.shape)
+        l_run = mx.ones_like(l_run)
+
+    def merge(s, v):
+        nonlocal m_run, l_run, acc
+        m_new = mx.maximum(m_run, s.max(axis=-1, keepdims=True))
+        # Rows with every key masked so far keep m = -inf: subtract 0 there, not -inf.
+        m_safe = mx.where(m_new == -mx.inf, 0.0, m_new)
+        p = mx.exp(s - m_safe)
+        correction = mx.exp(m_run - m_safe)
+        l_run = l_run * correction + p.sum(axis=-1, keepdims=True)
+        pv = p @ v[:, :, None]
+        acc = pv if acc is None else acc * correction + pv
+        m_run = m_new
+
+    for s0 in range(0, S, block):
+        s1 = min(s0 + block, S)
+        part = {name: a[:, :, s0:s1] for name, a in keys.items() if name != "recent"}
+        k = kc.decode_rotated(part)[:, :, None]
+        if mean is not None:
+            k = k + mean
+        v = vc.decode_rotated({name: a[:, :, s0:s1] for name, a in values.items()
+                               if name != "recent"})
+        merge(scores(k, mx.arange(s0, s1)[None], slice(s0, s1), False), v)
+    if recent and n:
+        rk = keys["recent"].astype(mx.float32)
+        if sinks is None:
+            rk = rk - cache.key_mean.astype(mx.float32)
+        rk = kc.rotate(rk)[:, :, None]
+        rv = vc.rotate(values["recent"].astype(mx.float32))
+        # A copy is masked like its own position's code.
+        merge(scores(rk, mx.arange(S - n, S)[None], slice(S - n, S), True), rv)
+    out = (acc / mx.maximum(l_run, 1e-30)).reshape(B, H, L, -1)
+    return vc.unrotate(out).astype(queries.dtype)
 
 
 def _with_window(q: mx.array, k: mx.array, v: mx.array, recent_k: mx.array,

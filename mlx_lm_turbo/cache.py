@@ -115,6 +115,10 @@ class TurboConfig:
         return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
 
 
+# Tokens coded or decoded at a time when a whole cache changes form (from_kv_cache, to_fp16).
+HANDOVER_BLOCK = 4096
+
+
 def layer_seed(seed: int, layer: int, is_value: bool) -> int:
     """Per-layer, per-K/V seed: files store the global seed, never matrices."""
     return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
@@ -313,8 +317,10 @@ class TurboKVCache(_BaseCache):
                                     axis=2)
         n = span_k.shape[2]
         if n > self.fp16_window:
-            self.recent_keys = span_k[:, :, n - self.fp16_window:]
-            self.recent_values = span_v[:, :, n - self.fp16_window:]
+            # Copies, not views: a view would keep the whole span alive (a prefill
+            # block's keys and values) while nbytes counts W tokens.
+            self.recent_keys = mx.contiguous(span_k[:, :, n - self.fp16_window:])
+            self.recent_values = mx.contiguous(span_v[:, :, n - self.fp16_window:])
         else:
             self.recent_keys, self.recent_values = span_k, span_v
         return span_k, span_v
@@ -455,10 +461,15 @@ class TurboKVCache(_BaseCache):
 
     @classmethod
     def from_kv_cache(cls, kv: KVCache, config: TurboConfig, layer: int) -> "TurboKVCache":
-        """Compress an fp16 KVCache (the --quantized-kv-start hand-over)."""
+        """Compress an fp16 KVCache (the --quantized-kv-start hand-over, convert-cache),
+        HANDOVER_BLOCK tokens at a time: the encoder's float32 intermediates stay one
+        block long whatever the context."""
         c = cls.from_config(config, layer)
-        if kv.keys is not None and kv.offset > 0:
-            c.update_and_fetch(kv.keys[:, :, :kv.offset], kv.values[:, :, :kv.offset])
+        for s in range(0, kv.offset if kv.keys is not None else 0, HANDOVER_BLOCK):
+            e = min(s + HANDOVER_BLOCK, kv.offset)
+            c.update_and_fetch(kv.keys[:, :, s:e], kv.values[:, :, s:e])
+            mx.eval(c.keys, c.values, [a for a in (c.recent_keys, c.recent_values)
+                                       if a is not None])
         return c
 
     def recent_span(self) -> tuple:
@@ -468,18 +479,29 @@ class TurboKVCache(_BaseCache):
         return self.offset - self.recent_keys.shape[2], self.recent_keys, self.recent_values
 
     def to_fp16(self) -> KVCache:
-        """Decode into a plain mlx-lm KVCache (what an unpatched mlx-lm can load)."""
+        """Decode into a plain mlx-lm KVCache (what an unpatched mlx-lm can load),
+        HANDOVER_BLOCK tokens at a time."""
         kv = KVCache()
-        if self.keys is not None and self.offset:
-            k, v = self.keys_and_values()
-            keys = (self.key_codec.decode(k) + self.key_mean.astype(mx.float32)).astype(self.dtype)
-            values = self.value_codec.decode(v, self.dtype)
-            span = self.recent_span()
-            if span is not None:  # the window's own copies are exact
-                start, rk, rv = span
-                keys = mx.concatenate([keys[:, :, :start], rk.astype(self.dtype)], axis=2)
-                values = mx.concatenate([values[:, :, :start], rv.astype(self.dtype)], axis=2)
-            kv.update_and_fetch(keys, values)
+        if self.keys is None or not self.offset:
+            return kv
+        k, v = self.keys_and_values()
+        b, h = next(iter(k.values())).shape[:2]
+        size = (self.offset + kv.step - 1) // kv.step * kv.step
+        kv.keys = mx.zeros((b, h, size, self.key_codec.dim), self.dtype)
+        kv.values = mx.zeros((b, h, size, self.value_codec.dim), self.dtype)
+        span = self.recent_span()
+        coded = self.offset if span is None else span[0]   # the window's copies are exact
+        mean = self.key_mean.astype(mx.float32)
+        for s in range(0, coded, HANDOVER_BLOCK):
+            e = min(s + HANDOVER_BLOCK, coded)
+            keys = self.key_codec.decode(_slice_tokens(k, s, e)) + mean
+            kv.keys[:, :, s:e] = keys.astype(self.dtype)
+            kv.values[:, :, s:e] = self.value_codec.decode(_slice_tokens(v, s, e), self.dtype)
+            mx.eval(kv.keys, kv.values)
+        if span is not None:
+            kv.keys[:, :, coded:self.offset] = span[1].astype(self.dtype)
+            kv.values[:, :, coded:self.offset] = span[2].astype(self.dtype)
+        kv.offset = self.offset
         return kv
 
 

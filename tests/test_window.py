@@ -77,7 +77,7 @@ def test_block_prefill_equals_token_by_token_decode(tiny_model):
     block = prefill(tiny_model, ids, make_prompt_cache(tiny_model, cfg))
     caches = make_prompt_cache(tiny_model, cfg)
     steps = mx.concatenate([tiny_model(ids[None, i:i + 1], cache=caches)[0] for i in range(40)])
-    assert float(mx.abs(block - steps).max()) < 1e-4
+    assert float(mx.abs(block - steps).max()) < 3e-4   # float32, BLAS-dependent sums
     # ... and the window changes the result (it is used at all).
     plain = prefill(tiny_model, ids, make_prompt_cache(tiny_model, TurboConfig("turboquant_mse", 3)))
     assert float(mx.abs(block - plain).max()) > 1e-3
