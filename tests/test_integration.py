@@ -12,7 +12,7 @@ from mlx_lm_turbo import patch
 from mlx_lm_turbo.attention import reference_attention
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache
 
-from conftest import MODEL_DIR, ROOT
+from conftest import ROOT
 
 patch.apply()
 
@@ -213,8 +213,8 @@ def test_bad_flags_exit_with_argparse_error(flags, message):
 # here even at 8 bits).
 @pytest.mark.parametrize("method,bits", [("turboquant_mse", 4), ("turboquant_rvq", 2),
                                          ("polar", 4), ("turboquant_prod", 4), ("qjl", 3)])
-def test_cli_generates_coherent_text(method, bits):
-    r = run_cli("--model", str(MODEL_DIR), "--kv-method", method, "--kv-bits", str(bits),
+def test_cli_generates_coherent_text(method, bits, model_dir):
+    r = run_cli("--model", str(model_dir), "--kv-method", method, "--kv-bits", str(bits),
                 "--prompt", "The capital of France is", "--max-tokens", "20",
                 "--quantized-kv-start", "0", "--ignore-chat-template")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,7 +1,7 @@
 """mlx_lm.server with compressed KV caches, over real HTTP on 127.0.0.1.
 
 A real server subprocess (``python -m mlx_lm_turbo server --kv-method turboquant_mse
---kv-bits 4``) serves SmolLM2-135M (from ../shared/models, weights dequantized to float32
+--kv-bits 4``) serves SmolLM2-135M (conftest's models/smollm2-135m, weights dequantized to float32
 once: see scripts/load_test.py). Greedy answers must equal mlx-lm's Python API
 (``stream_generate``) with the same TurboConfig: token for token for single requests; for
 concurrent requests of different lengths that the server batches (its BatchTurboKVCache
@@ -19,7 +19,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from conftest import MODEL_DIR, ROOT
+from conftest import ROOT, smollm2_path
 
 _spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
 lt = importlib.util.module_from_spec(_spec)
@@ -31,9 +31,7 @@ KV_FLAGS = ["--kv-method", "turboquant_mse", "--kv-bits", "4"]
 
 @pytest.fixture(scope="module")
 def model_path():
-    if not MODEL_DIR.exists():
-        pytest.fail(f"real model missing: {MODEL_DIR}")
-    return lt.fp32_model(MODEL_DIR)
+    return lt.fp32_model(smollm2_path())
 
 
 @pytest.fixture(scope="module")
