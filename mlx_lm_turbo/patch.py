@@ -223,6 +223,31 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
 
 
+# The default of mlx-lm's --quantized-kv-start while parsing: tells "not given" from any value.
+_UNSET = object()
+
+
+def _unset_start_default(parser: argparse.ArgumentParser) -> Optional[int]:
+    """Make --quantized-kv-start default to _UNSET; return mlx-lm's default (None if the
+    parser has no such flag)."""
+    if not any(a.dest == "quantized_kv_start" for a in parser._actions):
+        return None
+    default = parser.get_default("quantized_kv_start")
+    if default is _UNSET:  # parsed before: mlx-lm's default was kept then
+        return parser._turbo_start_default
+    parser._turbo_start_default = default
+    parser.set_defaults(quantized_kv_start=_UNSET)
+    return default
+
+
+def _resolve_start(args: argparse.Namespace, default: Optional[int]) -> None:
+    """Asking for a compressed cache (--kv-method) compresses from the first token unless
+    --quantized-kv-start was given: mlx-lm's default (5000) would leave most prompts fp16."""
+    if getattr(args, "quantized_kv_start", None) is not _UNSET:
+        return
+    args.quantized_kv_start = 0 if getattr(args, "kv_method", None) is not None else default
+
+
 def _patch_parser_factory(module) -> None:
     original = module.setup_arg_parser
     if getattr(original, "_turbo", False):
@@ -231,10 +256,12 @@ def _patch_parser_factory(module) -> None:
     def setup_arg_parser():
         parser = original()
         add_arguments(parser)
+        default_start = _unset_start_default(parser)
         parse_args = parser.parse_args
 
         def parse_and_configure(*a, **kw):
             args = parse_args(*a, **kw)
+            _resolve_start(args, default_start)
             try:
                 config = config_from_args(args)
             except ValueError as e:
@@ -291,9 +318,6 @@ def apply() -> None:
 
 
 # ---------------------------------------------------------------- mlx_lm.server
-_UNSET = object()
-
-
 class _ServerArgumentParser(argparse.ArgumentParser):
     """The ArgumentParser that ``mlx_lm.server.main`` builds once ``apply_server()`` ran
     (the server makes its parser inline): our flags, and the config set after parsing."""
@@ -303,24 +327,17 @@ class _ServerArgumentParser(argparse.ArgumentParser):
         add_arguments(self)
 
     def parse_args(self, args=None, namespace=None):
-        has_start = any(a.dest == "quantized_kv_start" for a in self._actions)
-        default_start = self.get_default("quantized_kv_start") if has_start else 0
-        if has_start:
-            self.set_defaults(quantized_kv_start=_UNSET)
+        default_start = _unset_start_default(self)
         ns = super().parse_args(args, namespace)
         start = getattr(ns, "quantized_kv_start", _UNSET)
+        _resolve_start(ns, default_start)
         try:
-            if getattr(ns, "kv_method", None) is None:
-                if start is _UNSET:
-                    ns.quantized_kv_start = default_start
-            else:
-                if start is not _UNSET and start:
-                    raise ValueError(
-                        f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
-                        "--kv-method: every request's cache is compressed from its first "
-                        "token (batched caches cannot change format mid-batch); leave it "
-                        "out or pass 0")
-                ns.quantized_kv_start = 0
+            if getattr(ns, "kv_method", None) is not None and start is not _UNSET and start:
+                raise ValueError(
+                    f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
+                    "--kv-method: every request's cache is compressed from its first "
+                    "token (batched caches cannot change format mid-batch); leave it "
+                    "out or pass 0")
             config = config_from_args(ns)
         except ValueError as e:
             self.error(str(e))

