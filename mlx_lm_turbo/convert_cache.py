@@ -87,8 +87,10 @@ def same_settings(c: Any, config: Any, layer: int) -> bool:
 
     kb, vb = config.bits_for_layer(layer)
     return (isinstance(c, TurboKVCache) and c.layer == layer
-            and (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
-            == (config.key_method, kb, config.value_method, vb, config.seed))
+            and (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed,
+                 c.fp16_window, c.center_keys)
+            == (config.key_method, kb, config.value_method, vb, config.seed,
+                config.fp16_window, config.center_keys))
 
 
 def convert_layer(c: Any, layer: int, to: str, config: Any = None, dtype: Any = None) -> Any:

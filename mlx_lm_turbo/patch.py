@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import Optional
 
-from . import codecs, distributed
+from . import cache_file, codecs, distributed
 from .attention import turbo_attention
 from .cache import TurboConfig, TurboKVCache, cache_summary
 from .cache import make_prompt_cache as make_turbo_cache
@@ -20,6 +20,8 @@ DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
 
 _config: Optional[TurboConfig] = None
 _last_caches: Optional[list] = None
+# The file generate's --prompt-cache-file read, checked against the model once it is loaded.
+_loaded_file: Optional[cache_file.CacheFile] = None
 _originals: dict = {}
 
 
@@ -80,10 +82,42 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
                                                  kv_group_size, kv_bits)
 
 
+def load_prompt_cache(file_name, return_metadata=False):
+    """mlx-lm's loader for generate's --prompt-cache-file, through cache_file's checks: a
+    missing, empty, truncated or foreign file is one ``error:`` line, not a traceback."""
+    global _loaded_file
+    try:
+        cf = cache_file.load_cache_file(file_name)
+    except cache_file.CacheFileError as e:
+        sys.exit(f"error: {e}")
+    missing = [k for k in ("model", "tokenizer_config") if k not in cf.metadata]
+    if return_metadata and missing:  # generate reads both
+        sys.exit(f"error: {file_name}: no {missing[0]!r} in its metadata (write it with "
+                 "mlx_lm.cache_prompt or convert-cache)")
+    _loaded_file = cf
+    return (cf.layers, cf.metadata) if return_metadata else cf.layers
+
+
+def _check_loaded_file(path, config: Optional[dict]) -> None:
+    """The --prompt-cache-file must have the loaded model's layers, KV heads and head dim
+    (another model's cache would be read as garbage, or crash mid-generation)."""
+    global _loaded_file
+    cf, _loaded_file = _loaded_file, None
+    if cf is None or config is None:
+        return
+    try:
+        dims = cache_file.config_dims(config, f"the config of {path}")
+        cache_file.check_fits(cf, dims, f"the model {path}")
+    except cache_file.CacheFileError as e:
+        sys.exit(f"error: {e}")
+
+
 def load(*args, **kwargs):
     """mlx-lm's ``load``, then the RateQuant allocation when one is asked for (it needs
     the model and its tokenizer)."""
     result = _originals["load"](*args, **kwargs)
+    if kwargs.get("return_config") and len(result) > 2:  # generate's main model
+        _check_loaded_file(args[0] if args else kwargs.get("path_or_hf_repo"), result[2])
     if _config is not None and _config.ratequant_target is not None \
             and _config.layer_bits is None:
         from . import ratequant
@@ -108,10 +142,22 @@ def sharded_load(*args, **kwargs):
 
 
 def check_loaded_cache(caches: list, config: TurboConfig) -> None:
-    """A prompt-cache file's turbo layers must match the flags given with it."""
+    """A prompt-cache file's turbo layers must match the flags given with it. Its fp16
+    window and key centring are fixed when it is written (the window's tokens are exact
+    only if they were kept when coded), so other values are refused, not ignored."""
     for i, c in enumerate(caches):
         if not isinstance(c, TurboKVCache):
             continue
+        if (c.fp16_window, c.center_keys) != (config.fp16_window, config.center_keys):
+            def flags(window, centred):
+                return (f"--kv-fp16-window {window}"
+                        + (" --kv-center-keys" if centred else " without --kv-center-keys"))
+            raise ValueError(
+                f"--prompt-cache-file layer {i} was written with "
+                f"{flags(c.fp16_window, c.center_keys)}, but the flags ask for "
+                f"{flags(config.fp16_window, config.center_keys)}; a file keeps the settings "
+                "it was written with: drop the --kv-* flags to continue with them, or "
+                "convert the file (convert-cache --to fp16, then with the new flags)")
         kb, vb = config.bits_for_layer(c.layer)  # global layer (pipeline ranks)
         want = (config.key_method, kb, config.value_method, vb, config.seed)
         have = (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
@@ -185,6 +231,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     if method is None:
         if getattr(args, "kv_fp16_window", 0):
             raise ValueError("--kv-fp16-window needs --kv-method")
+        if getattr(args, "kv_center_keys", False):
+            raise ValueError("--kv-center-keys needs --kv-method")
         for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
                      "ratequant_load", "ratequant_save", "ratequant_calibration"):
             if getattr(args, flag, None) is not None:
@@ -307,6 +355,7 @@ def apply() -> None:
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
     gen.load = load
+    gen.load_prompt_cache = load_prompt_cache  # only generate's --prompt-cache-file
     cache_prompt.load = load
     utils.sharded_load = sharded_load  # server, chat, benchmark import it from here
     _rebind(_originals["sharded_load"], sharded_load, "sharded_load")
