@@ -255,10 +255,13 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     if getattr(args, "kv_group_size", 64) != 64:
         raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
     target = getattr(args, "ratequant_target", None)
-    if target is not None and target <= 0:
-        raise ValueError(f"--ratequant-target must be > 0, got {target}")
     if (args.ratequant_save or args.ratequant_calibration) and target is None:
         raise ValueError("--ratequant-save/--ratequant-calibration need --ratequant-target")
+    if target is not None:  # here, not after loading the model and calibrating
+        from . import ratequant
+
+        ratequant.check_target(target)
+        ratequant.check_save_path(args.ratequant_save)
     if args.ratequant_load and target is None:
         target = -1.0  # the saved allocation decides
     return TurboConfig(key_method, key_bits, value_method, value_bits,
@@ -367,6 +370,16 @@ def apply() -> None:
 
 
 # ---------------------------------------------------------------- mlx_lm.server
+def describe(config: TurboConfig) -> str:
+    """``config.describe()``, naming the allocation file when bits come from
+    --ratequant-load (its target is then only known once the file is read)."""
+    if not config.ratequant_load:
+        return config.describe()
+    text = f"{config.key_method} RateQuant allocation from {config.ratequant_load}"
+    text += ", centred keys" if config.center_keys else ""
+    return text + (f" + {config.fp16_window} fp16 tokens" if config.fp16_window else "")
+
+
 class _ServerArgumentParser(argparse.ArgumentParser):
     """The ArgumentParser that ``mlx_lm.server.main`` builds once ``apply_server()`` ran
     (the server makes its parser inline): our flags, and the config set after parsing."""
@@ -393,7 +406,7 @@ class _ServerArgumentParser(argparse.ArgumentParser):
         set_config(config)
         if config is not None:
             ns.kv_bits = None  # our bits; mlx-lm's affine cache (and its no-batching) off
-            print(f"mlx-lm-turbo: KV cache {config.describe()} for every request "
+            print(f"mlx-lm-turbo: KV cache {describe(config)} for every request "
                   "(batched; prompt cache holds packed codes)", file=sys.stderr)
         return ns
 
