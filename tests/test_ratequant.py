@@ -64,18 +64,29 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
 
 @pytest.mark.slow
 def test_calibration_on_the_real_model_is_fast(real_model):
+    """Calibration costs a few forward passes of its tokens, timed against a plain forward
+    pass of the same tokens in the same test: other processes on a shared machine slow
+    both alike, so the ratio holds where a fixed number of seconds does not."""
+    import mlx.core as mx
+
+    from mlx_lm_turbo import patch
+
     model, tok = real_model
     ratequant.calibrate(model, tok, "turboquant_mse")  # warm-up: codebooks, kernels
-    # The faster of two passes: the 2-core CI machine is shared, and other processes'
-    # bursts (load average 20 seen) add seconds that are not the calibration's.
-    seconds = []
-    for _ in range(2):
+    ids = mx.array(tok.encode(ratequant.CALIBRATION_TEXT.read_text())[:256])[None]
+    forward, calibration = [], []
+    for _ in range(2):  # interleaved, the faster of each
+        t = time.perf_counter()
+        mx.eval(model(ids, cache=patch._originals["make_prompt_cache"](model)))
+        forward.append(time.perf_counter() - t)
         t = time.perf_counter()
         cal = ratequant.calibrate(model, tok, "turboquant_mse")
-        seconds.append(time.perf_counter() - t)
-    seconds = min(seconds)
-    print(f"calibration: {seconds:.2f} s")
-    assert seconds <= 5.0, seconds
+        calibration.append(time.perf_counter() - t)
+    ratio = min(calibration) / min(forward)
+    print(f"calibration: {min(calibration):.2f} s = {ratio:.1f} forward passes")
+    # One recorded forward pass plus codec trials on the last 96 queries of every layer
+    # (about 3 passes here); 6 leaves room for noise, not for trials on every query.
+    assert ratio <= 6.0, (calibration, forward)
     assert cal.measured[1].shape == (30, 2) and np.all(cal.measured[1] > cal.measured[4])
     bits = ratequant.allocate(cal, "turboquant_mse", 2.5)
     assert abs(ratequant.mean_bits_per_element(cal, "turboquant_mse", "turboquant_mse", bits) - 2.5) < 0.02
