@@ -229,3 +229,32 @@ def test_unsupported_mlx_lm_version_fails_loudly(monkeypatch):
     monkeypatch.setattr(mlx_lm, "__version__", "0.40.1")
     with pytest.raises(RuntimeError, match="supports mlx-lm >= 0.32.0, < 0.33.0; found 0.40.1"):
         patch.check_mlx_lm_version()
+
+
+def _filled(tokens: int, **settings) -> list:
+    caches = [TurboKVCache("turboquant_mse", 4, "turboquant_mse", 4, layer=i, **settings)
+              for i in range(2)]
+    for c in caches:
+        c.update_and_fetch(mx.random.normal((1, 3, tokens, 64)), mx.random.normal((1, 3, tokens, 64)))
+    return caches
+
+
+def test_summary_compares_the_tokens_held_with_fp16():
+    """300 tokens sit in 512-token buffers; the line is about the 300."""
+    import re
+
+    caches = _filled(300)
+    assert caches[0].capacity == 512
+    line = patch.cache_summary(caches)
+    held, fp16 = map(float, re.search(r"([\d.]+) MiB held vs ([\d.]+) MiB as fp16", line).groups())
+    tokens_fp16 = 2 * 2 * 3 * 300 * (64 + 64)  # layers, heads, tokens, K+V dims, 2 bytes
+    assert fp16 == round(tokens_fp16 / 2**20, 2), line
+    assert held == round(tokens_fp16 * 4.25 / 16 / 2**20, 2), line  # 4 bits + fp16 norm / 64
+    assert "4.250 bits/element, 300 tokens" in line and "(3.76x smaller)" in line, line
+
+
+def test_summary_explains_a_window_longer_than_the_context():
+    line = patch.cache_summary(_filled(20, fp16_window=64))
+    assert "20.250 bits/element (the 64-token fp16 window holds all 20 tokens" in line, line
+    line = patch.cache_summary(_filled(100, fp16_window=16))
+    assert "bits/element (incl. the 16-token fp16 window)" in line, line
