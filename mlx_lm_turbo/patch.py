@@ -416,11 +416,13 @@ def apply_server() -> None:
     with ``--kv-method`` every request gets turbo caches (the patched
     ``make_prompt_cache``). They have ``merge``, so the server batches them
     (``BatchTurboKVCache``); its LRU prompt cache deep-copies, trims and counts their
-    real ``nbytes``."""
+    real ``nbytes``. With or without our flags, no bad or abandoned request can stop the
+    server or keep it busy (``server_guard``)."""
     import types
 
     apply()
     from . import batch_cache  # noqa: F401  (also makes TurboKVCache deep-copyable)
+    from . import server_guard
 
     server = importlib.import_module("mlx_lm.server")
     if getattr(server, "_mlx_lm_turbo_patched", False):
@@ -444,6 +446,9 @@ def apply_server() -> None:
         return run_http(host, port, response_generator, server_class, *args)
 
     server._run_http_server = _run_http_server
+    # One bad or abandoned request must not stop the server (with or without --kv-method).
+    server.ResponseGenerator = server_guard.make_response_generator(server.ResponseGenerator)
+    server_guard.patch_handler(server.APIHandler)
     patched_load = globals().get("load")
     if patched_load is not None and _originals.get("load") is not None \
             and getattr(server, "load", None) is _originals["load"]:
