@@ -539,15 +539,18 @@ def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -
 
 
 def cache_summary(caches: list) -> str:
-    """One line: method, bits/element, KV bytes held vs what fp16 would hold."""
+    """One line: method, bits/element, KV bytes for the tokens held vs what fp16 would
+    take for the same tokens (not the buffers' 256-token steps, which both round up)."""
     turbo = [c for c in caches if isinstance(c, TurboKVCache) and not c.empty()]
     if not turbo:
         return "KV cache: fp16 (no layer compressed yet; see --quantized-kv-start)"
-    held = sum(c.nbytes for c in turbo)
-    fp16 = sum(c.fp16_nbytes() for c in turbo)
-    elts = sum(c.offset * (c.key_codec.dim + c.value_codec.dim) for c in turbo)
-    bits = sum(c.bits_per_element * c.offset * (c.key_codec.dim + c.value_codec.dim)
-               for c in turbo) / max(elts, 1)
+    elts = []
+    for c in turbo:
+        b, h = next(iter(c.keys.values())).shape[:2]
+        elts.append(b * h * c.offset * (c.key_codec.dim + c.value_codec.dim))
+    held = sum(c.bits_per_element * e for c, e in zip(turbo, elts)) / 8
+    fp16 = 2 * sum(elts)
+    bits = 8 * held / max(sum(elts), 1)
     c0 = turbo[0]
     if c0.key_method == c0.value_method and c0.key_bits == c0.value_bits:
         method = f"{c0.key_method} {c0.key_bits}-bit"
@@ -556,6 +559,13 @@ def cache_summary(caches: list) -> str:
     if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
         method = f"K {c0.key_method} / V {c0.value_method} with per-layer bits (RateQuant)"
     tokens = max(c.offset for c in turbo)
-    return (f"KV cache: {method}, {bits:.3f} bits/element, {tokens} tokens, "
+    note = ""
+    if c0.fp16_window:
+        # Every token is coded and the newest W are also kept in fp16: a window as long as
+        # the context costs its full 16 bits on top of the codes.
+        note = (f" (the {c0.fp16_window}-token fp16 window holds all {tokens} tokens, "
+                "each also coded)" if c0.fp16_window >= tokens
+                else f" (incl. the {c0.fp16_window}-token fp16 window)")
+    return (f"KV cache: {method}, {bits:.3f} bits/element{note}, {tokens} tokens, "
             f"{held / 2**20:.2f} MiB held vs {fp16 / 2**20:.2f} MiB as fp16 "
             f"({fp16 / max(held, 1):.2f}x smaller), {len(turbo)}/{len(caches)} layers compressed")

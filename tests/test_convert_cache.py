@@ -19,7 +19,7 @@ from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
 from mlx_lm_turbo.convert_cache import (META_PREFIX, SLOW_WRITE_ENV, load_cache_file,
                                         main)
 
-from conftest import MODEL_DIR, ROOT, SHARED
+from conftest import ROOT, SHARED, needs_shared_data
 
 patch.apply()
 TOKENS = 300
@@ -410,9 +410,16 @@ def test_kill_9_mid_write_leaves_no_out(fp_file, tmp_path):
     assert p.returncode == -signal.SIGKILL
     assert not out.exists()
     assert all(t.exists() for t in temps)  # a dead process cannot clean up ...
+    not_ours = tmp_path / ".notes.tmp-draft.safetensors"
+    not_ours.write_text("x")
+    # ... the next run into that folder does, whatever OUT it writes
+    rc = main([str(fp_file), str(tmp_path / "other.safetensors"), "--kv-method", "mse",
+               "--kv-bits", "3"])
+    assert rc == 0 and not any(t.exists() for t in temps)
+    assert not_ours.exists()
     rc = main([str(fp_file), str(out), "--kv-method", "mse", "--kv-bits", "3"])
     assert rc == 0 and out.exists()
-    assert not list(tmp_path.glob(f".{out.name}.tmp-*"))  # ... the next run does
+    assert not list(tmp_path.glob(f".{out.name}.tmp-*"))
 
 
 def test_sigterm_mid_write_cleans_up(fp_file, tmp_path):
@@ -435,14 +442,16 @@ def run_ok(cmd: list, timeout: int = 900, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_real_model_round_trip(tmp_path):
+def test_real_model_round_trip(tmp_path, model_dir):
     """cache_prompt ~1k tokens of Alice (the 4k run was done by hand; see the report) ->
     fp16 file -> 3-bit file (>= 4.5x smaller than the fp16 file) -> generate continues
     from it -> --to fp16 loads in an unpatched mlx-lm."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    tok = load_tokenizer(MODEL_DIR)
-    book = (SHARED / "data" / "book_alice_in_wonderland.txt").read_text()
+    alice = SHARED / "data" / "book_alice_in_wonderland.txt"
+    needs_shared_data(alice)  # the answer is checked for the story's names
+    tok = load_tokenizer(model_dir)
+    book = alice.read_text()
     start = book.find("Alice was beginning")
     excerpt = tok.decode(tok.encode(book[start:start + 8000])[:1000])
     py = sys.executable
@@ -450,7 +459,7 @@ def test_real_model_round_trip(tmp_path):
     # The same weights dequantized to fp32 (as the real_model fixture does): mlx's 4-bit
     # matmuls are ~5x slower on a CPU (1k-token prefill: 144 s vs 26 s on 2 busy cores).
     model = tmp_path / "smollm2-fp32"
-    run_ok([py, "-m", "mlx_lm", "convert", "--hf-path", MODEL_DIR, "--mlx-path", model,
+    run_ok([py, "-m", "mlx_lm", "convert", "--hf-path", model_dir, "--mlx-path", model,
             "-d"], env=e, cwd=ROOT)
     raw = tmp_path / "alice.safetensors"  # the model's dtype (fp32 for this folder)
     t0 = time.time()
@@ -462,7 +471,7 @@ def test_real_model_round_trip(tmp_path):
             "--model", model], env=e, cwd=ROOT)
     small = tmp_path / "alice-3bit.safetensors"
     r = run_ok([py, "-m", "mlx_lm_turbo.convert-cache", fp16, small, "--kv-method",
-                "turboquant_mse", "--kv-bits", "3", "--model", MODEL_DIR], env=e, cwd=ROOT)
+                "turboquant_mse", "--kv-bits", "3", "--model", model_dir], env=e, cwd=ROOT)
     s16, s3 = fp16.stat().st_size, small.stat().st_size
     print(f"\nprefill {t_prefill:.1f}s; {raw.stat().st_size} bytes as cached ({raw.name}), "
           f"{s16} bytes fp16, {s3} bytes 3-bit: {s16 / s3:.2f}x\n{r.stdout}")

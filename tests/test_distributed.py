@@ -31,10 +31,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_DIR, ROOT
+from conftest import MODEL_DIR, ROOT, smollm2_path
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").exists(),
-                                reason=f"needs the real model in {MODEL_DIR} (../shared)")
+
+@pytest.fixture(scope="module", autouse=True)
+def _smollm2():
+    smollm2_path()  # SmolLM2's tokenizer and weights (fetched if missing)
 
 PROMPT = "The history of the Roman Empire is long and complicated. It began"
 TOKENS = 16

@@ -8,12 +8,15 @@ import pytest
 
 from mlx_lm_turbo import eval as ev
 
+from conftest import NEEDS_SHARED_DATA
+
 MODEL = Path(ev.DEFAULT_MODEL)
 DATA = Path(ev.DEFAULT_DATA)
 
-pytestmark = pytest.mark.skipif(
+# The evaluator's protocol is WikiText-2 and the prompts of ../shared/data (and its staged model).
+needs_data = pytest.mark.skipif(
     not (MODEL / "config.json").exists() or not (DATA / "wikitext2_test.raw").exists(),
-    reason="needs ../shared/models and ../shared/data")
+    reason=NEEDS_SHARED_DATA)
 
 
 def test_parse_spec():
@@ -35,6 +38,7 @@ def test_parse_spec():
         ev.parse_spec("fp16-c")
 
 
+@needs_data
 def test_quick_end_to_end(tmp_path):
     results = ev.main(["--quick", "--configs", "fp16,affine8g64,mse8", "--check", "mse8",
                        "--out-dir", str(tmp_path)])
@@ -63,6 +67,7 @@ def test_quick_end_to_end(tmp_path):
     assert "| fp16 |" in (tmp_path / "quality.md").read_text()
 
 
+@needs_data
 def test_resume_merges_parallel_runs(tmp_path):
     """Rows of runs made in parallel (``--resume a.json,b.json``) are kept, not re-run."""
     first = ev.main(["--quick", "--configs", "fp16,mse8", "--check", "", "--prompts", "0",

@@ -8,8 +8,8 @@ are imported (so they import the patched ``make_prompt_cache`` etc.) and checks 
 Offline adjustments, each one checked to fail identically on pristine mlx-lm (patch not applied):
 
 - test_prompt_cache.py / test_generate.py load ``mlx-community/Qwen1.5-0.5B-Chat-4bit`` from the
-  HF hub in ``setUpClass``; offline that is the real SmolLM2-135M in ``../shared/models`` (the
-  plugin maps the hub name to it). Tests that expect Qwen1.5 outputs are deselected
+  HF hub in ``setUpClass``; offline that is the real SmolLM2-135M in ``models/smollm2-135m`` (the
+  plugin maps the hub name to it; fetched if missing). Tests that expect Qwen1.5 outputs are deselected
   (MODEL_SPECIFIC).
 - Metal-only kernels (bitnet, gated delta) are deselected where Metal is unavailable.
 - Three batch-generation tests that take 20-105 s each on 2 CPU cores are deselected unless
@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_MODEL = Path(os.environ.get(
-    "MLX_LM_SUITE_MODEL", ROOT.parent / "shared" / "models" / "smollm2-135m-instruct-4bit"))
+LOCAL_MODEL = os.environ.get("MLX_LM_SUITE_MODEL")  # default: conftest's SmolLM2
 HUB_MODEL = "mlx-community/Qwen1.5-0.5B-Chat-4bit"
 VERSION = importlib.metadata.version("mlx-lm")
 
@@ -141,10 +140,9 @@ def test_mlx_lm_suite_with_patch(suite_dir, name):
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(suite_dir), str(ROOT)]))
     deselect = []
     if FILES[name]:
-        if not LOCAL_MODEL.exists():
-            pytest.skip(f"{name} loads {HUB_MODEL} from the HF hub; offline it needs the local "
-                        f"stand-in {LOCAL_MODEL}")
-        env["MLX_LM_SUITE_LOCAL_MODEL"] = str(LOCAL_MODEL)
+        from conftest import smollm2_path
+
+        env["MLX_LM_SUITE_LOCAL_MODEL"] = str(LOCAL_MODEL or smollm2_path())
         deselect += MODEL_SPECIFIC
         if os.environ.get("MLX_LM_TURBO_FULL_SUITE") != "1":
             deselect += SLOW

@@ -64,18 +64,29 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
 
 @pytest.mark.slow
 def test_calibration_on_the_real_model_is_fast(real_model):
+    """Calibration costs a few forward passes of its tokens, timed against a plain forward
+    pass of the same tokens in the same test: other processes on a shared machine slow
+    both alike, so the ratio holds where a fixed number of seconds does not."""
+    import mlx.core as mx
+
+    from mlx_lm_turbo import patch
+
     model, tok = real_model
     ratequant.calibrate(model, tok, "turboquant_mse")  # warm-up: codebooks, kernels
-    # The faster of two passes: the 2-core CI machine is shared, and other processes'
-    # bursts (load average 20 seen) add seconds that are not the calibration's.
-    seconds = []
-    for _ in range(2):
+    ids = mx.array(tok.encode(ratequant.CALIBRATION_TEXT.read_text())[:256])[None]
+    forward, calibration = [], []
+    for _ in range(2):  # interleaved, the faster of each
+        t = time.perf_counter()
+        mx.eval(model(ids, cache=patch._originals["make_prompt_cache"](model)))
+        forward.append(time.perf_counter() - t)
         t = time.perf_counter()
         cal = ratequant.calibrate(model, tok, "turboquant_mse")
-        seconds.append(time.perf_counter() - t)
-    seconds = min(seconds)
-    print(f"calibration: {seconds:.2f} s")
-    assert seconds <= 5.0, seconds
+        calibration.append(time.perf_counter() - t)
+    ratio = min(calibration) / min(forward)
+    print(f"calibration: {min(calibration):.2f} s = {ratio:.1f} forward passes")
+    # One recorded forward pass plus codec trials on the last 96 queries of every layer
+    # (about 3 passes here); 6 leaves room for noise, not for trials on every query.
+    assert ratio <= 6.0, (calibration, forward)
     assert cal.measured[1].shape == (30, 2) and np.all(cal.measured[1] > cal.measured[4])
     bits = ratequant.allocate(cal, "turboquant_mse", 2.5)
     assert abs(ratequant.mean_bits_per_element(cal, "turboquant_mse", "turboquant_mse", bits) - 2.5) < 0.02
@@ -96,3 +107,74 @@ def test_prompt_cache_file_is_checked_against_the_allocation():
     other = TurboConfig("turboquant_mse", 4, layer_bits=((4, 2), (4, 3)))
     with pytest.raises(ValueError, match="layer 1 was compressed with turboquant_mse K3"):
         patch.check_loaded_cache(caches, other)
+
+
+class ByteTokenizer:
+    def encode(self, text: str) -> list:
+        return list(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("target", ["nan", "inf", "-1", "0"])
+def test_impossible_targets_are_refused_when_parsing(target):
+    import importlib
+
+    from mlx_lm_turbo import patch
+
+    patch.apply()
+    parser = importlib.import_module("mlx_lm.generate").setup_arg_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--kv-method", "mse", "--ratequant-target", target])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("target,save,message", [
+    (0.5, None, "outside what the bit choices allow"),
+    (100, None, "outside what the bit choices allow"),
+    (2.5, "/nonexistent-folder/alloc.json", "no such folder"),
+    (2.5, ".", "is a folder"),
+])
+def test_bad_target_or_save_path_is_refused_before_calibrating(tiny_model, monkeypatch,
+                                                               target, save, message):
+    """Only the 4-token probe of the layers' shapes runs (no codec trials)."""
+    calls = []
+    calibrate = ratequant.calibrate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("choices", ratequant.DEFAULT_CHOICES))
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(ratequant, "calibrate", recording)
+    config = TurboConfig("turboquant_mse", 4, ratequant_target=target, ratequant_save=save)
+    with pytest.raises(ValueError, match=message):
+        ratequant.resolve(tiny_model, ByteTokenizer(), config, verbose=False)
+    assert all(choices == () for choices in calls), calls
+
+
+def test_cli_refuses_a_target_out_of_reach_before_calibrating(model_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_lm_turbo", "generate", "--model",
+                        str(model_dir), "--kv-method", "mse", "--ratequant-target", "100",
+                        "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: --ratequant-target 100.0 is outside what the bit choices allow"), r.stderr
+    # (no "RateQuant calibration" progress bar: the codec trials never started)
+
+
+def test_server_start_up_line_names_a_loaded_allocation(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from mlx_lm import server as mlx_server
+
+    from mlx_lm_turbo import patch
+
+    patch.apply_server()
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.server"])
+    p = mlx_server.argparse.ArgumentParser()
+    p.parse_args(["--kv-method", "mse", "--ratequant-load", str(tmp_path / "alloc.json")])
+    err = capsys.readouterr().err
+    assert f"RateQuant allocation from {tmp_path / 'alloc.json'}" in err, err
+    assert "-1" not in err, err

@@ -1,7 +1,7 @@
 """mlx_lm.server with compressed KV caches, over real HTTP on 127.0.0.1.
 
 A real server subprocess (``python -m mlx_lm_turbo server --kv-method turboquant_mse
---kv-bits 4``) serves SmolLM2-135M (from ../shared/models, weights dequantized to float32
+--kv-bits 4``) serves SmolLM2-135M (conftest's models/smollm2-135m, weights dequantized to float32
 once: see scripts/load_test.py). Greedy answers must equal mlx-lm's Python API
 (``stream_generate``) with the same TurboConfig: token for token for single requests; for
 concurrent requests of different lengths that the server batches (its BatchTurboKVCache
@@ -19,7 +19,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from conftest import MODEL_DIR, ROOT
+from conftest import ROOT, smollm2_path
 
 _spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
 lt = importlib.util.module_from_spec(_spec)
@@ -31,9 +31,7 @@ KV_FLAGS = ["--kv-method", "turboquant_mse", "--kv-bits", "4"]
 
 @pytest.fixture(scope="module")
 def model_path():
-    if not MODEL_DIR.exists():
-        pytest.fail(f"real model missing: {MODEL_DIR}")
-    return lt.fp32_model(MODEL_DIR)
+    return lt.fp32_model(smollm2_path())
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +348,102 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, referen
     status, _ = lt.get(server.port, "/health")
     assert status == 200
     check(reference, server, "text", "The capital of France is")
+
+
+@pytest.mark.slow
+def test_empty_prompt_gets_400_and_the_next_request_is_served(server, reference):
+    for body in ({"prompt": ""}, {"prompt": 5}, {"prompt": None}):
+        status, data = lt.post(server.port, "/v1/completions", dict(body, max_tokens=4))
+        assert status == 400, (body, status, data)
+        assert "prompt must be a non-empty string" in str(data), data
+    status, _ = lt.get(server.port, "/health")
+    assert status == 200
+    check(reference, server, "text", "The capital of France is")
+
+
+@pytest.mark.slow
+def test_an_abandoned_request_stops_generating(server, reference):
+    """A non-streaming client that hangs up: its request leaves the batch, and the server
+    serves the next one."""
+    import json
+    import socket
+    import time
+
+    max_tokens = 3000  # minutes of decoding on a CPU if nobody stops it
+    body = json.dumps({"prompt": "Count: 1, 2, 3,", "max_tokens": max_tokens,
+                       "temperature": 0.0, "logit_bias": {"0": -100, "2": -100}}).encode()
+    start = len(server.log())
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(3)  # let it prefill and decode a little
+    sock.close()
+    deadline = time.time() + 60
+    stopped = None
+    while time.time() < deadline and stopped is None:
+        stopped = re.search(r"client disconnected; stopped its request after (\d+) tokens",
+                            server.log()[start:])
+        time.sleep(0.5)
+    assert stopped, server.log()[start:][-3000:]
+    assert 0 < int(stopped.group(1)) < max_tokens
+    check(reference, server, "text", "The capital of France is")
+
+
+def test_the_generation_loop_survives_a_request_that_breaks_it():
+    """server_guard's loop on a stand-in of mlx-lm's ResponseGenerator: the request that
+    breaks the loop gets the error, the next one is served; a failure before any request
+    (loading the model) still ends it."""
+    import queue
+    import threading
+
+    from mlx_lm_turbo import server_guard
+
+    class Stock:
+        fail_at_start = False
+
+        def __init__(self):
+            self.requests = queue.Queue()
+            self._stop = False
+            self._generation_failed = False
+            self.thread = threading.Thread(target=self._run_generate)
+            self.thread.start()
+
+        def _next_request(self, timeout=None):
+            try:
+                return self.requests.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        def _generate(self):
+            if self.fail_at_start:
+                raise OSError("no model")
+            while not self._stop:
+                request = self._next_request(0.05)
+                if request is None:
+                    continue
+                rqueue, prompt, _ = request
+                if not prompt:
+                    raise IndexError("empty batch")
+                rqueue.put(prompt.upper())
+                rqueue.put(None)
+
+    guarded = server_guard.make_response_generator(Stock)()
+    try:
+        answers = []
+        for prompt in ("", "hi"):
+            rqueue = queue.Queue()
+            guarded.requests.put((rqueue, prompt, None))
+            answers.append(rqueue.get(timeout=10))
+        assert isinstance(answers[0], RuntimeError) and "empty batch" in str(answers[0])
+        assert answers[1] == "HI" and guarded.thread.is_alive()
+    finally:
+        guarded._stop = True
+        guarded.thread.join(10)
+
+    class NoModel(Stock):
+        fail_at_start = True
+
+    broken = server_guard.make_response_generator(NoModel)()
+    broken.thread.join(10)
+    assert broken._generation_failed and not broken.thread.is_alive()

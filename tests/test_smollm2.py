@@ -11,6 +11,8 @@ import pytest
 
 from mlx_lm_turbo import smollm2
 
+from conftest import needs_shared_data
+
 SHARED_MODEL = (Path(__file__).resolve().parents[1].parent / "shared" / "models"
                 / "smollm2-135m-instruct-4bit")
 SAMPLE = ("The capital of France is Paris; in 2024 it had 2,102,650 people.\n"
@@ -19,9 +21,7 @@ SAMPLE = ("The capital of France is Paris; in 2024 it had 2,102,650 people.\n"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    if not SHARED_MODEL.exists():
-        pytest.fail(f"reference model missing: {SHARED_MODEL} "
-                    "(CI has ../shared beside the checkout)")
+    needs_shared_data(SHARED_MODEL)
     out = tmp_path_factory.mktemp("smollm2") / "model"
     try:
         smollm2.fetch_smollm2(out)
@@ -73,3 +73,25 @@ def test_refuses_non_empty_out_dir(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: {out} exists and is not empty "
                                              "(use --force to replace it)"]
     assert (out / "keep.txt").exists()
+
+
+def test_a_second_run_reuses_the_converted_folder(model_dir):
+    """The README's first command, run again, goes on to generate with the same folder."""
+    before = {f.name: f.stat().st_mtime_ns for f in model_dir.iterdir()}
+    r = subprocess.run([sys.executable, "-m", "mlx_lm_turbo.smollm2", str(model_dir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "reusing it" in r.stderr and r.stdout.strip() == str(model_dir)
+    assert {f.name: f.stat().st_mtime_ns for f in model_dir.iterdir()} == before
+
+
+def test_a_changed_converted_folder_is_not_reused(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in smollm2.MODEL_FILES:
+        (out / name).write_text("{}")
+    (out / smollm2.SOURCE_FILE).write_text(json.dumps(
+        {"gguf_sha256": smollm2.GGUF_SHA256, "model_sha256": "0" * 64}))
+    assert not smollm2.is_converted(out)
+    with pytest.raises(smollm2.ConversionError, match="exists and is not empty"):
+        smollm2.fetch_smollm2(out)
