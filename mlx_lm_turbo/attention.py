@@ -28,6 +28,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import kernels
+from .kernels.dequant import dequantize
 
 # float32 scores (batch × query heads × queries × keys) above this go to prefill_attention.
 SCORE_BYTES = 1 << 26
@@ -83,12 +84,21 @@ def prefill_attention(queries: mx.array, keys: dict, values: dict, cache, scale:
 
 
 def _decode_blocks(codec, packed: dict, dtype, block: int) -> mx.array:
-    """All tokens of ``packed`` decoded (rotated domain) to ``dtype``, a block of tokens at
-    a time so that the float32 intermediates stay one block long."""
+    """All tokens of ``packed`` decoded (rotated domain) to ``dtype``: one fused launch
+    where it applies, else a block of tokens at a time so that the float32 intermediates
+    stay one block long."""
+    out = dequantize(codec, packed, dtype)
+    if out is not None:
+        return out
     S = next(iter(packed.values())).shape[2]
     parts = [codec.decode_rotated({n: a[:, :, s:s + block] for n, a in packed.items()})
              .astype(dtype) for s in range(0, S, block)]
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
+# Outputs of the last fused prefill calls, oldest first (see _fused_in_model_dtype).
+_in_flight: list = []
+IN_FLIGHT = 2
 
 
 def _fused_in_model_dtype(queries, keys, values, cache, scale, mask) -> mx.array:
@@ -97,8 +107,17 @@ def _fused_in_model_dtype(queries, keys, values, cache, scale, mask) -> mx.array
     k = _decode_blocks(kc, keys, dtype, 4096)
     v = _decode_blocks(vc, values, dtype, 4096)
     q = kc.rotate(queries).astype(dtype)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    return vc.unrotate(out).astype(dtype)
+    out = vc.unrotate(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+    out = out.astype(dtype)
+    # Each call decodes a layer's whole past, and MLX allocates every output when the host
+    # queues it: a prefill step's graph would hold all layers' decoded keys and values
+    # at once. Start each call's work now and wait for the one IN_FLIGHT calls back, so
+    # that at most IN_FLIGHT layers' decoded past are alive while the GPU stays busy.
+    mx.async_eval(out)
+    _in_flight.append(out)
+    if len(_in_flight) > IN_FLIGHT:
+        mx.eval(_in_flight.pop(0))
+    return out
 
 
 def _heads_view(mask: mx.array, n_heads: int, n_kv: int) -> mx.array:

@@ -115,8 +115,15 @@ class TurboConfig:
         return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
 
 
-# Tokens coded or decoded at a time when a whole cache changes form (from_kv_cache, to_fp16).
-HANDOVER_BLOCK = 4096
+# Elements (batch × heads × head dim × tokens) coded or decoded at a time when a whole
+# cache changes form (from_kv_cache, to_fp16): the MLX codecs' intermediates take ~150
+# bytes an element, so ~300 MB, whatever the context.
+HANDOVER_ELEMENTS = 1 << 21
+
+
+def handover_block(shape: tuple) -> int:
+    """Tokens a hand-over step takes for keys/values of ``shape`` (B, H, S, D)."""
+    return max(256, HANDOVER_ELEMENTS // (shape[0] * shape[1] * shape[-1]))
 
 
 def layer_seed(seed: int, layer: int, is_value: bool) -> int:
@@ -462,11 +469,13 @@ class TurboKVCache(_BaseCache):
     @classmethod
     def from_kv_cache(cls, kv: KVCache, config: TurboConfig, layer: int) -> "TurboKVCache":
         """Compress an fp16 KVCache (the --quantized-kv-start hand-over, convert-cache),
-        HANDOVER_BLOCK tokens at a time: the encoder's float32 intermediates stay one
-        block long whatever the context."""
+        a block of tokens at a time (``handover_block``): the encoder's float32
+        intermediates stay one block long whatever the context."""
         c = cls.from_config(config, layer)
-        for s in range(0, kv.offset if kv.keys is not None else 0, HANDOVER_BLOCK):
-            e = min(s + HANDOVER_BLOCK, kv.offset)
+        n = kv.offset if kv.keys is not None else 0
+        block = handover_block(kv.keys.shape) if n else 1
+        for s in range(0, n, block):
+            e = min(s + block, kv.offset)
             c.update_and_fetch(kv.keys[:, :, s:e], kv.values[:, :, s:e])
             mx.eval(c.keys, c.values, [a for a in (c.recent_keys, c.recent_values)
                                        if a is not None])
@@ -479,8 +488,8 @@ class TurboKVCache(_BaseCache):
         return self.offset - self.recent_keys.shape[2], self.recent_keys, self.recent_values
 
     def to_fp16(self) -> KVCache:
-        """Decode into a plain mlx-lm KVCache (what an unpatched mlx-lm can load),
-        HANDOVER_BLOCK tokens at a time."""
+        """Decode into a plain mlx-lm KVCache (what an unpatched mlx-lm can load), a
+        block of tokens at a time (``handover_block``)."""
         kv = KVCache()
         if self.keys is None or not self.offset:
             return kv
@@ -492,8 +501,9 @@ class TurboKVCache(_BaseCache):
         span = self.recent_span()
         coded = self.offset if span is None else span[0]   # the window's copies are exact
         mean = self.key_mean.astype(mx.float32)
-        for s in range(0, coded, HANDOVER_BLOCK):
-            e = min(s + HANDOVER_BLOCK, coded)
+        block = handover_block(kv.keys.shape)
+        for s in range(0, coded, block):
+            e = min(s + block, coded)
             keys = self.key_codec.decode(_slice_tokens(k, s, e)) + mean
             kv.keys[:, :, s:e] = keys.astype(self.dtype)
             kv.values[:, :, s:e] = self.value_codec.decode(_slice_tokens(v, s, e), self.dtype)

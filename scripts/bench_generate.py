@@ -187,7 +187,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--text", help="prompt text for --model (repeated to length)")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--kinds", default="bf16,mse2,mse3,mse4,mse3w64")
-    ap.add_argument("--rounds", type=int, default=2, help="warm rounds after first use")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="warm rounds after first use (0: report first use, e.g. for memory)")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--memory-gb", type=float, default=80.0,
                     help="memory for the longest-prompt projection")
@@ -218,7 +219,10 @@ def main(argv=None) -> dict:
                       f"{row['prefill_peak_bytes'] / 1e9:.2f} GB, KV "
                       f"{row['kv_bytes'] / 2**20:.0f} MiB, {row['decode_tok_s']:.1f} tok/s",
                       flush=True)
-                (results["first_use"].append(row) if r == 0 else rows[kind].append(row))
+                if r == 0:
+                    results["first_use"].append(row)
+                if r > 0 or args.rounds == 0:   # (--rounds 0: first use is all there is)
+                    rows[kind].append(row)
         results["warm"] += [median_row(v) for v in rows.values() if v]
         with open(args.out + ".json", "w") as f:
             json.dump(results, f, indent=1)

@@ -2,7 +2,7 @@
 shim, the CUDA variant compiles with nvcc when present), the very kernel text run by a C++
 thread emulation against the MLX reference / codecs, the dispatchers' fallbacks, and GPU
 correctness (skipped without a GPU backend; proven on the H100 by
-scripts/bench_attention.py, see reports/attention_h100.md)."""
+scripts/bench_attention.py, see reports/README.md)."""
 
 import os
 import shutil
@@ -469,7 +469,7 @@ def test_n_splits_cover_sequence():
 
 gpu = pytest.mark.skipif(decode.backend() is None,
                          reason="no Metal or CUDA backend: GPU correctness is proven by "
-                                "scripts/bench_attention.py on the H100 (reports/attention_h100.md)")
+                                "scripts/bench_attention.py on the H100 (reports/README.md)")
 
 
 @gpu

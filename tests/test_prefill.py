@@ -123,3 +123,47 @@ def test_bytes_reported_are_bytes_alive(tiny_model, window):
         alive = alive_delta(lambda: step(block))
         grown = sum(c.nbytes for c in caches) - held
         assert abs(alive - grown) <= 0.05 * (held + grown) + 65536, (block.shape, alive, grown)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dequantize_kernel_text_equals_the_codec_decode(bits):
+    """The fused dequantize's text, run by the CPU emulation on a token slice of a cache
+    buffer (read through its strides, as MLX hands it over)."""
+    pytest.importorskip("ctypes")
+    from mlx_lm_turbo.kernels import dequant, emulate, source
+
+    c = TurboKVCache("turboquant_mse", bits)
+    c.update_and_fetch(mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64)))
+    keys, _ = c.keys_and_values()          # slices of 512-token buffers
+    run = emulate.compile_kernel(source.DEQUANT_BODY, dequant.INPUTS,
+                                 [np.uint32, np.uint16, np.float32], dequant.OUTPUTS,
+                                 [("BITS", bits), ("D", 64), ("NTG", dequant.NTG),
+                                  ("OutT", "float")])
+    out = np.zeros((1, 2, 300, 64), np.float32)
+    n = out.size
+    run([emulate._np(keys["codes"], c.keys["codes"]),
+         emulate._np(keys["norm"], c.keys["norm"]), emulate._np(c.key_codec.centroids)],
+        [out], (-(-n // dequant.NTG), 1), dequant.NTG)
+    want = np.array(c.key_codec.decode_rotated(keys))
+    assert np.abs(out - want).max() == 0.0
+
+
+def test_handover_memory_does_not_grow_with_the_context():
+    """--quantized-kv-start's hand-over (and convert-cache) code a long fp16 cache a block
+    at a time: its peak is the same for 16k and 64k tokens."""
+    from mlx_lm.models.cache import KVCache
+
+    def peak(n):
+        kv = KVCache()
+        kv.update_and_fetch(*(mx.random.normal((1, 2, n, 64)).astype(mx.float16)
+                              for _ in range(2)))
+        mx.eval(kv.keys, kv.values)
+        gc.collect()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        c = TurboKVCache.from_kv_cache(kv, TurboConfig("turboquant_mse", 3), 0)
+        mx.eval(c.keys, c.values)
+        return mx.get_peak_memory() - base - c.nbytes
+
+    assert peak(65536) <= 1.2 * peak(16384)

@@ -12,6 +12,9 @@ the encode kernel still steps aside for codecs it does not cover).
 ``encode.write_pair_in_place`` codes a decode step's key and value straight into the
 cache's buffers; the cache then hands attention its *live* dicts (``settle`` turns them
 into plain packed views for any other reader).
+``dequant.dequantize(codec, packed, dtype)`` decodes ``turboquant_mse`` codes to the
+rotated domain in the model's dtype in one launch: the GPU prefill path
+(``attention.prefill_attention``) re-reads a layer's past with it at every prefill step.
 """
 
 from .decode import MAX_QUERY_LEN, backend, decode_attention, settle

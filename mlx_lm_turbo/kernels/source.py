@@ -1638,3 +1638,33 @@ MMA_FOLD_TAIL = """
     KV_BARRIER();
   }
 """
+
+
+# Fused dequantize (kernels/dequant.py): one thread a coordinate, a turboquant_mse vector's
+# code times its stored norm, in the rotated domain, written in the model's dtype. Inputs
+# are read through their strides (cache slices arrive without a copy); the last axis of
+# ``codes`` is contiguous, as the packer writes it.
+DEQUANT_BODY = """
+  const int i = kv_bx * NTG + kv_tid;
+  const int T = int(codes_shape[2]);
+  const int H = int(codes_shape[1]);
+  const int total = int(codes_shape[0]) * H * T * D;
+  if (i < total) {
+    const int r = i / D;
+    const int d = i - r * D;
+    const int t = r % T;
+    const int h = (r / T) % H;
+    const int b = r / (T * H);
+    const int at = b * int(codes_strides[0]) + h * int(codes_strides[1])
+                 + t * int(codes_strides[2]);
+    const int bit = d * BITS;
+    const int w = bit >> 5;
+    const int s = bit & 31;
+    uint32_t v = codes[at + w] >> s;
+    if (s + BITS > 32) v |= codes[at + w + 1] << (32 - s);
+    v &= (1u << BITS) - 1u;
+    const float rho = KV_H2F(norm[b * int(norm_strides[0]) + h * int(norm_strides[1])
+                                 + t * int(norm_strides[2])]);
+    out[i] = OutT(cb[v] * rho);
+  }
+"""
