@@ -73,7 +73,7 @@ def prefill_attention(queries: mx.array, keys: dict, values: dict, cache, scale:
                       mask=None, sinks: Optional[mx.array] = None,
                       block: Optional[int] = None) -> mx.array:
     """Attention whose memory is bounded by a block of keys (see the module docstring).
-    ``block``: keys decoded at a time (default: float32 scores of ~SCORE_BYTES)."""
+    ``block``: keys decoded at a time (default: float32 scores of ~BLOCK_BYTES)."""
     keys, values = kernels.settle(keys), kernels.settle(values)
     fused = (mx.default_device() == mx.gpu and sinks is None and "recent" not in keys
              and (mask is None or isinstance(mask, str))

@@ -662,7 +662,7 @@ def pipelined_steps(model, caches, steps: int, batch: int = 1,
 def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "mse4"),
         batch: int = 1, rounds: int = 3) -> None:
     """Decode tok/s per cache kind. The host-bound batch-1 step moves by tens of percent
-    between minutes on the H100 machine, so every kind's caches are filled first and the
+    between minutes on a GPU host, so every kind's caches are filled first and the
     kinds are then timed in turn, ``rounds`` times: a kind's figures are medians over the
     rounds, its speedups the median of the per-round ratios to bf16 (same round)."""
     from mlx_lm_turbo import patch

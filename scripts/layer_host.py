@@ -9,7 +9,7 @@ input costs).
     python scripts/layer_host.py --out DIR [--context 32768]
     PKG_ROOT=/path/to/other/checkout python scripts/layer_host.py ...   # another version
 
-``PKG_ROOT``: import mlx_lm_turbo from there instead (A/B of two versions in one lease).
+``PKG_ROOT``: import mlx_lm_turbo from there instead (A/B of two versions on one machine).
 """
 
 import argparse

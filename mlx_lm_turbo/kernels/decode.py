@@ -189,7 +189,7 @@ def build_kernel(body: str, backend_name: str, name: str, inputs: list, outputs:
     ``template``: its values are baked into the source, so a call passes no template.
     MLX re-renders the source and formats every template value on each call; with one
     kernel object per specialisation the two decode launches took 26 instead of 39 µs of
-    host time on the H100 machine (batch-1 decode waits on host time). Inputs are read through their
+    host time on an H100 (batch-1 decode waits on host time). Inputs are read through their
     strides (cache slices and transposed key views arrive without a copy)."""
     header, src = full_source(body, backend_name, template, mma)
     make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
