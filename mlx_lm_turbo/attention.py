@@ -28,6 +28,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import kernels
+from .cache import scale_queries
 from .kernels.dequant import dequantize
 
 # float32 scores (batch × query heads × queries × keys) above this go to prefill_attention.
@@ -50,7 +51,8 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
     if "recent" in keys:
         k, v, mask = _with_window(q, k, v, keys["recent"], values["recent"], cache, mask)
     if sinks is not None:
-        # The sink logit does not move with q·μ: put the key mean back.
+        # The sink logit does not move with q·μ: put the key mean back (μ/s: the queries
+        # were scaled by s).
         k = k + kc.rotate(cache.key_mean.astype(mx.float32))
         sinks = sinks.astype(mx.float32)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
@@ -59,9 +61,19 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
 
 def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: float,
                     mask=None, sinks: Optional[mx.array] = None) -> mx.array:
+    # Keys are held as k/s (cache.py, key statistics): (q·s)·(k/s) = q·k.
+    if getattr(cache, "scale_keys", False):
+        queries = scale_queries(queries, cache.key_scale).astype(queries.dtype)
+    if "first" in keys:   # (only blocks with positions below STATS_TOKENS)
+        return _with_first_keys(queries, keys, values, cache, scale, mask, sinks)
     out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks)
     if out is not None:
         return out
+    return _coded_attention(queries, keys, values, cache, scale, mask, sinks)
+
+
+def _coded_attention(queries, keys, values, cache, scale, mask, sinks) -> mx.array:
+    """The reference where its float32 scores stay small, else the prefill path."""
     B, H, L, _ = queries.shape
     S = next(iter(keys.values())).shape[2]
     if 4 * B * H * L * S <= SCORE_BYTES:
@@ -211,6 +223,40 @@ def _blocked(queries, keys, values, cache, scale, mask, sinks, block) -> mx.arra
         merge(scores(rk, mx.arange(S - n, S)[None], slice(S - n, S), True), rv)
     out = (acc / mx.maximum(l_run, 1e-30)).reshape(B, H, L, -1)
     return vc.unrotate(out).astype(queries.dtype)
+
+
+def _with_first_keys(queries: mx.array, keys: dict, values: dict, cache, scale: float,
+                     mask, sinks) -> mx.array:
+    """Queries at positions below STATS_TOKENS read the exact keys there (cache.py:
+    "first"; values from the codes), later ones the codes."""
+    first = keys.pop("first")
+    L, n = queries.shape[2], first.shape[2]
+    S = next(iter(values.values())).shape[2] if "live" not in values else values["live"][0]
+    start = S - L                          # position of the block's first query
+    m = max(0, min(L, n - start))          # queries of this block below n
+    if m == 0:
+        return _coded_attention(queries, keys, values, cache, scale, mask, sinks)
+    kc, vc = cache.key_codec, cache.value_codec
+    q = kc.rotate(queries[:, :, :m])
+    k = kc.rotate(first[:, :, :start + m].astype(mx.float32)
+                  - cache.key_mean.astype(mx.float32))
+    vals = kernels.settle(values)
+    v = vc.decode_rotated({name: a[:, :, :start + m] for name, a in vals.items()
+                           if name != "recent"})
+    fmask = mask[..., :m, :start + m] if isinstance(mask, mx.array) else (
+        "causal" if m > 1 else None)
+    if isinstance(fmask, mx.array) and fmask.dtype != mx.bool_:
+        fmask = fmask.astype(mx.float32)
+    if sinks is not None:
+        k = k + kc.rotate(cache.key_mean.astype(mx.float32))
+        sinks = sinks.astype(mx.float32)
+    head = vc.unrotate(mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=scale, mask=fmask, sinks=sinks)).astype(queries.dtype)
+    if m == L:
+        return head
+    rest_mask = mask[..., m:, :] if isinstance(mask, mx.array) else mask
+    rest = _coded_attention(queries[:, :, m:], keys, values, cache, scale, rest_mask, sinks)
+    return mx.concatenate([head, rest], axis=2)
 
 
 def _with_window(q: mx.array, k: mx.array, v: mx.array, recent_k: mx.array,

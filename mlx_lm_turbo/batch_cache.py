@@ -7,11 +7,12 @@ shares the codecs (same method, bits, seed and layer give the same rotation), so
 concatenating packed buffers along the batch axis, left-padded with zero codes (which
 decode to zeros and are masked out).
 
-The key mean μ that TurboKVCache subtracts before coding (``center_keys``; zeros when
-off, the default) differs per request; it is kept per batch row, shape (B, H, 1, d).
-Softmax is invariant to q·μ per row, so attention needs nothing more. A row that enters
-the batch empty gets its μ from its first block of real tokens (padding excluded), exactly
-as a single-request cache would. Caches of different ``center_keys`` are not batched.
+The key statistics of TurboKVCache (``center_keys``, ``scale_keys``: the mean key μ/s and
+the channel scales s) differ per request; they are kept per batch row, shape (B, H, 1, d),
+and the queries of each row are scaled by its s. A row that enters the batch empty gets
+them from the first STATS_TOKENS real tokens of its first block (padding excluded); a
+request merged before it had STATS_TOKENS tokens fixes them from the keys it has. Caches
+of different settings are not batched.
 
 The fp16 window (``fp16_window``, see cache.py) is kept for the whole batch as copies of
 the last n positions, right-aligned like the codes. Codes exist for every position, so a
@@ -32,7 +33,7 @@ from typing import List, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import create_causal_mask, dynamic_roll
 
-from .cache import TurboKVCache
+from .cache import STATS_TOKENS, TurboKVCache, key_statistics
 
 log = logging.getLogger("mlx_lm_turbo")
 
@@ -56,7 +57,8 @@ _decode_batch = 0   # batch size of the last decode step (layer 0), for the log
 
 def _codec_key(c: TurboKVCache) -> tuple:
     return (c.key_method, c.key_bits, c.value_method, c.value_bits, c.seed, c.layer,
-            getattr(c, "center_keys", False), getattr(c, "fp16_window", 0))
+            getattr(c, "center_keys", False), getattr(c, "fp16_window", 0),
+            getattr(c, "scale_keys", False))
 
 
 def _recent_rows(c: TurboKVCache, n: int) -> tuple:
@@ -102,9 +104,10 @@ class BatchTurboKVCache(TurboKVCache):
     def __init__(self, left_padding: List[int], key_method: str = "turboquant_mse",
                  key_bits: int = 4, value_method: Optional[str] = None,
                  value_bits: Optional[int] = None, seed: int = 0, layer: int = 0,
-                 center_keys: bool = False, fp16_window: int = 0):
+                 center_keys: bool = False, fp16_window: int = 0,
+                 scale_keys: bool = False):
         super().__init__(key_method, key_bits, value_method, value_bits, seed, layer,
-                         center_keys, fp16_window)
+                         center_keys, fp16_window, scale_keys)
         self.left_padding = mx.array(left_padding, dtype=mx.int32)
         self.offset = mx.array([-p for p in left_padding], dtype=mx.int32)
         self._idx = 0
@@ -116,7 +119,7 @@ class BatchTurboKVCache(TurboKVCache):
     @classmethod
     def like(cls, c: TurboKVCache, left_padding: List[int]) -> "BatchTurboKVCache":
         b = cls(left_padding, c.key_method, c.key_bits, c.value_method, c.value_bits,
-                c.seed, c.layer, c.center_keys, c.fp16_window)
+                c.seed, c.layer, c.center_keys, c.fp16_window, c.scale_keys)
         b.key_codec, b.value_codec, b.dtype = c.key_codec, c.value_codec, c.dtype
         return b
 
@@ -137,13 +140,18 @@ class BatchTurboKVCache(TurboKVCache):
         padding = [max_length - n for n in lengths]
         src = next((c for c in caches if c.key_codec is not None), caches[0])
         batch = cls.like(src, padding)
+        for c in caches:   # every row's keys must share one s and μ from here on
+            c.fix_statistics()
         with_mean = [c for c in caches if c.key_mean is not None]
         if with_mean:
             m0 = with_mean[0].key_mean
             zero = mx.zeros((1, *m0.shape[1:]), m0.dtype)
             batch.key_mean = mx.concatenate(
                 [c.key_mean if c.key_mean is not None else zero for c in caches], axis=0)
-            batch._has_mean = [c.key_mean is not None for c in caches]
+            batch.key_scale = mx.concatenate(
+                [c.key_scale if c.key_scale is not None else zero + 1 for c in caches], axis=0)
+            batch._has_mean = [c.key_scale is not None or (c.key_mean is not None and not (
+                c.center_keys or c.scale_keys)) for c in caches]
         if max_length == 0:
             batch._log("merge")
             return batch
@@ -174,7 +182,7 @@ class BatchTurboKVCache(TurboKVCache):
         """In place: keep the given rows (then drop the common left padding)."""
         idx = mx.array(batch_indices, dtype=mx.int32) if len(batch_indices) else None
         if idx is None:
-            self.keys = self.values = self.key_mean = None
+            self.keys = self.values = self.key_mean = self.key_scale = None
             self.recent_keys = self.recent_values = None
             self.offset = self.offset[:0]
             self.left_padding = self.left_padding[:0]
@@ -186,6 +194,8 @@ class BatchTurboKVCache(TurboKVCache):
             self.values = {n: a[idx] for n, a in self.values.items()}
         if self.key_mean is not None:
             self.key_mean = self.key_mean[idx]
+        if self.key_scale is not None:
+            self.key_scale = self.key_scale[idx]
         if self.recent_keys is not None:
             self.recent_keys, self.recent_values = self.recent_keys[idx], self.recent_values[idx]
         self.offset = self.offset[idx]
@@ -212,12 +222,14 @@ class BatchTurboKVCache(TurboKVCache):
         if self.key_mean is not None or other.key_mean is not None:
             ref = self.key_mean if self.key_mean is not None else other.key_mean
 
-            def mean_rows(c, n):
-                if c.key_mean is not None:
-                    return c.key_mean
-                return mx.zeros((n, *ref.shape[1:]), ref.dtype)
+            def rows(c, n, name, fill):
+                a = getattr(c, name)
+                return a if a is not None else mx.full((n, *ref.shape[1:]), fill, ref.dtype)
 
-            self.key_mean = mx.concatenate([mean_rows(self, n_self), mean_rows(other, n_other)])
+            self.key_mean = mx.concatenate([rows(self, n_self, "key_mean", 0),
+                                            rows(other, n_other, "key_mean", 0)])
+            self.key_scale = mx.concatenate([rows(self, n_self, "key_scale", 1),
+                                             rows(other, n_other, "key_scale", 1)])
         self._has_mean = self._has_mean + other._has_mean
         if self.keys is None and other.keys is None:
             self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
@@ -266,10 +278,13 @@ class BatchTurboKVCache(TurboKVCache):
     def extract(self, idx: int) -> TurboKVCache:
         """Row ``idx`` as a single-request TurboKVCache (padding dropped, exact size)."""
         c = TurboKVCache(self.key_method, self.key_bits, self.value_method, self.value_bits,
-                         self.seed, self.layer, self.center_keys, self.fp16_window)
+                         self.seed, self.layer, self.center_keys, self.fp16_window,
+                         self.scale_keys)
         c.key_codec, c.value_codec, c.dtype = self.key_codec, self.value_codec, self.dtype
         if self.key_mean is not None and self._has_mean[idx]:
             c.key_mean = mx.contiguous(self.key_mean[idx:idx + 1])
+            if self.center_keys or self.scale_keys:
+                c.key_scale = mx.contiguous(self.key_scale[idx:idx + 1])
         if self.keys is None:
             return c
         pad = self.left_padding[idx].item()
@@ -334,24 +349,29 @@ class BatchTurboKVCache(TurboKVCache):
         return lo - start, hi - start
 
     def _update_means(self, keys: mx.array, start: int) -> None:
-        """μ for rows that have none yet: the mean of their real tokens in this block with
-        ``center_keys``, else zeros (as TurboKVCache does)."""
+        """Key statistics (s, μ/s) for rows that have none yet, from the first
+        STATS_TOKENS real tokens of this block (s = 1, μ = 0 where both are off)."""
         need = [i for i, has in enumerate(self._has_mean) if not has]
         if not need:
             return
         b, h, _, d = keys.shape
         if self.key_mean is None:
             self.key_mean = mx.zeros((b, h, 1, d), mx.float16)
+        if self.key_scale is None:
+            self.key_scale = mx.ones((b, h, 1, d), mx.float16)
         left_padding = self.left_padding.tolist()
         rows = [self.key_mean[i:i + 1] for i in range(b)]
+        scales = [self.key_scale[i:i + 1] for i in range(b)]
         for i in need:
             lo, hi = self._valid_range(i, start, keys.shape[2], left_padding)
             if hi > lo:
-                if self.center_keys:
-                    block = keys[i:i + 1, :, lo:hi].astype(mx.float32)
-                    rows[i] = block.mean(axis=2, keepdims=True).astype(mx.float16)
+                if self.center_keys or self.scale_keys:
+                    block = keys[i:i + 1, :, lo:min(hi, lo + STATS_TOKENS)]
+                    scales[i], rows[i] = key_statistics(block, self.center_keys,
+                                                        self.scale_keys)
                 self._has_mean[i] = True
         self.key_mean = mx.concatenate(rows, axis=0)
+        self.key_scale = mx.concatenate(scales, axis=0)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.key_codec is None:
@@ -364,6 +384,8 @@ class BatchTurboKVCache(TurboKVCache):
                 _decode_batch = keys.shape[0]
                 log.info("mlx-lm-turbo: decoding a batch of %d sequences", _decode_batch)
         self._update_means(keys, prev)
+        if self.scale_keys:   # held as k/s, as in TurboKVCache
+            keys = (keys / self.key_scale).astype(keys.dtype)
         self._write(keys, values, prev)
         self.offset = self.offset + n
         self._idx += n

@@ -15,13 +15,22 @@ graph node, and this is 1 node a layer on CUDA (the attention launch also combin
 splits), 3 on Metal, instead of ~11. The buffers are still the only copy: nothing is
 held twice, ``nbytes`` is unchanged.
 
-Optional key centring (``center_keys``): μ, the per-head mean key of the first block, is
-subtracted before coding (one fp16 vector per head, counted in ``nbytes``). Softmax is
-invariant to adding q·μ to every score of a query, so attention needs no correction
-(except with attention sinks, where μ is added back). It is off by default: on WikiText-2
-(SmolLM2, 3-bit, 2 x 2048 tokens) it moved perplexity by under 1%, and it makes the codes
-depend on how the prompt was split into blocks (prefill would no longer equal a
-token-by-token decode). Without it ``key_mean`` is a zero vector.
+Key statistics (``center_keys``, ``scale_keys``; both on by default): the keys of the
+first ``STATS_TOKENS`` tokens fix, per head, the mean key μ and each channel's RMS about
+it, s (geometric mean 1). The cache then works in a scaled key space: every key enters as
+k/s, is centred by ``key_mean`` = μ/s and coded; attention multiplies the queries by s
+(``scale_queries``), so (q·s)·(k/s) = q·k exactly, and softmax ignores the q·μ common to
+a query's scores (attention with sinks adds μ/s back). Both are kept in fp16 per head and
+counted in ``nbytes``. Why: keys such as Qwen2.5's carry a large shared offset (the k bias)
+and a few outlier channels; the codec's error is proportional to the norm of what it
+codes, so without them the offset and outliers set every key's error (Qwen2.5-Coder-0.5B
+at 4 bits: perplexity x25). The statistics depend only on the first STATS_TOKENS keys,
+never on how a prompt is split into blocks: a cache that starts with fewer tokens keeps
+their exact keys (counted) and codes them again with the statistics of the keys so far
+at every update until STATS_TOKENS have arrived; from then on the codes are the same as
+if the first block had brought STATS_TOKENS keys at once. Queries at positions below
+STATS_TOKENS read those exact keys (attention.py), in a block prefill as in token-by-token
+decode, so the whole model's result does not depend on the split either.
 
 Optional fp16 window (``fp16_window`` W, ``--kv-fp16-window``): every token is coded, and
 the newest W tokens are *also* kept uncompressed (fp16, or bf16 for bf16 models) and
@@ -69,7 +78,8 @@ class TurboConfig:
     ratequant_save: Optional[str] = None
     ratequant_load: Optional[str] = None
     ratequant_calibration: Optional[str] = None
-    center_keys: bool = False
+    center_keys: bool = True
+    scale_keys: bool = True
     fp16_window: int = 0
 
     def __post_init__(self):
@@ -111,7 +121,10 @@ class TurboConfig:
         else:
             text = (f"K {self.key_method} {self.key_bits}-bit / "
                     f"V {self.value_method} {self.value_bits}-bit")
-        text += ", centred keys" if self.center_keys else ""
+        # (the key statistics are named only where they differ from the default, both on)
+        text += {(True, True): "", (True, False): ", centred keys",
+                 (False, True): ", scaled keys", (False, False): ", raw keys"}[
+            (self.center_keys, self.scale_keys)]
         return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
 
 
@@ -129,6 +142,38 @@ def handover_block(shape: tuple) -> int:
 def layer_seed(seed: int, layer: int, is_value: bool) -> int:
     """Per-layer, per-K/V seed: files store the global seed, never matrices."""
     return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
+
+
+STATS_TOKENS = 64   # the first tokens whose keys fix the key mean and channel scales
+SCALE_POWER = 0.5   # s = RMS^p: p = 1 evens the channels out fully
+
+
+def key_statistics(keys: mx.array, center: bool, scale: bool) -> tuple:
+    """(s, μ/s) in fp16, shape (B, H, 1, D), from keys (B, H, T, D): s is each channel's
+    RMS about the mean (1 without ``scale``), normalised to geometric mean 1; μ the mean
+    key (0 without ``center``). Dividing by s evens out the channels' energy, so outlier
+    channels no longer set the coding error of every key."""
+    k = keys.astype(mx.float32)
+    mu = k.mean(axis=2, keepdims=True) if center else mx.zeros_like(k[:, :, :1])
+    if scale:
+        rms = mx.sqrt(((k - mu) ** 2).mean(axis=2, keepdims=True))
+        # channels that barely move are not blown up: s >= 1/64 of the largest
+        rms = mx.maximum(rms, rms.max(axis=-1, keepdims=True) / 64 + 1e-6)
+        s = rms ** SCALE_POWER
+        s = (s / mx.exp(mx.log(s).mean(axis=-1, keepdims=True))).astype(mx.float16)
+    else:
+        s = mx.ones_like(mu).astype(mx.float16)
+    return s, (mu / s.astype(mx.float32)).astype(mx.float16)
+
+
+def scale_queries(queries: mx.array, key_scale: Optional[mx.array]) -> mx.array:
+    """q·s for keys held as k/s: key_scale (B, Hkv, 1, D) serves Hq/Hkv query heads."""
+    if key_scale is None:
+        return queries
+    B, Hq, L, D = queries.shape
+    Hkv = key_scale.shape[1]
+    q = queries.reshape(B, Hkv, Hq // Hkv, L, D) * key_scale[:, :, None].astype(queries.dtype)
+    return q.reshape(B, Hq, L, D)
 
 
 def _slice_tokens(packed: dict, start: int, stop: int) -> dict:
@@ -149,12 +194,18 @@ class TurboKVCache(_BaseCache):
     # the in-place append's uint32 marker, one dtype for the kernels that take it).
     _pending = None
     _coded = None
+    _first_span = None   # exact keys below STATS_TOKENS for this update's attention
 
     def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
                  value_method: Optional[str] = None, value_bits: Optional[int] = None,
                  seed: int = 0, layer: int = 0, center_keys: bool = False,
-                 fp16_window: int = 0):
+                 fp16_window: int = 0, scale_keys: bool = False):
+        # (the bare class codes raw keys; TurboConfig, what the flags build, turns the
+        # key statistics on)
         self.center_keys = center_keys
+        self.scale_keys = scale_keys
+        self.key_scale = None       # s (fp16), set by the first update
+        self.first_keys = None      # exact keys held until STATS_TOKENS (module docstring)
         self.fp16_window = fp16_window
         self.recent_keys = None     # uncompressed copies of the newest fp16_window tokens
         self.recent_values = None
@@ -178,7 +229,7 @@ class TurboKVCache(_BaseCache):
     def from_config(cls, config: TurboConfig, layer: int) -> "TurboKVCache":
         kb, vb = config.bits_for_layer(layer)
         return cls(config.key_method, kb, config.value_method, vb, config.seed, layer,
-                   config.center_keys, config.fp16_window)
+                   config.center_keys, config.fp16_window, config.scale_keys)
 
     def _make_codecs(self, k_dim: int, v_dim: int) -> None:
         self.key_codec = codecs.make(self.key_method, self.key_bits, k_dim,
@@ -187,6 +238,7 @@ class TurboKVCache(_BaseCache):
                                        layer_seed(self.seed, self.layer, True))
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        keys = self._key_space(keys)
         # A decode step whose attention runs the steady fused kernel: code the token
         # straight into the buffers (one launch, no slice writes or views: batch-1
         # decode waits on host time per graph node) and hand attention the live dicts.
@@ -200,11 +252,62 @@ class TurboKVCache(_BaseCache):
         if self.key_codec is None:
             self._make_codecs(keys.shape[-1], values.shape[-1])
             self.dtype = keys.dtype
-            mean = keys.astype(mx.float32).mean(axis=2, keepdims=True)
-            self.key_mean = (mean if self.center_keys else mx.zeros_like(mean)).astype(mx.float16)
+            if self.key_mean is None:   # statistics not fixed yet: μ = 0 (s = 1)
+                self.key_mean = mx.zeros_like(keys[:, :, :1]).astype(mx.float16)
         self._write(keys, values, self.offset)
         self.offset += keys.shape[2]
-        return self._fetch(keys, values)
+        return self._with_first(*self._fetch(keys, values))
+
+    def _with_first(self, k: dict, v: dict) -> tuple:
+        """Attention's dicts plus, while the block holds positions below STATS_TOKENS, the
+        exact keys there (k/s, under "first"): queries at those positions read them, so
+        that what they compute, and the next layer's keys, do not depend on the split."""
+        first, self._first_span = self._first_span, None
+        return ({**k, "first": self._scaled(first)}, v) if first is not None else (k, v)
+
+    def _key_space(self, keys: mx.array) -> mx.array:
+        """Keys as the cache holds them, k/s. Until STATS_TOKENS keys have arrived, the
+        statistics are those of the keys so far, and every update codes the held tokens
+        again with them (from their exact copies, ``first_keys``); then they are fixed."""
+        if not (self.center_keys or self.scale_keys):
+            return keys
+        if self.key_scale is None or self.first_keys is not None:
+            seen = keys if self.first_keys is None else mx.concatenate(
+                [self.first_keys.astype(keys.dtype), keys], axis=2)
+            self._first_span = seen[:, :, :STATS_TOKENS]
+            self.key_scale, self.key_mean = key_statistics(
+                seen[:, :, :STATS_TOKENS], self.center_keys, self.scale_keys)
+            held = self.first_keys
+            # (in the keys' own dtype: the statistics and codes come out the same as
+            # when the first block brings STATS_TOKENS keys at once)
+            self.first_keys = seen if seen.shape[2] < STATS_TOKENS else None
+            if held is not None:
+                self._recode(held)
+        return self._scaled(keys)
+
+    def _scaled(self, keys: mx.array) -> mx.array:
+        return (keys / self.key_scale).astype(keys.dtype) if self.scale_keys else keys
+
+    def fix_statistics(self) -> None:
+        """Keep the statistics as they are now, with fewer than STATS_TOKENS keys
+        (batching needs every row's fixed)."""
+        self.first_keys = None
+
+    def _recode(self, held: mx.array) -> None:
+        """Code the held tokens (all of them: exact keys ``held``) with the current
+        statistics; the window's copies follow the new scale."""
+        self._settle()
+        self._inplace = False
+        kx = self._scaled(held)   # the same steps as _write's
+        kx = kx - self.key_mean if self.center_keys else kx
+        coded = fused_encode.encode(self.key_codec, kx)
+        coded = self.key_codec.encode(kx) if coded is None else coded
+        n = held.shape[2]
+        for name, a in coded.items():
+            self.keys[name][:, :, :n] = a
+        if self.recent_keys is not None and self.recent_keys.shape[2]:
+            r = self.recent_keys
+            self.recent_keys = self._scaled(held[:, :, n - r.shape[2]:]).astype(r.dtype)
 
     def _write_in_place(self, keys: mx.array, values: mx.array):
         """(live keys, live values) after coding one token into the buffers in place, or
@@ -373,6 +476,8 @@ class TurboKVCache(_BaseCache):
         # through MLX (which copies a buffer still held) until the next write.
         self._settle()
         self._inplace = False
+        if self.first_keys is not None:
+            self.first_keys = self.first_keys[:, :, :self.offset]
         if self.recent_keys is not None:
             # The copies of the trimmed tokens go; older ones were never kept, so the
             # window is shorter until new tokens arrive (attention reads codes there).
@@ -399,7 +504,8 @@ class TurboKVCache(_BaseCache):
         """Bytes held by the buffers (codes and scalars, allocated capacity)."""
         if self.keys is None:
             return 0
-        mean = 0 if self.key_mean is None else self.key_mean.nbytes
+        mean = sum(a.nbytes for a in (self.key_mean, self.key_scale, self.first_keys)
+                   if a is not None)
         recent = 0 if self.recent_keys is None else \
             self.recent_keys.nbytes + self.recent_values.nbytes
         return (codecs.packed_nbytes(self.keys) + codecs.packed_nbytes(self.values)
@@ -429,7 +535,9 @@ class TurboKVCache(_BaseCache):
             "key_method": self.key_method, "key_bits": self.key_bits,
             "value_method": self.value_method, "value_bits": self.value_bits,
             "seed": self.seed, "layer": self.layer, "center_keys": self.center_keys,
-            "fp16_window": self.fp16_window,
+            "scale_keys": self.scale_keys, "fp16_window": self.fp16_window,
+            # exact keys held while the key statistics wait for STATS_TOKENS tokens
+            "first_keys": 0 if self.first_keys is None else self.first_keys.shape[2],
             "key_dim": self.key_codec.dim if self.key_codec else 0,
             "value_dim": self.value_codec.dim if self.value_codec else 0,
             "dtype": str(self.dtype).split(".")[-1] if self.dtype is not None else "",
@@ -440,10 +548,35 @@ class TurboKVCache(_BaseCache):
         if self.keys is None:
             return None, None, 0, json.dumps(self.meta()), None
         k, v = self.keys_and_values()
-        state = (k, v, self.offset, json.dumps(self.meta()), self.key_mean)
+        state = (k, v, self.offset, json.dumps(self.meta()), self._stats_rows())
         if self.fp16_window:
             state += (self.recent_keys, self.recent_values)
         return state
+
+    def _stats_rows(self) -> Optional[mx.array]:
+        """The key statistics as one array for files (B, H, rows, D): μ/s, then s (with
+        ``scale_keys``), then the exact first keys still held; ``meta`` says which."""
+        if not self.scale_keys and self.first_keys is None:
+            return self.key_mean
+        rows = [self.key_mean]
+        if self.scale_keys:
+            rows.append(self.key_scale if self.key_scale is not None
+                        else mx.ones_like(self.key_mean))
+        if self.first_keys is not None:
+            rows.append(self.first_keys.astype(self.key_mean.dtype))   # (fp16 in files)
+        return mx.concatenate(rows, axis=2)
+
+    def _set_stats_rows(self, rows: Optional[mx.array], n_first: int) -> None:
+        if rows is None:
+            self.key_mean = None
+            return
+        self.key_mean = rows[:, :, :1]
+        if self.scale_keys:
+            self.key_scale = rows[:, :, 1:2]
+        elif self.center_keys:
+            self.key_scale = mx.ones_like(self.key_mean)
+        if n_first:
+            self.first_keys = rows[:, :, rows.shape[2] - n_first:]
 
     @state.setter
     def state(self, v):
@@ -457,9 +590,9 @@ class TurboKVCache(_BaseCache):
                              f"{7 if window else 5} entries, got {len(v)}")
         self.__init__(meta["key_method"], meta["key_bits"], meta["value_method"],
                       meta["value_bits"], meta["seed"], meta["layer"],
-                      meta.get("center_keys", True), window)
+                      meta.get("center_keys", True), window, meta.get("scale_keys", False))
         self.keys, self.values, self.offset = keys, values, offset
-        self.key_mean = key_mean
+        self._set_stats_rows(key_mean, meta.get("first_keys", 0))
         if window:
             self.recent_keys, self.recent_values = v[5], v[6]
         if keys is not None:
@@ -498,19 +631,27 @@ class TurboKVCache(_BaseCache):
         size = (self.offset + kv.step - 1) // kv.step * kv.step
         kv.keys = mx.zeros((b, h, size, self.key_codec.dim), self.dtype)
         kv.values = mx.zeros((b, h, size, self.value_codec.dim), self.dtype)
+        mean = self.key_mean.astype(mx.float32)
+        scaled = self.key_scale is not None and self.scale_keys
+
+        def plain(keys):   # held as k/s
+            return (keys * self.key_scale.astype(mx.float32) if scaled else keys).astype(
+                self.dtype)
+
         span = self.recent_span()
         coded = self.offset if span is None else span[0]   # the window's copies are exact
-        mean = self.key_mean.astype(mx.float32)
         block = handover_block(kv.keys.shape)
         for s in range(0, coded, block):
             e = min(s + block, coded)
-            keys = self.key_codec.decode(_slice_tokens(k, s, e)) + mean
-            kv.keys[:, :, s:e] = keys.astype(self.dtype)
+            kv.keys[:, :, s:e] = plain(self.key_codec.decode(_slice_tokens(k, s, e)) + mean)
             kv.values[:, :, s:e] = self.value_codec.decode(_slice_tokens(v, s, e), self.dtype)
             mx.eval(kv.keys, kv.values)
         if span is not None:
-            kv.keys[:, :, coded:self.offset] = span[1].astype(self.dtype)
+            kv.keys[:, :, coded:self.offset] = plain(span[1].astype(mx.float32))
             kv.values[:, :, coded:self.offset] = span[2].astype(self.dtype)
+        if self.first_keys is not None:   # held exactly until the statistics exist
+            n = self.first_keys.shape[2]
+            kv.keys[:, :, :n] = self.first_keys.astype(self.dtype)
         kv.offset = self.offset
         return kv
 

@@ -158,7 +158,7 @@ def computed_once(allocate: Callable[[], list], n_layers: int,
 def _fingerprint(config: TurboConfig) -> list:
     text = repr((config.key_method, config.key_bits, config.value_method, config.value_bits,
                  config.seed, config.center_keys, config.layer_bits,
-                 getattr(config, "fp16_window", 0)))
+                 getattr(config, "fp16_window", 0), getattr(config, "scale_keys", False)))
     crc = zlib.crc32(text.encode())
     return [config.seed & 0x7FFFFFFF, crc & 0xFFFF, crc >> 16]
 

@@ -15,7 +15,9 @@ the codec. Configuration names:
     k{kb}v{vb}-{km}-{vm} separate key and value methods (k3v3-prod-mse)
     rq{t}                turboquant_mse with RateQuant bits at target t (rq2.9; calibrated
                          on the model when the run starts, --ratequant-target)
-    ...-c                any of ours with centred keys (--kv-center-keys; mse3-c)
+    ...-c                any of ours with centred keys only, no channel scales
+                         (--no-kv-scale-keys; mse3-c)
+    ...-raw              any of ours with neither (--no-kv-center-keys --no-kv-scale-keys)
     ...-w{n}             any of ours plus an fp16 window of the n newest tokens (mse3-w16)
 
 The model runs in float32 on CPU (dequantized weights: much faster than fp16 there);
@@ -103,7 +105,9 @@ class Spec:
             return f"mlx-lm affine g{self.group_size}"
         t = self.turbo
         km, vm = t.key_method.replace("turboquant_", ""), t.value_method.replace("turboquant_", "")
-        window = (" centred" if t.center_keys else "") + (
+        stats = {(True, True): "", (True, False): " centred", (False, True): " scaled",
+                 (False, False): " raw keys"}[(t.center_keys, t.scale_keys)]
+        window = stats + (
             f" + fp16 window {t.fp16_window}" if t.fp16_window else "")
         if t.ratequant_target is not None:
             return f"RateQuant ({km})" + window
@@ -128,12 +132,13 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         if base.kind != "turbo":
             raise ValueError(f"{name}: an fp16 window (-w{{n}}) applies to our methods only")
         return Spec(n, "turbo", turbo=replace(base.turbo, fp16_window=int(m.group(2))))
-    m = re.fullmatch(r"(.+)-c", n)
+    m = re.fullmatch(r"(.+)-(c|raw)", n)
     if m:
         base = parse_spec(m.group(1), seed)
         if base.kind != "turbo":
-            raise ValueError(f"{name}: key centring (-c) applies to our methods only")
-        return Spec(n, "turbo", turbo=replace(base.turbo, center_keys=True))
+            raise ValueError(f"{name}: key statistics (-c, -raw) apply to our methods only")
+        return Spec(n, "turbo", turbo=replace(base.turbo, center_keys=m.group(2) == "c",
+                                              scale_keys=False))
     if n in ("fp16", "fp"):
         return Spec(n, "fp16")
     m = re.fullmatch(r"affine(\d)g(\d+)", n)
@@ -754,23 +759,14 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
                         "the fp16 speed measured in that row's own run (the fp16 row shows "
                         "the first file's)."]
     if eq:
-        def centred(e):
-            spec = parse_spec(e["config"])
-            return spec.kind == "turbo" and spec.turbo.center_keys
-
-        # Centred keys differ by design (μ is the first block's mean), so they are not
-        # part of the float-noise verdict.
         exact = all(e["layer0_attention_max_abs_diff"] <= 1e-3 * e["layer0_attention_max_abs_output"]
-                    for e in eq if not centred(e))
+                    for e in eq)
         parts += [
             "Block prefill vs token-by-token decode through the cache (first tokens of window 1). "
             "Single layer on identical inputs (the model's layer-0 keys/values, keys as queries): "
             + ("the two paths agree to float noise. " if exact else
                "**the two paths DIFFER beyond float noise: the stored codes depend on how the "
                "prompt is split into blocks.** ")
-            + ("Configurations with centred keys (-c) differ by design: μ is the mean key "
-               "of the first block, so their codes depend on how the prompt is split (why "
-               "--kv-center-keys is opt-in). " if any(centred(e) for e in eq) else "")
             + "Whole model: float32 rounding differs between a block matmul and a one-row "
             "matmul; one ulp can move a coordinate across a quantizer boundary and the flip "
             "grows through the layers, so whole-model logits differ more than fp16's would; "

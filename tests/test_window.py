@@ -77,7 +77,10 @@ def test_block_prefill_equals_token_by_token_decode(tiny_model):
     block = prefill(tiny_model, ids, make_prompt_cache(tiny_model, cfg))
     caches = make_prompt_cache(tiny_model, cfg)
     steps = mx.concatenate([tiny_model(ids[None, i:i + 1], cache=caches)[0] for i in range(40)])
-    assert float(mx.abs(block - steps).max()) < 3e-4   # float32, BLAS-dependent sums
+    # (key statistics: every layer's s and μ come from its first STATS_TOKENS keys, so
+    # a float-rounding difference there moves all of that layer's codes a little; without
+    # the exact first-key rule the difference is ~0.1-0.4)
+    assert float(mx.abs(block - steps).max()) < 2e-3
     # ... and the window changes the result (it is used at all).
     plain = prefill(tiny_model, ids, make_prompt_cache(tiny_model, TurboConfig("turboquant_mse", 3)))
     assert float(mx.abs(block - plain).max()) > 1e-3
@@ -90,7 +93,7 @@ def test_window_bytes_are_counted(tiny_model):
     mx.eval(prefill(tiny_model, ids, caches, step=1024))
     head_dim = tiny_model.args.hidden_size // tiny_model.args.num_attention_heads
     heads = tiny_model.args.num_key_value_heads
-    plain = TurboKVCache("turboquant_mse", 3)
+    plain = TurboKVCache.from_config(TurboConfig("turboquant_mse", 3), 0)   # no window
     plain.update_and_fetch(mx.zeros((1, heads, 4096, head_dim)), mx.zeros((1, heads, 4096, head_dim)))
     for c in caches:
         window_bytes = 2 * 2 * heads * W * head_dim            # K and V, 2 bytes each

