@@ -148,14 +148,16 @@ def check_loaded_cache(caches: list, config: TurboConfig) -> None:
     for i, c in enumerate(caches):
         if not isinstance(c, TurboKVCache):
             continue
-        if (c.fp16_window, c.center_keys) != (config.fp16_window, config.center_keys):
-            def flags(window, centred):
+        have = (c.fp16_window, c.center_keys, c.scale_keys)
+        want = (config.fp16_window, config.center_keys, config.scale_keys)
+        if have != want:
+            def flags(window, centred, scaled):
                 return (f"--kv-fp16-window {window}"
-                        + (" --kv-center-keys" if centred else " without --kv-center-keys"))
+                        + (" --kv-center-keys" if centred else " --no-kv-center-keys")
+                        + (" --kv-scale-keys" if scaled else " --no-kv-scale-keys"))
             raise ValueError(
-                f"--prompt-cache-file layer {i} was written with "
-                f"{flags(c.fp16_window, c.center_keys)}, but the flags ask for "
-                f"{flags(config.fp16_window, config.center_keys)}; a file keeps the settings "
+                f"--prompt-cache-file layer {i} was written with {flags(*have)}, but the "
+                f"flags ask for {flags(*want)}; a file keeps the settings "
                 "it was written with: drop the --kv-* flags to continue with them, or "
                 "convert the file (convert-cache --to fp16, then with the new flags)")
         kb, vb = config.bits_for_layer(c.layer)  # global layer (pipeline ranks)
@@ -202,10 +204,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Method for values (default: --kv-method, or turboquant_mse for "
                         "the key-only methods turboquant_prod and qjl).")
     g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
-    g.add_argument("--kv-center-keys", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--kv-center-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="Subtract each head's mean key (of the first 64 tokens) before "
                         "coding; exact for attention (default: on).")
-    g.add_argument("--kv-scale-keys", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--kv-scale-keys", action=argparse.BooleanOptionalAction, default=None,
                    help="Divide each key channel by a scale fixed from the first 64 tokens "
                         "(queries multiplied by it: exact for attention), so outlier "
                         "channels do not set every key's coding error (default: on).")
@@ -234,8 +236,9 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
     if method is None:
         if getattr(args, "kv_fp16_window", 0):
             raise ValueError("--kv-fp16-window needs --kv-method")
-        if getattr(args, "kv_center_keys", False):
-            raise ValueError("--kv-center-keys needs --kv-method")
+        for flag in ("kv_center_keys", "kv_scale_keys"):   # (given, either way)
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--[no-]{flag.replace('_', '-')} needs --kv-method")
         for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
                      "ratequant_load", "ratequant_save", "ratequant_calibration"):
             if getattr(args, flag, None) is not None:
@@ -273,8 +276,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
                        ratequant_target=target, ratequant_solver=args.ratequant_solver,
                        ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
                        ratequant_calibration=args.ratequant_calibration,
-                       center_keys=getattr(args, "kv_center_keys", True),
-                       scale_keys=getattr(args, "kv_scale_keys", True),
+                       center_keys=getattr(args, "kv_center_keys", None) is not False,
+                       scale_keys=getattr(args, "kv_scale_keys", None) is not False,
                        fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
 
 

@@ -20,9 +20,11 @@ LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
 
 def write_cache(path, model_dir, layers=LAYERS, heads=KV_HEADS, dim=HEAD_DIM, **settings):
-    """A TurboKVCache file of 6 random tokens that names ``model_dir`` as its model."""
+    """A TurboKVCache file of 6 random tokens that names ``model_dir`` as its model (key
+    statistics on, as the flags default to, unless ``settings`` say otherwise)."""
     mx.random.seed(0)
     caches = []
+    settings = {"center_keys": True, "scale_keys": True, **settings}
     for i in range(layers):
         c = TurboKVCache("turboquant_mse", 4, "turboquant_mse", 4, layer=i, **settings)
         c.update_and_fetch(mx.random.normal((1, heads, 6, dim)),
@@ -86,9 +88,11 @@ def test_a_file_of_another_shape_is_refused(tmp_path, model_dir, shape, words):
 
 
 @pytest.mark.parametrize("written,flags,words", [
-    (dict(), ["--kv-fp16-window", "16"], "written with --kv-fp16-window 0 without"),
+    (dict(), ["--kv-fp16-window", "16"], "written with --kv-fp16-window 0 --kv-center-keys"),
     (dict(fp16_window=16), ["--kv-fp16-window", "64"], "ask for --kv-fp16-window 64"),
-    (dict(), ["--kv-center-keys"], "ask for --kv-fp16-window 0 --kv-center-keys"),
+    (dict(), ["--no-kv-center-keys"], "ask for --kv-fp16-window 0 --no-kv-center-keys"),
+    (dict(scale_keys=False), [], "written with --kv-fp16-window 0 --kv-center-keys "
+                                 "--no-kv-scale-keys"),
 ])
 def test_window_and_centring_that_differ_from_the_file_are_refused(tmp_path, model_dir,
                                                                   written, flags, words):
@@ -99,7 +103,7 @@ def test_window_and_centring_that_differ_from_the_file_are_refused(tmp_path, mod
 
 def test_window_or_centring_without_a_method_is_refused(tmp_path, model_dir):
     path = write_cache(tmp_path / "doc.safetensors", model_dir)
-    for flags in (["--kv-fp16-window", "16"], ["--kv-center-keys"]):
+    for flags in (["--kv-fp16-window", "16"], ["--kv-center-keys"], ["--no-kv-scale-keys"]):
         r = generate(path, *flags)
         assert r.returncode == 2 and "needs --kv-method" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
@@ -115,7 +119,8 @@ def test_a_file_that_fits_generates(tmp_path, model_dir):
 
 
 def test_check_loaded_cache_compares_window_and_centring():
-    c = TurboKVCache("turboquant_mse", 4, "turboquant_mse", 4, layer=0, fp16_window=8)
+    c = TurboKVCache("turboquant_mse", 4, "turboquant_mse", 4, layer=0, fp16_window=8,
+                     center_keys=True, scale_keys=True)
     c.update_and_fetch(mx.ones((1, 1, 2, 64)), mx.ones((1, 1, 2, 64)))
     patch.check_loaded_cache([c], TurboConfig("turboquant_mse", 4, fp16_window=8))
     with pytest.raises(ValueError, match="written with --kv-fp16-window 8"):
