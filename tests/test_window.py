@@ -7,7 +7,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from mlx_lm_turbo import patch
 from mlx_lm_turbo.attention import reference_attention
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache
+from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache, make_prompt_cache
 
 from conftest import MODEL_DIR
 
@@ -72,12 +72,13 @@ def test_window_with_additive_and_bool_masks():
 
 
 def test_block_prefill_equals_token_by_token_decode(tiny_model):
-    # (past STATS_TOKENS: below it every query reads exact keys, window or not)
-    ids = mx.array(np.random.default_rng(5).integers(0, 256, 100))
+    # (past STATS_TOKENS: queries below it read exact keys, window or not)
+    n = STATS_TOKENS + 40
+    ids = mx.array(np.random.default_rng(5).integers(0, 256, n))
     cfg = TurboConfig("turboquant_mse", 3, fp16_window=8)
     block = prefill(tiny_model, ids, make_prompt_cache(tiny_model, cfg))
     caches = make_prompt_cache(tiny_model, cfg)
-    steps = mx.concatenate([tiny_model(ids[None, i:i + 1], cache=caches)[0] for i in range(100)])
+    steps = mx.concatenate([tiny_model(ids[None, i:i + 1], cache=caches)[0] for i in range(n)])
     # (key statistics: every layer's s and μ come from its first STATS_TOKENS keys, so
     # a float-rounding difference there moves all of that layer's codes a little; without
     # the exact first-key rule the difference is ~0.1-0.4)
