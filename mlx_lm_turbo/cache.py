@@ -285,6 +285,12 @@ class TurboKVCache(_BaseCache):
                 self._recode(held)
         return self._scaled(keys)
 
+    def _centred(self, keys: mx.array) -> mx.array:
+        """k - μ in the keys' dtype (μ is fp16: a bf16 key would otherwise become float32,
+        and the decode launch that codes the new token takes it in the queries' dtype).
+        Every path codes this same value: block writes, in-place appends, recoding."""
+        return (keys - self.key_mean).astype(keys.dtype) if self.center_keys else keys
+
     def _scaled(self, keys: mx.array) -> mx.array:
         return (keys / self.key_scale).astype(keys.dtype) if self.scale_keys else keys
 
@@ -299,7 +305,7 @@ class TurboKVCache(_BaseCache):
         self._settle()
         self._inplace = False
         kx = self._scaled(held)   # the same steps as _write's
-        kx = kx - self.key_mean if self.center_keys else kx
+        kx = self._centred(kx)
         coded = fused_encode.encode(self.key_codec, kx)
         coded = self.key_codec.encode(kx) if coded is None else coded
         n = held.shape[2]
@@ -317,7 +323,7 @@ class TurboKVCache(_BaseCache):
         plain views of it. Where the steady attention launch codes the token itself, it is
         only left in ``_pending``."""
         prev = self.offset
-        kx = keys - self.key_mean if self.center_keys else keys
+        kx = self._centred(keys)
         if fused_decode.append_allowed(self._fused_steady):
             # The steady attention launch codes the token itself (kernels.source
             # MMA_APPEND): no launch here at all.
@@ -353,8 +359,9 @@ class TurboKVCache(_BaseCache):
             w = fused_encode.write_pair_in_place(self.key_codec, self.value_codec, kx,
                                                  values, self.keys, self.values, prev,
                                                  self._done)
-            if w is None:
-                self._write(kx, values, prev)
+            if w is None:   # (_write centres what it is given: hand it the key back)
+                self._write((kx + self.key_mean).astype(kx.dtype) if self.center_keys
+                            else kx, values, prev)
             else:
                 self._done = w[1]
 
@@ -372,7 +379,7 @@ class TurboKVCache(_BaseCache):
         steps of ``step`` tokens (shared with the batch cache)."""
         self._settle()
         # Without centring key_mean is zero: skip the subtraction on the per-token path.
-        kx = keys - self.key_mean if self.center_keys else keys
+        kx = self._centred(keys)
         # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
         # K and V in one launch when their codecs match, else one each; otherwise the
         # codecs' MLX encode. All give the same packed dicts.
