@@ -36,21 +36,9 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models import cache as mlx_cache  # noqa: E402
 
+from bench_attention import llama_3b_shaped  # noqa: E402  (scripts/, beside this one)
 from mlx_lm_turbo import patch  # noqa: E402
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache  # noqa: E402
-
-
-def llama_3b_shaped():
-    """A Llama-3.2-3B-shaped model with random bf16 weights (28 layers, 24/8 heads, d=128)."""
-    from mlx_lm.models import llama
-    args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28,
-                           intermediate_size=8192, num_attention_heads=24,
-                           num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                           vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)
-    model = llama.Model(args)
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    return model
 
 
 def load(args):

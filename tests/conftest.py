@@ -59,18 +59,23 @@ def fp32_model_dir(model_dir) -> Path:
     return load_test.fp32_model(model_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """A 2-layer random llama (GQA 4:2, head_dim 32): fast structural tests."""
+def random_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A random llama of hidden size 128 (head dim 128 / heads), vocabulary 256."""
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2,
-                           intermediate_size=256, num_attention_heads=4, rms_norm_eps=1e-5,
-                           vocab_size=256, num_key_value_heads=2)
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=layers,
+                           intermediate_size=256, num_attention_heads=heads, rms_norm_eps=1e-5,
+                           vocab_size=256, num_key_value_heads=kv_heads)
     mx.random.seed(0)
     model = llama.Model(args)
     mx.eval(model.parameters())
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 2-layer random llama (GQA 4:2, head_dim 32): fast structural tests."""
+    return random_llama()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm_turbo import attention, patch
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache
 
+from conftest import random_llama
+
 
 def filled(method="turboquant_mse", bits=4, window=0, center=False, S0=700, L=300):
     """A cache holding S0 tokens, then the dicts attention gets for an L-token block."""
@@ -57,19 +59,6 @@ def test_fused_path_in_model_dtype_matches_within_rounding():
     assert float(mx.abs(got.astype(mx.float32) - want).max()) < 0.05
 
 
-def many_layer_model():
-    """KV-heavy random llama: 16 layers of one 128-dim head (float32 on the CPU)."""
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=16,
-                           intermediate_size=256, num_attention_heads=1, rms_norm_eps=1e-5,
-                           vocab_size=256, num_key_value_heads=1)
-    mx.random.seed(0)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    return model
-
-
 def prefill_peak(model, caches, prompt) -> int:
     gc.collect()
     mx.clear_cache()
@@ -83,7 +72,7 @@ def prefill_peak(model, caches, prompt) -> int:
 @pytest.mark.slow
 def test_long_prefill_peaks_lower_than_the_plain_cache():
     patch.apply()
-    model = many_layer_model()
+    model = random_llama(layers=16, heads=1, kv_heads=1)   # KV-heavy: one 128-dim head
     prompt = mx.array(np.random.default_rng(0).integers(0, 256, 8192))
     plain = mlx_cache.make_prompt_cache(model)
     plain_peak = prefill_peak(model, plain, prompt)

@@ -956,6 +956,20 @@ def _append_check(queries: mx.array, keys: dict, values: dict, cache, scale: flo
     return run, agree
 
 
+def checked_launch(checked: dict, key: tuple, mode: Optional[bool], what: str,
+                   fallback: str, run, agree):
+    """``run()`` once ``key`` passed its first-use check; None (or, forced, an error) once
+    it failed; else the check itself (``first_use``)."""
+    state = checked.get(key)
+    if state is True:
+        return run()
+    if state is False:
+        if mode:
+            raise RuntimeError(f"{ENV}=1 but the {what} failed its check for {key}")
+        return None
+    return first_use(checked, key, mode, what, fallback, run, agree)
+
+
 def first_use(checked: dict, key: tuple, mode: Optional[bool], what: str, fallback: str,
               run, agree) -> Optional[mx.array]:
     """Run a kernel for the first time on ``key`` and judge it with ``agree(out) -> (ok,

@@ -12,7 +12,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import source
-from .decode import ENV, active_backend, build_kernel, env_mode, first_use
+from .decode import active_backend, build_kernel, checked_launch, env_mode
 
 INPUTS, OUTPUTS = ["codes", "norm", "cb"], ["out"]
 NTG = 256                     # threads a block
@@ -42,18 +42,10 @@ def dequantize(codec, packed: dict, dtype: mx.Dtype) -> Optional[mx.array]:
                              grid=(-(-n // NTG) * NTG, 1, 1), threadgroup=(NTG, 1, 1),
                              output_shapes=[(B, H, T, codec.dim)], output_dtypes=[dtype])[0]
 
-    state = _checked.get(key)
-    if state is True:
-        return run()
-    if state is False:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but the fused dequantize failed its check for {key}")
-        return None
-
     def agree(out):
         ref = codec.decode_rotated(packed).astype(dtype).astype(mx.float32)
         err = mx.max(mx.abs(out.astype(mx.float32) - ref)).item()
         tol = 1e-6 * max(mx.max(mx.abs(ref)).item(), 1.0)
         return err <= tol, f"max abs error {err:.3g} vs the MLX decode"
-    return first_use(_checked, key, mode, "fused dequantize kernel", "the MLX decode", run,
-                     agree)
+    return checked_launch(_checked, key, mode, "fused dequantize kernel", "the MLX decode",
+                          run, agree)

@@ -26,7 +26,8 @@ import mlx.core as mx
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
 from . import source
-from .decode import ENV, active_backend, build_kernel, device_resident, env_mode, first_use
+from .decode import (active_backend, build_kernel, checked_launch, device_resident,
+                     env_mode, first_use)
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 # pos/after/kb*/vb*: the in-place launch (``write_pair_in_place``); dummies otherwise.
@@ -244,16 +245,7 @@ def compare(codec, out: dict, ref: dict) -> tuple[bool, str]:
 
 
 def _checked_launch(key: tuple, mode: Optional[bool], what: str, fallback: str, run, agree):
-    """``run()`` once ``key`` passed its first-use check; None (or, forced, an error) once
-    it failed; else the check itself (``decode.first_use``)."""
-    state = _checked.get(key)
-    if state is True:
-        return run()
-    if state is False:
-        if mode:
-            raise RuntimeError(f"{ENV}=1 but the fused encode failed its check for {key}")
-        return None
-    return first_use(_checked, key, mode, what, fallback, run, agree)
+    return checked_launch(_checked, key, mode, what, fallback, run, agree)
 
 
 def encode(codec, x: mx.array) -> Optional[dict]:
