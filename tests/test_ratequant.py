@@ -98,7 +98,8 @@ def test_prompt_cache_file_is_checked_against_the_allocation():
     from mlx_lm_turbo import patch
     from mlx_lm_turbo.cache import TurboKVCache
 
-    caches = [TurboKVCache("turboquant_mse", kb, "turboquant_mse", vb, layer=i)
+    caches = [TurboKVCache("turboquant_mse", kb, "turboquant_mse", vb, layer=i,
+                           center_keys=True, scale_keys=True)   # (the flags' default)
               for i, (kb, vb) in enumerate([(4, 2), (3, 3)])]
     for c in caches:
         c.update_and_fetch(mx.zeros((1, 1, 2, 64)) + 1, mx.zeros((1, 1, 2, 64)) + 1)
