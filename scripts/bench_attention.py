@@ -418,7 +418,8 @@ def micro(quick: bool, lengths) -> None:
                     mx.eval(ins)
                     cst = launchers.kernel_constants(c, scale, p)
                     odt = q.dtype if cst["rotv"] else mx.float32
-                    run = launchers.launcher(tpl, p, check.backend(), cst["vmul"], cst["rotv"], odt)
+                    run = launchers.launcher(tpl, p, check.backend(), cst["vmul"], cst["rotv"],
+                                             odt)
                     add(f"kernels_only {tag}", lambda: run(ins, nsp))
                     if dt == mx.float16:
                         # Grid-size sweep (splits per KV head): a runtime choice, no recompile.
@@ -426,7 +427,8 @@ def micro(quick: bool, lengths) -> None:
                             old_tb = planning.TARGET_BLOCKS
                             planning.TARGET_BLOCKS = tb
                             try:
-                                i2, _, n2 = launchers.fused_inputs(q, keys, values, c, scale, None, p)
+                                i2, _, n2 = launchers.fused_inputs(q, keys, values, c, scale,
+                                                                   None, p)
                             finally:
                                 planning.TARGET_BLOCKS = old_tb
                             add(f"kernels_only blocks={tb} {tag}",

@@ -141,6 +141,12 @@ def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1, win=0, wdtype="float32
             ("RKT", wdtype), ("RVT", wdtype), ("MUT", "float16" if win else "float32")]
 
 
+def fused_attention(q, keys, values, cache, scale, *rest):
+    """The fused dispatcher as attention.turbo_attention calls it."""
+    return kernels.decode_attention(q, keys, values, cache, scale, *rest,
+                                    reference=reference_attention)
+
+
 REDUCE_TEMPLATE = [("RB", 4), ("DV", 128), ("GQ", 4), ("QL", 1), ("ROTV", 1), ("OT", "float16"),
                    ("SG", 4)]
 
@@ -378,7 +384,7 @@ def test_dispatcher_returns_none_on_cpu(monkeypatch):
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
     if check.backend() is None:
-        assert kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
 
 
 def test_switches_follow_the_settings(monkeypatch):
@@ -398,7 +404,7 @@ def test_env_forces_reference(monkeypatch):
     monkeypatch.setattr(check, "MODE", False)
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
-    assert kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention) is None
+    assert fused_attention(q, keys, values, c, 0.125) is None
 
 
 def test_env_forces_kernel_raises_without_gpu(monkeypatch):
@@ -408,7 +414,7 @@ def test_env_forces_kernel_raises_without_gpu(monkeypatch):
     monkeypatch.setattr(check, "MODE", True)  # after the fill: the cache append raises too
     q = mx.random.normal((1, 4, 1, 64))
     with pytest.raises(RuntimeError):
-        kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention)
+        fused_attention(q, keys, values, c, 0.125)
 
 
 def test_plan_rejects_unsupported():
@@ -466,7 +472,7 @@ def test_steady_decode_path_matches_reference(monkeypatch):
         k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
         keys, values = c.update_and_fetch(k1, k1)
         q = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
-        out = decode.decode_attention(q, keys, values, c, 128 ** -0.5, reference=reference_attention)
+        out = fused_attention(q, keys, values, c, 128 ** -0.5)
         # (the first call of a shape may be its first-use check, which sets no memo)
         assert out is not None and (step == 0 or c._fused_steady is not None)
         ref = reference_attention(q, keys, values, c, 128 ** -0.5)
@@ -478,12 +484,12 @@ def test_steady_decode_path_matches_reference(monkeypatch):
     for cache in (twin, c):   # (c last: the check below reuses its views)
         k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
         keys, values = cache.update_and_fetch(k1, k1)
-        out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5, reference=reference_attention)
+        out = fused_attention(q, keys, values, cache, 128 ** -0.5)
         ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
         err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
         assert err < 1e-2, err
     monkeypatch.setattr(planning, "USE_MMA", False)    # the scalar kernel now: a new signature
-    out = decode.decode_attention(q, keys, values, c, 128 ** -0.5, reference=reference_attention)
+    out = fused_attention(q, keys, values, c, 128 ** -0.5)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 1e-2, err
 
@@ -536,7 +542,7 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
         for cache in (c, twin):
             keys, values = cache.update_and_fetch(k1, v1)
             live_steps += cache is c and "live" in keys
-            out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5, reference=reference_attention)
+            out = fused_attention(q, keys, values, cache, 128 ** -0.5)
             assert out is not None
             ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
             err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
@@ -551,7 +557,7 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
     for cache, scale in ((c, 1.0), (other, -1.0), (c, 2.0), (other, -2.0)):
         k1 = (mx.random.normal((1, 2, 1, 128)) * scale).astype(dtype)
         keys, values = cache.update_and_fetch(k1, k1)
-        decode.decode_attention(q, keys, values, cache, 128 ** -0.5, reference=reference_attention)
+        fused_attention(q, keys, values, cache, 128 ** -0.5)
         want = cache.key_codec.encode(k1)
         got = {n: a[:, :, -1:] for n, a in cache.keys_and_values()[0].items()}
         assert encode.compare(cache.key_codec, got, want)[0]
@@ -870,8 +876,8 @@ def test_first_use_check_warns_once_and_falls_back(monkeypatch):
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention) is None
-        assert kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
     assert len(w) == 1 and "compile failed" in str(w[0].message)
     assert len(calls) == 1
 
@@ -885,11 +891,11 @@ def test_first_use_check_rejects_wrong_output(monkeypatch):
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
     assert len(w) == 1 and "disabled" in str(w[0].message)
     monkeypatch.setattr(check, "MODE", True)
     with pytest.raises(RuntimeError):
-        kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention)
+        fused_attention(q, keys, values, c, 0.125)
 
 
 # ----------------------------------------------------------------- fused encode
@@ -1368,7 +1374,7 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
     runs = _dispatch_to_emulator(monkeypatch, "WIN")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention)
+        out = fused_attention(q, keys, values, c, 0.125)
     assert runs == [16] and out is not None
     assert [k[-3:-1] for k, ok in decode._checked.items() if ok] == [(16, 0)]
     ref = reference_attention(q, keys, values, c, 0.125)
@@ -1424,7 +1430,7 @@ def test_decode_steps_reuse_the_plan(monkeypatch):
         kv = [mx.random.normal((1, 2, 1, 64)).astype(mx.float16) for _ in "kv"]
         keys, values = c.update_and_fetch(*kv)
         q = mx.random.normal((1, 8, 1, 64)).astype(mx.float16)
-        out = kernels.decode_attention(q, keys, values, c, 0.125, reference=reference_attention)
+        out = fused_attention(q, keys, values, c, 0.125)
         ref = reference_attention(q, keys, values, c, 0.125)
         assert mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() < 2e-3
     assert lengths == [301, 302, 303]
