@@ -66,7 +66,8 @@ def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: f
         queries = scale_queries(queries, cache.key_scale).astype(queries.dtype)
     if "first" in keys:   # (only blocks with positions below STATS_TOKENS)
         return _with_first_keys(queries, keys, values, cache, scale, mask, sinks)
-    out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks)
+    out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks,
+                                   reference=reference_attention)
     if out is not None:
         return out
     return _coded_attention(queries, keys, values, cache, scale, mask, sinks)

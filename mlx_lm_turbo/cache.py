@@ -325,14 +325,15 @@ class TurboKVCache(_BaseCache):
         prev = self.offset
         kx = self._centred(keys)
         if fused_decode.append_allowed(self._fused_steady):
-            # The steady attention launch codes the token itself (kernels.source
-            # MMA_APPEND): no launch here at all.
+            # The steady attention launch codes the token itself (kernels/src
+            # mma_append.inc): no launch here at all.
             self._flush()
             self._pending = (kx, values, prev)
             self.offset = prev + 1
-            live = (self.offset, fused_encode.positions(prev, 1), self._done, self)
+            live = fused_decode.LiveBuffers(self.offset, fused_encode.positions(prev, 1),
+                                            self._done, self)
             return {**self.keys, "live": live}, {**self.values, "live": live}
-        sig = (kx.shape, kx.dtype, fused_decode.env_state())
+        sig = (kx.shape, kx.dtype, fused_decode.switches())
         if self._append is not None and self._append[0] == sig:
             # (the launch resolved at an earlier step: host time is what this waits on)
             pos = fused_encode.positions(prev, 1)
@@ -346,7 +347,7 @@ class TurboKVCache(_BaseCache):
             pos, self._done, write = w
             self._append = None if write is None else (sig, write)
         self.offset = prev + 1
-        live = (self.offset, pos, self._done, self)
+        live = fused_decode.LiveBuffers(self.offset, pos, self._done, self)
         return {**self.keys, "live": live}, {**self.values, "live": live}
 
     def _flush(self) -> None:
@@ -452,7 +453,7 @@ class TurboKVCache(_BaseCache):
         new = self.__class__.__new__(self.__class__)
         for name, value in self.__dict__.items():
             if name == "_fused_steady":
-                # It owns the counters of its folded launch (kernels.decode
+                # It owns the counters of its folded launch (kernels.launchers
                 # fold_launcher), which two caches must not share: the copy makes its own.
                 continue
             shared = name in ("key_codec", "value_codec", "dtype", "_fused_consts",

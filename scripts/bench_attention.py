@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -30,10 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_lm_turbo import kernels  # noqa: E402
 from mlx_lm_turbo.attention import reference_attention, turbo_attention  # noqa: E402
 from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
-from mlx_lm_turbo.kernels import decode  # noqa: E402
+from mlx_lm_turbo.kernels import build as kernel_build  # noqa: E402
+from mlx_lm_turbo.kernels import check, decode, launchers, source  # noqa: E402
+from mlx_lm_turbo.kernels import plan as planning  # noqa: E402
 from mlx_lm_turbo.kernels import encode as fused_encode  # noqa: E402
 
 RESULTS: dict = {}
@@ -80,11 +80,11 @@ def compare_fused(row: dict, q, keys, values, c, scale: float, mask) -> None:
     """Fill ``row`` with the fused path's max abs error against the reference (or why it
     did not run)."""
     try:
-        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+        p = planning.plan(q, keys, values, c, mask, None, check.backend())
         if p is None:
             row["status"] = "reference (no fused path)"
             return
-        out = decode.run_fused(q, keys, values, c, scale, mask, p, decode.backend())
+        out = launchers.run_fused(q, keys, values, c, scale, mask, p, check.backend())
         ref = reference_attention(q, keys, values, c, scale, mask)
         err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)))
         row["max_abs_err"] = err.item()
@@ -133,8 +133,8 @@ def correctness(quick: bool) -> None:
     q = mx.random.normal((1, Hkv * G, L, D)).astype(mx.float16)
     for name, mask in (("bool", mx.random.uniform(shape=(1, 1, L, S)) > 0.2),
                        ("additive", mx.random.normal((1, Hkv * G, L, S)))):
-        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
-        out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
+        p = planning.plan(q, keys, values, c, mask, None, check.backend())
+        out = launchers.run_fused(q, keys, values, c, D ** -0.5, mask, p, check.backend())
         ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
         err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
         row = dict(key="mse3", value="mse3", D=D, G=G, L=L, S=S, dtype="float16",
@@ -143,8 +143,8 @@ def correctness(quick: bool) -> None:
         log("correctness", row)
     # Queries as attention layers hand them over: a transposed (B, L, H, D) view.
     qt = mx.random.normal((1, L, Hkv * G, D)).astype(mx.bfloat16).transpose(0, 2, 1, 3)
-    p = decode.plan(qt, keys, values, c, "causal", None, decode.backend())
-    out = decode.run_fused(qt, keys, values, c, D ** -0.5, "causal", p, decode.backend())
+    p = planning.plan(qt, keys, values, c, "causal", None, check.backend())
+    out = launchers.run_fused(qt, keys, values, c, D ** -0.5, "causal", p, check.backend())
     ref = reference_attention(qt, keys, values, c, D ** -0.5, "causal")
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     row = dict(key="mse3", value="mse3", D=D, G=G, L=L, S=S, dtype="bfloat16",
@@ -207,21 +207,14 @@ def window_correctness() -> list:
 
 # ----------------------------------------------------------------- encode
 
-class forced_env:
-    """Set MLX_LM_TURBO_KERNELS for a block (restored after)."""
-
-    def __init__(self, value: str):
-        self.value = value
-
-    def __enter__(self):
-        self.old = os.environ.get(decode.ENV)
-        os.environ[decode.ENV] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(decode.ENV, None)
-        else:
-            os.environ[decode.ENV] = self.old
+@contextlib.contextmanager
+def forced_mode(mode: Optional[bool]):
+    """Kernels forced on (True) or off (False) for a block (check.MODE, restored after)."""
+    old, check.MODE = check.MODE, mode
+    try:
+        yield
+    finally:
+        check.MODE = old
 
 
 ENCODE_METHODS = [("mse", b) for b in (1, 2, 3, 4, 8)] + [("rvq", b) for b in (1, 2, 3, 4)]
@@ -233,7 +226,7 @@ def encode_section(quick: bool) -> None:
     dtypes and lengths, including transposed (B, L, H, D) views; then time per call for one
     decode token (B=1, 8 KV heads) and a 2048-token prefill block."""
     from mlx_lm_turbo import codecs
-    be = decode.backend()
+    be = check.backend()
     if be is None:
         log("encode: no GPU backend, nothing to check")
         return
@@ -301,7 +294,7 @@ def append_rows(c, k1, tag: str, add) -> None:
         # die with the step) does not pay.
         return list(c.keys.values()) + list(c.values.values())
     add(f"append_1_token {tag}", append)
-    with forced_env("0"):
+    with forced_mode(False):
         add(f"append_1_token mlx_encode {tag}", append)
 
 
@@ -401,48 +394,50 @@ def micro(quick: bool, lengths) -> None:
                 if (km, kb) == ("mse", 3):
                     add(f"dequant_sdpa {tag}",
                         lambda: reference_attention(q, keys, values, c, scale))
-                p = decode.plan(q, keys, values, c, None, None, decode.backend())
+                p = planning.plan(q, keys, values, c, None, None, check.backend())
                 if p is None:
                     log(f"  {tag}: no fused path")
                     continue
                 add(f"fused {tag}",
-                    lambda: decode.run_fused(q, keys, values, c, scale, None, p,
-                                             decode.backend()))
+                    lambda: launchers.run_fused(q, keys, values, c, scale, None, p,
+                                                check.backend()))
                 if (km, kb) == ("mse", 3):
                     # The same with a 64-token fp16 window: the window block's cost.
                     cw, kw, vw = windowed_cache(km, kb, vm, vb, k, v, 64)
-                    pw = decode.plan(q, kw, vw, cw, None, None, decode.backend())
+                    pw = planning.plan(q, kw, vw, cw, None, None, check.backend())
                     if pw is None:
                         log(f"  {tag} w64: no fused path")
                     else:
                         add(f"fused {tag} w64",
-                            lambda: decode.run_fused(q, kw, vw, cw, scale, None, pw,
-                                                     decode.backend()))
+                            lambda: launchers.run_fused(q, kw, vw, cw, scale, None, pw,
+                                                        check.backend()))
                     del cw, kw, vw
                 if (km, kb) == ("mse", 3):
                     # The two kernels alone (inputs prepared once): the rest is MLX glue.
-                    ins, tpl, nsp = decode.fused_inputs(q, keys, values, c, scale, None, p)
+                    ins, tpl, nsp = launchers.fused_inputs(q, keys, values, c, scale, None, p)
                     mx.eval(ins)
-                    cst = decode._consts(c, scale, p)
+                    cst = launchers.kernel_constants(c, scale, p)
                     odt = q.dtype if cst["rotv"] else mx.float32
-                    run = decode.launcher(tpl, p, decode.backend(), cst["vmul"], cst["rotv"], odt)
+                    run = launchers.launcher(tpl, p, check.backend(), cst["vmul"], cst["rotv"],
+                                             odt)
                     add(f"kernels_only {tag}", lambda: run(ins, nsp))
                     if dt == mx.float16:
                         # Grid-size sweep (splits per KV head): a runtime choice, no recompile.
                         for tb in (132, 264, 1056, 2112):
-                            old_tb = decode.TARGET_BLOCKS
-                            decode.TARGET_BLOCKS = tb
+                            old_tb = planning.TARGET_BLOCKS
+                            planning.TARGET_BLOCKS = tb
                             try:
-                                i2, _, n2 = decode.fused_inputs(q, keys, values, c, scale, None, p)
+                                i2, _, n2 = launchers.fused_inputs(q, keys, values, c, scale,
+                                                                   None, p)
                             finally:
-                                decode.TARGET_BLOCKS = old_tb
+                                planning.TARGET_BLOCKS = old_tb
                             add(f"kernels_only blocks={tb} {tag}",
                                 lambda i2=i2, n2=n2: run(i2, n2))
                     # Appending one token: fused encode vs the MLX encode, side by side.
                     k1 = mx.random.normal((B, Hkv, 1, D)).astype(dt)
                     mx.eval(k1)
                     append_rows(c, k1, tag, add)
-                del c, keys, values
+                c = keys = values = None   # (frees them before the next cache)
             base = res.get("sdpa")
             for name, t in res.items():
                 if t is None:
@@ -459,7 +454,7 @@ def micro(quick: bool, lengths) -> None:
                     f"({row.get('speedup_queued', float('nan')):5.2f}x)  synced {t[1]:8.1f} us "
                     f"({row.get('speedup_synced', float('nan')):5.2f}x)")
             save()
-            del q, k, v
+            q = k = v = None
             gc.collect()
             mx.clear_cache()
 
@@ -550,8 +545,8 @@ def probe_launch():
     the live buffers, the positions, the new key and value, stand-ins for its tables,
     counters and ordering inputs; the same shape and stride parameters, outputs, grid):
     what any one-launch-a-layer step pays MLX per call."""
-    body, inputs, outputs = decode.KERNELS["decode_mma_fold_append"]
-    names = " ".join(decode.shape_params(body, inputs))
+    inputs, outputs = kernel_build.SIGNATURES["decode_mma_fold_append"]
+    names = " ".join(kernel_build.shape_params(source.body("decode_mma_fold_append"), inputs))
     kernel = mx.fast.cuda_kernel(
         name="e2e_probe_launch", input_names=inputs, output_names=outputs,
         ensure_row_contiguous=False,
@@ -561,12 +556,12 @@ def probe_launch():
     mx.eval(small)
 
     def launch(q, k, v, knew, vnew):
-        S, pos = k["live"][0], k["live"][1]
+        S, pos = k["live"].held, k["live"].positions
         rows = q.shape[0] * k["codes"].shape[1] * 2
-        nsp = decode.n_splits(S, rows)
+        nsp = planning.n_splits(S, rows)
         return kernel(inputs=[q, small[0], k["codes"], k["norm"], v["codes"], v["norm"],
                               pos, small[1], small[2], small[1], knew, vnew],
-                      grid=(nsp * decode.NT, rows, 1), threadgroup=(decode.NT, 1, 1),
+                      grid=(nsp * kernel_build.NT, rows, 1), threadgroup=(kernel_build.NT, 1, 1),
                       output_shapes=[(rows * nsp * 8 * (q.shape[-1] + 2),), q.shape],
                       output_dtypes=[mx.float32, q.dtype])[1]
     return launch
@@ -575,7 +570,7 @@ def probe_launch():
 def no_launch(q, k, v, knew, vnew):
     """The appending launch (``_steady``'s ``coded``) replaced by a dependency node on its
     inputs: its outputs are wrong, only its host time is used."""
-    return mx.depends([q], [knew, vnew, k["live"][1]])[0]
+    return mx.depends([q], [knew, vnew, k["live"].positions])[0]
 
 
 def drop_launch(model, caches: list, batch: int = 1, probe: bool = False) -> None:
@@ -590,8 +585,8 @@ def drop_launch(model, caches: list, batch: int = 1, probe: bool = False) -> Non
     launch = probe_launch() if probe else no_launch
     for c in caches:
         steady = c._fused_steady
-        assert steady is not None and steady[4] is not None, "no appending launch to drop"
-        c._fused_steady = steady[:4] + (launch,)
+        assert steady is not None and steady.coded is not None, "no appending launch to drop"
+        c._fused_steady = steady._replace(coded=launch)
 
 
 def sync_steps(model, caches, steps: int, batch: int = 1,
@@ -695,12 +690,11 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 # "_own_append": the token coded by the in-place append, a launch of its
                 # own, instead of by the attention launch.
                 orig_encode, orig_pair = fused_encode.encode, fused_encode.encode_pair
-                saved_env = {n: os.environ.pop(n, None) for n in (decode.FOLD_ENV,
-                                                                  decode.APPEND_ENV)}
+                saved = decode.FOLD, decode.APPEND
                 if kind.endswith("_two_launch"):
-                    os.environ[decode.FOLD_ENV] = "0"
+                    decode.FOLD = False
                 if kind.endswith(("_own_append", "_mlx_encode", "_slice_writes")):
-                    os.environ[decode.APPEND_ENV] = "0"
+                    decode.APPEND = False
                 orig_inplace = fused_encode.write_pair_in_place
                 if kind.endswith("_mlx_encode"):
                     fused_encode.encode = lambda codec, x: None
@@ -721,10 +715,7 @@ def e2e(contexts, steps: int = 20, kinds=("bf16", "mse3", "mse3_mlx_encode", "ms
                 finally:
                     fused_encode.encode, fused_encode.encode_pair = orig_encode, orig_pair
                     fused_encode.write_pair_in_place = orig_inplace
-                    for n, v in saved_env.items():
-                        os.environ.pop(n, None)
-                        if v is not None:
-                            os.environ[n] = v
+                    decode.FOLD, decode.APPEND = saved
         base = times.get("bf16")
         for kind in kinds:
             if kind in errors:
@@ -777,12 +768,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="e2e: the kinds are timed in turn this many times (medians)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-mma", action="store_true",
+                    help="the scalar decode kernel even where the matrix-unit one applies")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="the steady decode step keeps a separate combine launch")
+    ap.add_argument("--no-append", action="store_true",
+                    help="the steady decode step's token is coded by a launch of its own")
+    ap.add_argument("--blocks", type=int, default=planning.TARGET_BLOCKS,
+                    help="the grid size the decode kernel's sequence splits aim for")
     a = ap.parse_args()
     OUT = a.out
+    planning.USE_MMA = not a.no_mma
+    decode.FOLD = not a.no_fold
+    decode.APPEND = not a.no_append
+    planning.TARGET_BLOCKS = a.blocks
     os.makedirs(OUT, exist_ok=True)
     RESULTS["env"] = dict(mlx=mx.__version__, device=str(mx.default_device()),
-                          backend=decode.backend(), python=platform.python_version(),
-                          argv=sys.argv, target_blocks=decode.TARGET_BLOCKS, nt=decode.NT)
+                          backend=check.backend(), python=platform.python_version(),
+                          argv=sys.argv, target_blocks=planning.TARGET_BLOCKS,
+                          nt=kernel_build.NT, use_mma=planning.USE_MMA, fold=decode.FOLD,
+                          append=decode.APPEND)
     try:
         import subprocess
         RESULTS["env"]["gpu"] = subprocess.run(

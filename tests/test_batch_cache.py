@@ -153,9 +153,10 @@ def test_right_padded_prefill_equals_per_request(center):
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="g++ (C++20) needed")
 @pytest.mark.parametrize("L", [1, 3])
 def test_fused_kernel_text_takes_batched_caches(L):
-    """The GPU decode kernel (run on the CPU by kernels.emulate) over a left-padded batch:
+    """The GPU decode kernel (run on the CPU by tests/emulate.py) over a left-padded batch:
     per-row padding masks, strided views of the batch buffers."""
-    from mlx_lm_turbo.kernels import decode, emulate
+    import emulate
+    from mlx_lm_turbo.kernels import plan
 
     caches = [single([kv(n, 60 + n)], bits=4) for n in (37, 5, 20)]
     batch = TurboKVCache.merge(caches)
@@ -164,7 +165,7 @@ def test_fused_kernel_text_takes_batched_caches(L):
     keys, values = batch.update_and_fetch(mx.concatenate([n[0] for n in new]),
                                           mx.concatenate([n[1] for n in new]))
     q = mx.random.normal((3, 2 * H, L, D), key=mx.random.key(3)).astype(mx.float16)
-    p = decode.plan(q, keys, values, batch, mask, None, "cuda")
+    p = plan.plan(q, keys, values, batch, mask, None, "cuda")
     assert p is not None and p["B"] == 3 and p["MASK"] == 2
     out = emulate.run_fused_emulated(q, keys, values, batch, D ** -0.5, mask, p,
                                      full=(batch.keys, batch.values))

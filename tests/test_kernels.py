@@ -4,10 +4,8 @@ thread emulation against the MLX reference / codecs, the dispatchers' fallbacks,
 correctness (skipped without a GPU backend; proven on the H100 by
 scripts/bench_attention.py, see reports/README.md)."""
 
-import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 
 import mlx.core as mx
@@ -17,7 +15,8 @@ import pytest
 from mlx_lm_turbo import codecs, kernels
 from mlx_lm_turbo.attention import reference_attention
 from mlx_lm_turbo.cache import TurboKVCache
-from mlx_lm_turbo.kernels import decode, encode, source
+from mlx_lm_turbo.kernels import build, check, decode, encode, launchers, source
+from mlx_lm_turbo.kernels import plan as planning
 
 # Representative template settings: (key method, key bits, value method, value bits, D, R)
 CONFIGS = [
@@ -50,10 +49,10 @@ ENCODE_BUFFER_DTYPES = ["int32", "uint32"] + ["uint32", "uint32", "float16"] * 2
 
 def _mma_template(kb, vb, d, mask=1, live=0):
     """Template of the matrix-unit decode kernel as the dispatcher sets it (G=4, L=2)."""
-    rep = decode.mma_rep(codecs.make("turboquant_mse", kb, d),
+    rep = planning.mma_rep(codecs.make("turboquant_mse", kb, d),
                          codecs.make("turboquant_mse", vb, d), 8, d, d, kb, vb,
-                         decode.SHARED_BUDGET["metal"])
-    aligned = decode.mma_aligned(rep, d, d, kb, vb, decode.SHARED_BUDGET["metal"])
+                         planning.SHARED_BUDGET["metal"])
+    aligned = planning.mma_aligned(rep, d, d, kb, vb, planning.SHARED_BUDGET["metal"])
     return [("D", d), ("DV", d), ("KB", kb), ("WK", d * kb // 32), ("VB", vb),
             ("WV", (d * vb + 31) // 32), ("GQ", 4), ("QL", 2), ("MASK", mask), ("NT", 128),
             ("KREPL", rep), ("VREPL", rep), ("TALIGN", int(aligned)), ("QT", "float16"),
@@ -142,6 +141,12 @@ def _template(kb1, kb2, kmode, vb, vmode, d, dv, r, nv=1, win=0, wdtype="float32
             ("RKT", wdtype), ("RVT", wdtype), ("MUT", "float16" if win else "float32")]
 
 
+def fused_attention(q, keys, values, cache, scale, *rest):
+    """The fused dispatcher as attention.turbo_attention calls it."""
+    return kernels.decode_attention(q, keys, values, cache, scale, *rest,
+                                    reference=reference_attention)
+
+
 REDUCE_TEMPLATE = [("RB", 4), ("DV", 128), ("GQ", 4), ("QL", 1), ("ROTV", 1), ("OT", "float16"),
                    ("SG", 4)]
 
@@ -153,37 +158,37 @@ def _uses(src, name, what):
 def _kernel_parts(name, x_dtype=None):
     """(body, input names, input dtypes, output names, output dtypes) of a kernel."""
     if name == "decode":  # x_dtype: the window copies' dtype (None: no window)
-        return (source.DECODE_BODY, decode.DECODE_INPUTS, _decode_dtypes(x_dtype),
-                decode.DECODE_OUTPUTS, ["float32"] * 3)
+        return (source.body("decode"), build.DECODE_INPUTS, _decode_dtypes(x_dtype),
+                build.DECODE_OUTPUTS, ["float32"] * 3)
     if name == "decode_mma":
-        return (source.DECODE_MMA_BODY, decode.MMA_INPUTS, MMA_DTYPES, decode.DECODE_OUTPUTS,
+        return (source.body("decode_mma"), build.MMA_INPUTS, MMA_DTYPES, build.DECODE_OUTPUTS,
                 ["float32"] * 3)
     if name == "decode_mma_fold":
-        return (decode.KERNELS[name][0], decode.FOLD_INPUTS,
-                MMA_DTYPES + ["float32", "uint32", "float16"], decode.FOLD_OUTPUTS,
+        return (source.body(name), build.FOLD_INPUTS,
+                MMA_DTYPES + ["float32", "uint32", "float16"], build.FOLD_OUTPUTS,
                 ["float32", "float16"])
     if name == "decode_mma_fold_append":   # x_dtype: the new key's and value's dtype
-        return (decode.KERNELS[name][0], decode.APPEND_INPUTS,
+        return (source.body(name), build.APPEND_INPUTS,
                 ["float16", "uint32"] + MMA_DTYPES[2:6] + MMA_DTYPES[8:]
                 + ["uint32", "float16"] + [x_dtype or "float16"] * 2,
-                decode.FOLD_OUTPUTS, ["float32", "float16"])
+                build.FOLD_OUTPUTS, ["float32", "float16"])
     if name == "reduce":
-        return (source.REDUCE_BODY, decode.REDUCE_INPUTS, REDUCE_DTYPES, decode.REDUCE_OUTPUTS,
+        return (source.body("reduce"), build.REDUCE_INPUTS, REDUCE_DTYPES, build.REDUCE_OUTPUTS,
                 ["float16"])
     in_dtypes = [x_dtype, "float32", x_dtype, "float32"] + ENCODE_BUFFER_DTYPES
     if name == "encode_inplace":
-        return (encode.IN_PLACE_BODY, encode.INPUTS, in_dtypes, encode.IN_PLACE_OUTPUTS,
+        return (source.body("encode_inplace"), encode.INPUTS, in_dtypes, encode.IN_PLACE_OUTPUTS,
                 ["uint32"])
-    return (source.ENCODE_BODY, encode.INPUTS, in_dtypes, encode.OUTPUTS,
+    return (source.body("encode"), encode.INPUTS, in_dtypes, encode.OUTPUTS,
             ["uint32", "uint32", "float16"] * 2)
 
 
 def render_metal(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.metal_kernel would assemble it (signature generated from the
     inputs, the thread attributes the body mentions), the template values baked into the
-    body as the kernels are built (decode.build_kernel)."""
+    body as the kernels are built (build.build_kernel)."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "metal", template, mma=name.startswith("decode_mma"))
+    header, src = build.full_source(body, "metal", template, mma=name.startswith("decode_mma"))
     args = []
     for n, dt in zip(names, dtypes):
         args.append(f"const device {METAL_TYPES[dt]}* {n}")
@@ -216,9 +221,9 @@ def render_cuda(template, name="decode", x_dtype=None, included=False) -> str:
     a stub declaring the Shape/Strides types it provides), template values baked in;
     ``included``: its text read from files, as build_kernel hands it over on CUDA."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
-    header, src = decode.full_source(body, "cuda", template, mma=name.startswith("decode_mma"))
+    header, src = build.full_source(body, "cuda", template, mma=name.startswith("decode_mma"))
     if included:
-        header, src = decode.included(header, src, names, f"test_{name}")
+        header, src = build.included(header, src, names, f"test_{name}")
         assert len(src) < 400
     args = []
     for n, dt in zip(names, dtypes):
@@ -235,19 +240,19 @@ def render_cuda(template, name="decode", x_dtype=None, included=False) -> str:
 
 def _table_offsets():
     """Offsets of the appending kernel's tables in cdata (any will do to compile)."""
-    return [(n, 4 * i) for i, n in enumerate(decode.TABLE_OFFSETS)]
+    return [(n, 4 * i) for i, n in enumerate(build.TABLE_OFFSETS)]
 
 
 def _config_template(cfg):
     km, kb, vm, vb, d, r = cfg
-    kmode = decode.KEY_MODES[km]
+    kmode = planning.KEY_MODES[km]
     if km == "turboquant_prod":
         kb1, kb2 = kb - 1, 1
     elif km == "turboquant_rvq":
         kb1, kb2 = kb, kb
     else:
         kb1, kb2 = kb, 0
-    return _template(kb1, kb2, kmode, vb, decode.VALUE_MODES[vm], d, d, r,
+    return _template(kb1, kb2, kmode, vb, planning.VALUE_MODES[vm], d, d, r,
                      nv=2 if vm == "turboquant_rvq" else 1)
 
 
@@ -289,44 +294,14 @@ def test_cuda_source_compiles(cfg, tmp_path):
         assert_cuda_compiles(render_cuda(tpl, name), tmp_path / f"{name}.cu")
 
 
-def test_phase_stamps_mark_every_phase():
-    """scripts/phase_times.py: its stamped appending kernel has one clock stamp per phase
-    edge, in order (it fails if the kernel text loses an anchor), and its summary turns
-    synthetic stamps back into the phase durations they were made from."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "phase_times.py"
-    spec = importlib.util.spec_from_file_location("phase_times", path)
-    pt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pt)
-    body = pt.stamped_body()
-    at = [body.index(f"* {pt.NSTAMP} + {i}] = clock64()") for i in range(len(pt.PHASES) + 1)]
-    assert at == sorted(at) and body.count("clock64()") == len(pt.PHASES) + 1
-    for piece in [pt.START, pt.END] + [pt.stamp(i) for i in range(len(pt.PHASES) + 1)]:
-        body = body.replace(piece, "")
-    assert body == decode.KERNELS["decode_mma_fold_append"][0]   # the stamps, nothing else
-    nsp, rows, ghz = 2, 1, 2.0                      # 2 blocks; phase i takes i + 1 µs
-    stamps = []
-    for blk in range(nsp):
-        clocks = [0]
-        for i in range(len(pt.PHASES)):
-            clocks.append(clocks[-1] + int((i + 1) * 1e3 * ghz))
-        t0 = 1000 + 10 * blk
-        stamps += clocks + [t0, t0 + int(clocks[-1] / ghz), 7]
-    got = pt.summarize(stamps, nsp, rows)
-    assert got["sm_ghz"] == ghz and got["blocks"] == 2
-    assert [got[n]["median_us"] for n in pt.PHASES] == [float(i + 1)
-                                                        for i in range(len(pt.PHASES))]
-
-
 def test_merged_tables_keep_every_word():
     """The appending launch's tables in one uint32 input: each at its offset (a multiple
     of 4 words), bit for bit, in order; other dtypes are refused."""
     tables = [mx.array([0.5, -1.25, 3.0], mx.float32), mx.array([1, 2 ** 32 - 1], mx.uint32),
               mx.arange(8, dtype=mx.uint32), mx.array([-0.0, 7.5, 1e-30, 2.0, 9.0]),
               mx.ones((2, 2)), mx.array([6], mx.uint32)]
-    offsets, merged = decode.merged_tables(tables)
-    assert [n for n, _ in offsets] == list(decode.TABLE_OFFSETS)
+    offsets, merged = launchers.merged_tables(tables)
+    assert [n for n, _ in offsets] == list(build.TABLE_OFFSETS)
     assert merged.dtype == mx.uint32
     for (_, at), t in zip(offsets, tables):
         assert at % 4 == 0
@@ -335,7 +310,7 @@ def test_merged_tables_keep_every_word():
         assert mx.array_equal(got.view(mx.float32) if t.dtype == mx.float32 else got, want)
     assert offsets[-1][1] + 1 <= merged.size
     with pytest.raises(TypeError):
-        decode.merged_tables([mx.ones((3,), mx.float16)])
+        launchers.merged_tables([mx.ones((3,), mx.float16)])
 
 
 def test_included_kernel_text(tmp_path, monkeypatch):
@@ -345,25 +320,25 @@ def test_included_kernel_text(tmp_path, monkeypatch):
     those it finds), a second build reuses the files, an unwritable folder keeps it inline."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     tpl = _mma_template(3, 3, 128, live=1) + [("OT", "bfloat16")]
-    header, src = decode.full_source(decode.KERNELS["decode_mma_fold"][0], "cuda", tpl,
+    header, src = build.full_source(source.body("decode_mma_fold"), "cuda", tpl,
                                      mma=True)
-    h, s = decode.included(header, src, decode.FOLD_INPUTS, "k")
+    h, s = build.included(header, src, build.FOLD_INPUTS, "k")
     assert len(h) + len(s) < 400 < len(src)
     hpath, spath = h.split('"')[1], s.split('"')[1]
     assert open(hpath).read() == header and open(spath).read() == src
-    for n in decode.FOLD_INPUTS:
+    for n in build.FOLD_INPUTS:
         for w in ("shape", "strides", "ndim"):
             assert (f"{n}_{w}" in s) == (f"{n}_{w}" in src), (n, w)
     assert "kn_shape" in s and "q_strides" in s and "cnt_strides" not in s
     open(spath, "w").write("tampered")
-    assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (h, s)
+    assert build.included(header, src, build.FOLD_INPUTS, "k") == (h, s)
     assert open(spath).read() == src
     assert sorted(p.name for p in (tmp_path / "mlx_lm_turbo" / "kernels").iterdir()) == [
         "k.body.cuh", "k.h.cuh"]   # no temporary file left behind
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))   # a file: no folder under it
-    assert decode.included(header, src, decode.FOLD_INPUTS, "k") == (header, src)
+    assert build.included(header, src, build.FOLD_INPUTS, "k") == (header, src)
 
 
 @pytest.mark.parametrize("kb,vb,d,live,name", [
@@ -392,7 +367,7 @@ def test_mma_cuda_source_compiles(name, included, tmp_path, monkeypatch):
     assert_cuda_compiles(render_cuda(tpl, name, x_dtype="bfloat16", included=included),
                          tmp_path / f"{name}.cu", ptx=True)
     ptx = (tmp_path / f"{name}.ptx").read_text()
-    assert f".maxntid {decode.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
+    assert f".maxntid {build.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
 
 
 def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
@@ -405,69 +380,63 @@ def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
 
 
 def test_dispatcher_returns_none_on_cpu(monkeypatch):
-    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(check, "MODE", None)
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
-    if decode.backend() is None:
-        assert kernels.decode_attention(q, keys, values, c, 0.125) is None
+    if check.backend() is None:
+        assert fused_attention(q, keys, values, c, 0.125) is None
 
 
-def test_env_state_follows_the_environment(monkeypatch):
-    """The memoised decode step and append are keyed by env_state (read from os.environ's
-    own dict): setting or clearing a switch must change it, as os.environ.get would."""
-    names = decode._ENV_NAMES
-    assert decode.APPEND_ENV in names and decode.FOLD_ENV in names
-    for name in names:
-        monkeypatch.delenv(name, raising=False)
-    base = decode.env_state()
-    assert base == (None,) * len(names)
-    seen = {base}
-    for name in names:
-        monkeypatch.setenv(name, "0")
-        seen.add(decode.env_state())
-    assert len(seen) == len(names) + 1
-    for name in names:
-        monkeypatch.delenv(name)
-    assert decode.env_state() == base
+def test_switches_follow_the_settings(monkeypatch):
+    """The kept decode step and append are keyed by decode.switches(): changing any
+    setting must change it."""
+    seen = {decode.switches()}
+    for module, name, value in ((check, "MODE", not check.MODE),
+                                (planning, "USE_MMA", not planning.USE_MMA),
+                                (decode, "FOLD", not decode.FOLD),
+                                (decode, "APPEND", not decode.APPEND)):
+        monkeypatch.setattr(module, name, value)
+        seen.add(decode.switches())
+    assert len(seen) == 5
 
 
 def test_env_forces_reference(monkeypatch):
-    monkeypatch.setenv(decode.ENV, "0")
+    monkeypatch.setattr(check, "MODE", False)
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
-    assert kernels.decode_attention(q, keys, values, c, 0.125) is None
+    assert fused_attention(q, keys, values, c, 0.125) is None
 
 
 def test_env_forces_kernel_raises_without_gpu(monkeypatch):
-    if decode.backend() is not None:
+    if check.backend() is not None:
         pytest.skip("a GPU backend is active")
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
-    monkeypatch.setenv(decode.ENV, "1")  # after the fill: the cache append raises too
+    monkeypatch.setattr(check, "MODE", True)  # after the fill: the cache append raises too
     q = mx.random.normal((1, 4, 1, 64))
     with pytest.raises(RuntimeError):
-        kernels.decode_attention(q, keys, values, c, 0.125)
+        fused_attention(q, keys, values, c, 0.125)
 
 
 def test_plan_rejects_unsupported():
     c, keys, values = _filled_cache("mse", 3, "mse", 3)
     q = mx.random.normal((1, 4, 1, 64))
-    assert decode.plan(q, keys, values, c, None, None, "cuda") is not None
-    assert decode.plan(q, keys, values, c, None, mx.zeros((4,)), "cuda") is None  # sinks
+    assert planning.plan(q, keys, values, c, None, None, "cuda") is not None
+    assert planning.plan(q, keys, values, c, None, mx.zeros((4,)), "cuda") is None  # sinks
     q9 = mx.random.normal((1, 4, 9, 64))
-    assert decode.plan(q9, keys, values, c, "causal", None, "cuda") is None  # L too long
+    assert planning.plan(q9, keys, values, c, "causal", None, "cuda") is None  # L too long
     cp, kp, vp = _filled_cache("polar", 3, "polar", 3)
-    assert decode.plan(q, kp, vp, cp, None, None, "cuda") is None
+    assert planning.plan(q, kp, vp, cp, None, None, "cuda") is None
 
 
 def test_n_splits_cover_sequence():
     for S in (1, 127, 128, 129, 1000, 4096, 32768, 131072, 131073):
         for rows in (1, 8, 64):
-            nsp = decode.n_splits(S, rows)
-            chunk = -(-(-(-S // nsp)) // decode.NT) * decode.NT
+            nsp = planning.n_splits(S, rows)
+            chunk = -(-(-(-S // nsp)) // build.NT) * build.NT
             assert nsp * chunk >= S and nsp >= 1
 
 
-gpu = pytest.mark.skipif(decode.backend() is None,
+gpu = pytest.mark.skipif(check.backend() is None,
                          reason="no Metal or CUDA backend: GPU correctness is proven by "
                                 "scripts/bench_attention.py on the H100 (reports/README.md)")
 
@@ -482,9 +451,9 @@ def test_fused_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S):
     c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D)
     q = mx.random.normal((1, Hq, L, D)).astype(mx.float16)
     mask = "causal" if L > 1 else None
-    p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+    p = planning.plan(q, keys, values, c, mask, None, check.backend())
     assert p is not None
-    out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
+    out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, check.backend())
     ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 5e-3, err
@@ -496,14 +465,14 @@ def test_steady_decode_path_matches_reference(monkeypatch):
     the memo on the cache (``_steady``): each step, appended token and grown S included,
     must still equal the reference; with an env var changed the memo no longer applies."""
     from mlx_lm_turbo.attention import reference_attention
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(planning, "USE_MMA", True)
     c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=700, D=128)
     for step in range(3):
         k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
         keys, values = c.update_and_fetch(k1, k1)
         q = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
-        out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
+        out = fused_attention(q, keys, values, c, 128 ** -0.5)
         # (the first call of a shape may be its first-use check, which sets no memo)
         assert out is not None and (step == 0 or c._fused_steady is not None)
         ref = reference_attention(q, keys, values, c, 128 ** -0.5)
@@ -515,12 +484,12 @@ def test_steady_decode_path_matches_reference(monkeypatch):
     for cache in (twin, c):   # (c last: the check below reuses its views)
         k1 = mx.random.normal((1, 2, 1, 128)).astype(mx.bfloat16)
         keys, values = cache.update_and_fetch(k1, k1)
-        out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+        out = fused_attention(q, keys, values, cache, 128 ** -0.5)
         ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
         err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
         assert err < 1e-2, err
-    monkeypatch.setenv(decode.MMA_ENV, "0")    # the scalar kernel now: a new signature
-    out = decode.decode_attention(q, keys, values, c, 128 ** -0.5)
+    monkeypatch.setattr(planning, "USE_MMA", False)    # the scalar kernel now: a new signature
+    out = fused_attention(q, keys, values, c, 128 ** -0.5)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 1e-2, err
 
@@ -532,13 +501,13 @@ def test_folded_step_equals_two_launches(Hq, Hkv, S, monkeypatch):
     the reference: five launches queued before one evaluation (each orders itself after
     the one before on the shared counters), then one more after it (counters reset)."""
     from mlx_lm_turbo.attention import reference_attention
-    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    monkeypatch.setattr(planning, "USE_MMA", True)
     c, keys, values = _filled_cache("mse", 3, "mse", 3, Hkv=Hkv, S=S, D=128)
     scale = 128 ** -0.5
     qs = [mx.random.normal((1, Hq, 1, 128)).astype(mx.bfloat16) for _ in range(6)]
-    p = decode.plan(qs[0], keys, values, c, None, None, decode.backend())
-    folded = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=True)[0]
-    two = decode._steady(qs[0], keys, values, c, scale, p, decode.backend(), fold=False)[0]
+    p = planning.plan(qs[0], keys, values, c, None, None, check.backend())
+    folded = decode._steady(qs[0], keys, values, c, scale, p, check.backend(), fold=True)[0]
+    two = decode._steady(qs[0], keys, values, c, scale, p, check.backend(), fold=False)[0]
     outs = [folded(q, keys, values) for q in qs[:5]]
     mx.eval(outs)
     outs.append(folded(qs[5], keys, values))
@@ -558,8 +527,8 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
     buffers must hold exactly the codes of a twin cache written through MLX only."""
     import copy
     from mlx_lm_turbo.attention import reference_attention
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.delenv(decode.MMA_ENV, raising=False)
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(planning, "USE_MMA", True)
     c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
     twin = copy.deepcopy(c)
     twin._write_in_place = lambda *a: None     # MLX writes only
@@ -573,7 +542,7 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
         for cache in (c, twin):
             keys, values = cache.update_and_fetch(k1, v1)
             live_steps += cache is c and "live" in keys
-            out = decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+            out = fused_attention(q, keys, values, cache, 128 ** -0.5)
             assert out is not None
             ref = reference_attention(q, keys, values, cache, 128 ** -0.5)
             err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
@@ -588,7 +557,7 @@ def test_in_place_append_matches_mlx_writes(dtype, monkeypatch):
     for cache, scale in ((c, 1.0), (other, -1.0), (c, 2.0), (other, -2.0)):
         k1 = (mx.random.normal((1, 2, 1, 128)) * scale).astype(dtype)
         keys, values = cache.update_and_fetch(k1, k1)
-        decode.decode_attention(q, keys, values, cache, 128 ** -0.5)
+        fused_attention(q, keys, values, cache, 128 ** -0.5)
         want = cache.key_codec.encode(k1)
         got = {n: a[:, :, -1:] for n, a in cache.keys_and_values()[0].items()}
         assert encode.compare(cache.key_codec, got, want)[0]
@@ -607,8 +576,8 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
     from mlx_lm.models import llama
     from mlx_lm_turbo import patch
     from mlx_lm_turbo.cache import TurboConfig
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.delenv(decode.APPEND_ENV, raising=False)
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(decode, "APPEND", True)
     args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=2,
                            intermediate_size=512, num_attention_heads=4, rms_norm_eps=1e-5,
                            vocab_size=512, num_key_value_heads=2, head_dim=128)
@@ -631,7 +600,7 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
     try:
         runs = []
         for append, write in (("1", writer), ("0", writer), ("0", lambda *a: None)):
-            monkeypatch.setenv(decode.APPEND_ENV, append)
+            monkeypatch.setattr(decode, "APPEND", append == "1")
             monkeypatch.setattr(encode, "write_pair_in_place", write)
             calls.append(0)
             cache = mlx_cache.make_prompt_cache(model)
@@ -658,12 +627,12 @@ def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
     q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
     mask = "causal" if L > 1 else None
     outs = []
-    for env in ("", "0"):
-        monkeypatch.setenv(decode.MMA_ENV, env)
-        p = decode.plan(q, keys, values, c, mask, None, decode.backend())
-        assert (p["MMA"] is None) == (env == "0")
+    for use_mma in (True, False):
+        monkeypatch.setattr(planning, "USE_MMA", use_mma)
+        p = planning.plan(q, keys, values, c, mask, None, check.backend())
+        assert (p["MMA"] is None) == (not use_mma)
         outs.append(decode.run_fused(q, keys, values, c, D ** -0.5, mask, p,
-                                     decode.backend()).astype(mx.float32))
+                                     check.backend()).astype(mx.float32))
     ref = reference_attention(q, keys, values, c, D ** -0.5, mask).astype(mx.float32)
     for out in outs:
         assert mx.max(mx.abs(out - ref)).item() < 5e-3
@@ -692,16 +661,16 @@ emu = pytest.mark.skipif(not _emulator_available(), reason="g++ (C++20) not avai
 ])
 def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mask, blocks,
                                            monkeypatch):
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
-    monkeypatch.setenv(decode.MMA_ENV, "0")   # the scalar kernel (the mma one: below)
+    import emulate
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
+    monkeypatch.setattr(planning, "USE_MMA", False)   # the scalar kernel (the mma one: below)
     c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = mx.random.normal((1, Hq, L, D)).astype(mx.float16)
     if mask == "bool":
         mask = mx.random.uniform(shape=(1, 1, L, S)) > 0.3
     elif mask == "additive":
         mask = mx.random.normal((1, Hq, L, S))
-    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    p = planning.plan(q, keys, values, c, mask, None, "cuda")
     assert p is not None
     out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, mask, p,
                                      full=(c.keys, c.values))
@@ -713,9 +682,9 @@ def test_emulated_kernel_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, mas
 def _mma_emulated_error(q, keys, values, c, mask) -> float:
     """Max abs difference between the emulated mma kernel (which the plan must choose) and
     the reference attention on the same packed cache."""
-    from mlx_lm_turbo.kernels import emulate
+    import emulate
     scale = q.shape[-1] ** -0.5
-    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    p = planning.plan(q, keys, values, c, mask, None, "cuda")
     assert p["MMA"] is not None
     out = emulate.run_fused_emulated(q, keys, values, c, scale, mask, p,
                                      full=(c.keys, c.values))
@@ -737,7 +706,7 @@ def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, b
     """The matrix-unit kernel (fragments from pair tables, permuted dims, per-warp online
     softmax) against the reference; its fp16 fragments (rotated queries, P) bound the
     error at ~1e-3 of outputs of magnitude ~2."""
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
     err = _mma_emulated_error(q, keys, values, c, mask)
@@ -749,7 +718,7 @@ def test_emulated_mma_kernel_rising_scores(monkeypatch):
     """Scores that climb ~130 above the first sub-tile's in the odd rows only (the even
     rows' queries are zero): the lazy rescale must move those rows' running maxima as
     well (P = e^(s - m_run) past ~11 overflows its fp16 fragment)."""
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", 2)   # one split: 16 sub-tiles a warp
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", 2)   # one split: 16 sub-tiles a warp
     D, S = 128, 1024
     mx.random.seed(5)
     c = TurboKVCache("turboquant_mse", 3, "turboquant_mse", 3, seed=5)
@@ -778,21 +747,21 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
     block of each group of splits merges the group, the last of those merges the groups,
     applies the inverse rotation, writes the output) against the reference; every counter
     is back to zero for the next step."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    import emulate
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D, seed=S)
     q = (2 * mx.random.normal((1, Hq, L, D))).astype(dtype)
     scale = D ** -0.5
-    p = decode.plan(q, keys, values, c, None, None, "cuda")
-    assert p["MMA"] is not None and decode.n_splits(S, Hkv) > 1
+    p = planning.plan(q, keys, values, c, None, None, "cuda")
+    assert p["MMA"] is not None and planning.n_splits(S, Hkv) > 1
     out, cnt = emulate.run_folded_emulated(q, keys, values, c, scale, p,
                                            full=(c.keys, c.values))
     ref = reference_attention(q, keys, values, c, scale)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < (1e-2 if dtype == mx.bfloat16 else 3e-3), err
-    nsp = decode.n_splits(S, Hkv)
-    assert nsp > decode.FOLD_GROUP or S < 2000   # (the last case runs both merge levels)
-    assert cnt.size >= decode.fold_counter_words(Hkv, nsp) and not cnt.any()
+    nsp = planning.n_splits(S, Hkv)
+    assert nsp > source.FOLD_GROUP or S < 2000   # (the last case runs both merge levels)
+    assert cnt.size >= launchers.fold_counter_words(Hkv, nsp) and not cnt.any()
 
 
 @emu
@@ -802,20 +771,20 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
 ])
 def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, dtype,
                                                    monkeypatch):
-    """The steady step's appending launch (source.MMA_APPEND): the block holding the new
+    """The steady step's appending launch (src/mma_append.inc): the block holding the new
     token codes its key and value into the buffers, bit for bit as the codecs' encode,
     touching nothing else, and the output attends over it (against the reference on the
     buffers it leaves); the counters end at zero."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    import emulate
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=128, seed=S)
     knew = (3 * mx.random.normal((1, Hkv, 1, 128))).astype(dtype)
     vnew = mx.random.normal((1, Hkv, 1, 128)).astype(dtype)
     q = (2 * mx.random.normal((1, Hq, 1, 128))).astype(dtype)
     scale = 128 ** -0.5
-    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    p = planning.plan(q, keys, values, c, None, None, "cuda")
     assert p["MMA"] is not None and decode._appends(p, keys, c)
-    live = (S + 1, mx.array([S, S + 1, 0, 0], mx.int32), None, None)
+    live = decode.LiveBuffers(S + 1, mx.array([S, S + 1, 0, 0], mx.int32), None, None)
     out, kbuf, vbuf, cnt = emulate.run_appending_emulated(
         q, {**c.keys, "live": live}, {**c.values, "live": live}, c, scale, p, knew, vnew)
     for codec, got, old, x in ((c.key_codec, kbuf, c.keys, knew),
@@ -834,23 +803,23 @@ def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, d
 
 def test_plan_chooses_mma_kernel(monkeypatch):
     """mse keys and values at <= 4 bits, <= 8 rows and whole-word key quarters: the mma
-    kernel (short sequences too); otherwise, or with MLX_LM_TURBO_MMA=0, the scalar one."""
+    kernel (short sequences too); otherwise, or with plan.USE_MMA off, the scalar one."""
     def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1, S=300):
         c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D)
         q = mx.zeros((1, Hq, L, D), mx.float16)
-        return decode.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
+        return planning.plan(q, keys, values, c, "causal" if L > 1 else None, None, "cuda")["MMA"]
     assert rep("mse", 3, "mse", 3) == 5
     assert rep("mse", 3, "mse", 3, S=128) == 5
     assert rep("mse", 4, "mse", 4) == 4                # 256-entry pair tables: 16 copies
-    cuda = decode.SHARED_BUDGET["cuda"]                # tables aligned to their size (TALIGN)
-    assert decode.mma_aligned(5, 128, 128, 3, 3, cuda)
-    assert not decode.mma_aligned(4, 128, 128, 4, 4, cuda)
+    cuda = planning.SHARED_BUDGET["cuda"]                # tables aligned to their size (TALIGN)
+    assert planning.mma_aligned(5, 128, 128, 3, 3, cuda)
+    assert not planning.mma_aligned(4, 128, 128, 4, 4, cuda)
     assert rep("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
     assert rep("mse", 2, "mse", 3, D=64) is not None
     assert rep("mse", 5, "mse", 3) is None
     assert rep("rvq", 2, "mse", 3) is None
     assert rep("mse", 3, "mse", 3, Hq=8, Hkv=2, L=3) is None   # 12 rows
-    monkeypatch.setenv(decode.MMA_ENV, "0")
+    monkeypatch.setattr(planning, "USE_MMA", False)
     assert rep("mse", 3, "mse", 3) is None
 
 
@@ -860,7 +829,7 @@ def test_emulated_combine_matches_numpy(DV, nsp, rotv):
     """The combine kernel alone on random partials, some splits fully masked (m = -inf),
     more splits than threads for DV=64, a padding row (GQ < RB) left unwritten:
     sum_s e^(m_s-M) o_s / sum_s e^(m_s-M) l_s, then (rotv) Hadamard x signs / sqrt(DV)."""
-    from mlx_lm_turbo.kernels import emulate
+    import emulate
     rng = np.random.default_rng(DV)
     B, H, NRG, RB, GQ = 1, 2, 1, 3, 2
     o = rng.standard_normal((B, H, NRG, nsp, RB, DV)).astype(np.float32)
@@ -870,11 +839,11 @@ def test_emulated_combine_matches_numpy(DV, nsp, rotv):
     lsum = rng.uniform(0.5, 2.0, (B, H, NRG, nsp, RB)).astype(np.float32)
     signs = rng.choice([-1.0, 1.0], DV).astype(np.float32)
     vmul = (signs / np.sqrt(DV)).astype(np.float32) if rotv else np.ones(DV, np.float32)
-    sg = decode.reduce_groups(DV)
+    sg = launchers.reduce_groups(DV)
     tpl = [("RB", RB), ("DV", DV), ("GQ", GQ), ("QL", 1), ("ROTV", rotv), ("OT", "float"),
            ("SG", sg)]
-    run = emulate.compile_kernel(source.REDUCE_BODY, decode.REDUCE_INPUTS, [np.float32] * 4,
-                                 decode.REDUCE_OUTPUTS, tpl)
+    run = emulate.compile_kernel(source.body("reduce"), build.REDUCE_INPUTS, [np.float32] * 4,
+                                 build.REDUCE_OUTPUTS, tpl)
     out = np.full((B, H * GQ, 1, DV), 7.0, np.float32)
     run([(a, list(a.shape), [s // 4 for s in a.strides]) for a in (o, m, lsum, vmul)],
         [out], (B * H * NRG * RB, 1), DV * sg)
@@ -889,8 +858,8 @@ def test_emulated_combine_matches_numpy(DV, nsp, rotv):
 def _kernel_fails_to_compile(monkeypatch, module, launcher: str) -> list:
     """Fake a GPU backend with nothing checked yet, and make ``module.launcher`` raise
     like a failed JIT compile; returns the list its calls are counted in."""
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(module, "_checked", {})
     calls = []
 
@@ -907,26 +876,26 @@ def test_first_use_check_warns_once_and_falls_back(monkeypatch):
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert kernels.decode_attention(q, keys, values, c, 0.125) is None
-        assert kernels.decode_attention(q, keys, values, c, 0.125) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
     assert len(w) == 1 and "compile failed" in str(w[0].message)
     assert len(calls) == 1
 
 
 def test_first_use_check_rejects_wrong_output(monkeypatch):
     c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(decode, "_checked", {})
     monkeypatch.setattr(decode, "run_fused", lambda q, *a, **k: mx.zeros(q.shape, q.dtype) + 1)
     q = mx.random.normal((1, 4, 1, 64))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert kernels.decode_attention(q, keys, values, c, 0.125) is None
+        assert fused_attention(q, keys, values, c, 0.125) is None
     assert len(w) == 1 and "disabled" in str(w[0].message)
-    monkeypatch.setenv(decode.ENV, "1")
+    monkeypatch.setattr(check, "MODE", True)
     with pytest.raises(RuntimeError):
-        kernels.decode_attention(q, keys, values, c, 0.125)
+        fused_attention(q, keys, values, c, 0.125)
 
 
 # ----------------------------------------------------------------- fused encode
@@ -973,7 +942,7 @@ ENCODE_CASES = [(km, kb, D) for km, kb in (("mse", 2), ("mse", 3), ("mse", 4), (
 @pytest.mark.parametrize("L", [1, 5])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
 def test_emulated_encode_matches_codec(km, kb, D, L, dtype, monkeypatch):
-    from mlx_lm_turbo.kernels import emulate
+    import emulate
     c = _codec(km, kb, D, seed=D + kb)
     mx.random.seed(D * 10 + L)
     B, H = 1, 2
@@ -1002,11 +971,11 @@ def test_token_left_to_attention_is_written_by_any_other_reader(monkeypatch):
     c, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
     twin, _, _ = _filled_cache("mse", 3, "mse", 3, Hkv=2, S=250, D=128)
     monkeypatch.setitem(decode._checked, ("test", "append"), True)
-    c._fused_steady = (None, None, ("test", "live"), ("test", "append"), None)
+    c._fused_steady = decode.SteadyStep(None, None, ("test", "live"), ("test", "append"), None)
     steps = [[mx.random.normal((1, 2, 1, 128)).astype(mx.float16) for _ in range(2)]
              for _ in range(3)]
     keys, values = c.update_and_fetch(*steps[0])
-    assert c._pending is not None and c.offset == 251 and keys["live"][0] == 251
+    assert c._pending is not None and c.offset == 251 and keys["live"].held == 251
     assert not c.keys["codes"][:, :, 250].any().item()        # not written yet
     got = kernels.settle(keys)
     twin.update_and_fetch(*steps[0])
@@ -1043,7 +1012,7 @@ def test_positions_follow_the_decode_steps(monkeypatch):
 def test_emulated_in_place_encode_writes_only_its_tokens(km, kb, D, monkeypatch):
     """INPLACE: K and V coded straight into tokens prev..prev+1 of (B=2) cache buffers:
     those hold the codecs' codes, every other word is untouched."""
-    from mlx_lm_turbo.kernels import emulate
+    import emulate
     monkeypatch.setattr(encode, "MAX_BLOCKS", 3)
     kc, vc = _codec(km, kb, D, seed=1), _codec(km, kb, D, seed=2)
     mx.random.seed(11)
@@ -1069,7 +1038,7 @@ def test_emulated_pair_encode_matches_codecs(km, kb, D, monkeypatch):
     """K and V in one launch (PAIR): each half of the grid codes its own tensor with its
     own codec (different rotation signs), through strides (K a transposed view), 3 blocks
     per tensor for 10 vectors each."""
-    from mlx_lm_turbo.kernels import emulate
+    import emulate
     monkeypatch.setattr(encode, "MAX_BLOCKS", 3)
     kc, vc = _codec(km, kb, D, seed=1), _codec(km, kb, D, seed=2)
     mx.random.seed(7)
@@ -1086,8 +1055,8 @@ def test_emulated_pair_encode_matches_codecs(km, kb, D, monkeypatch):
 
 
 def test_encode_pair_applies_to_matching_codecs_only(monkeypatch):
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     calls = []
     monkeypatch.setattr(encode, "run_pair_kernel", lambda *a: calls.append(a) or ("k", "v"))
     monkeypatch.setattr(encode, "_checked", {("cuda", "turboquant_mse", 3, 64, "mlx.core.float16",
@@ -1135,13 +1104,13 @@ def test_encode_compare_rule():
 
 
 def test_encode_dispatcher_returns_none_on_cpu(monkeypatch):
-    monkeypatch.delenv(decode.ENV, raising=False)
+    monkeypatch.setattr(check, "MODE", None)
     c = _codec("mse", 3, 64)
     x = mx.random.normal((1, 2, 1, 64)).astype(mx.float16)
-    if decode.backend() is None:
+    if check.backend() is None:
         assert encode.encode(c, x) is None
-    monkeypatch.setenv(decode.ENV, "0")
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", False)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     assert encode.encode(c, x) is None
 
 
@@ -1158,9 +1127,9 @@ def test_encode_supported():
 
 
 def test_encode_env_forces_kernel_raises_without_gpu(monkeypatch):
-    if decode.backend() is not None:
+    if check.backend() is not None:
         pytest.skip("a GPU backend is active")
-    monkeypatch.setenv(decode.ENV, "1")
+    monkeypatch.setattr(check, "MODE", True)
     with pytest.raises(RuntimeError):
         encode.encode(_codec("mse", 3, 64), mx.zeros((1, 2, 1, 64)))
 
@@ -1170,9 +1139,9 @@ def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
     pair_calls = _kernel_fails_to_compile(monkeypatch, encode, "run_pair_kernel")
     k = mx.random.normal((1, 2, 3, 64)).astype(mx.float16)
     ref = TurboKVCache("mse", 3, "mse", 3)
-    monkeypatch.setenv(decode.ENV, "0")
+    monkeypatch.setattr(check, "MODE", False)
     want = ref.update_and_fetch(k, k)
-    monkeypatch.delenv(decode.ENV)
+    monkeypatch.setattr(check, "MODE", None)
     c = TurboKVCache("mse", 3, "mse", 3)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -1186,14 +1155,14 @@ def test_encode_first_use_check_warns_once_and_falls_back(monkeypatch):
     for a, b in zip(got, want):
         for name in b:
             assert mx.array_equal(a[name], b[name]).item(), name
-    monkeypatch.setenv(decode.ENV, "1")
+    monkeypatch.setattr(check, "MODE", True)
     with pytest.raises(RuntimeError):
         c.update_and_fetch(k, k)
 
 
 def test_encode_first_use_check_rejects_wrong_output(monkeypatch):
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     c = _codec("rvq", 2, 64)
 
@@ -1220,7 +1189,7 @@ def _append_kernel_then_codec(monkeypatch, methods: tuple, dtype) -> None:
         warnings.simplefilter("error")
         for i, c in enumerate(caches):
             if i == 1:
-                monkeypatch.setenv(decode.ENV, "0")
+                monkeypatch.setattr(check, "MODE", False)
             c.update_and_fetch(k[:, :, :4], v[:, :, :4])
             for t in (4, 5):
                 c.update_and_fetch(k[:, :, t:t + 1], v[:, :, t:t + 1])
@@ -1234,9 +1203,9 @@ def _append_kernel_then_codec(monkeypatch, methods: tuple, dtype) -> None:
 def test_cache_append_through_emulated_kernel(monkeypatch):
     """The cache hook end to end: with the kernel (emulated) taking the append, the
     buffers equal the codec path's, prefill then single tokens."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    import emulate
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     used = []
 
@@ -1252,9 +1221,9 @@ def test_cache_append_through_emulated_kernel(monkeypatch):
 def test_cache_append_through_emulated_pair_kernel(monkeypatch):
     """Matching K/V codecs: the cache appends through the one-launch pair (emulated),
     prefill then single tokens, and its buffers equal the codec path's."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    import emulate
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     used = []
 
@@ -1274,7 +1243,7 @@ def test_cache_append_through_emulated_pair_kernel(monkeypatch):
 def test_encode_kernel_matches_codec(km, kb, D, L, dtype):
     c = _codec(km, kb, D)
     x = mx.random.normal((1, L, 8, D)).astype(dtype).transpose(0, 2, 1, 3)
-    out = encode.run_kernel(c, x, decode.backend())
+    out = encode.run_kernel(c, x, check.backend())
     ok, why = encode.compare(c, out, c.encode(x))
     assert ok, why
 
@@ -1286,7 +1255,7 @@ def test_pair_encode_kernel_matches_codecs(km, kb, D, L, dtype):
     kc, vc = _codec(km, kb, D, seed=3), _codec(km, kb, D, seed=4)
     k = mx.random.normal((1, L, 8, D)).astype(dtype).transpose(0, 2, 1, 3)
     v = mx.random.normal((1, 8, L, D)).astype(dtype)
-    out_k, out_v = encode.run_pair_kernel(kc, vc, k, v, decode.backend())
+    out_k, out_v = encode.run_pair_kernel(kc, vc, k, v, check.backend())
     for codec, out, x in ((kc, out_k, k), (vc, out_v, v)):
         ok, why = encode.compare(codec, out, codec.encode(x))
         assert ok, why
@@ -1348,12 +1317,12 @@ def _without_window(packed: dict) -> dict:
 ])
 def test_emulated_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, trim, center,
                                            dtype, blocks, monkeypatch):
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.setattr(decode, "TARGET_BLOCKS", blocks)
+    import emulate
+    monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
     c, keys, values, q = _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim, center,
                                          dtype, seed=S + W + L)
     mask = "causal" if L > 1 else None
-    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    p = planning.plan(q, keys, values, c, mask, None, "cuda")
     assert p is not None and p["WIN"] == W and p["NCOPY"] == keys["recent"].shape[2]
     out = emulate.run_fused_emulated(q, keys, values, c, D ** -0.5, mask, p,
                                      full=(c.keys, c.values))
@@ -1369,14 +1338,14 @@ def test_emulated_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, 
 
 def test_plan_window():
     c, keys, values, q = _windowed_cache("mse", 3, "mse", 3, 4, 2, 1, 100, 64, 16)
-    p = decode.plan(q, keys, values, c, None, None, "cuda")
+    p = planning.plan(q, keys, values, c, None, None, "cuda")
     assert p["WIN"] == 16 and p["NCOPY"] == 16 and p["SC"] == 84 and p["WCTR"] == 0
     mask = mx.zeros((1, 1, 1, 100), mx.bool_)
-    assert decode.plan(q, keys, values, c, mask, None, "cuda") is None   # array mask
+    assert planning.plan(q, keys, values, c, mask, None, "cuda") is None   # array mask
     short = {**keys, "recent": keys["recent"][:, :, :0]}
-    assert decode.plan(q, short, values, c, None, None, "cuda") is None  # n < L
+    assert planning.plan(q, short, values, c, None, None, "cuda") is None  # n < L
     # The first-use check keys windowed shapes apart from plain ones.
-    plain = decode.plan(q, _without_window(keys), _without_window(values), c, None, None,
+    plain = planning.plan(q, _without_window(keys), _without_window(values), c, None, None,
                         "cuda")
     assert decode._shape_key(p, q, c, "cuda") != decode._shape_key(plain, q, c, "cuda")
 
@@ -1384,9 +1353,9 @@ def test_plan_window():
 def _dispatch_to_emulator(monkeypatch, field: str) -> list:
     """Fake a GPU backend with nothing checked yet and run the fused attention through the
     C++ emulation; returns the list each launch's plan[field] is appended to."""
-    from mlx_lm_turbo.kernels import emulate
-    monkeypatch.delenv(decode.ENV, raising=False)
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    import emulate
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(decode, "_checked", {})
     seen = []
 
@@ -1405,7 +1374,7 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
     runs = _dispatch_to_emulator(monkeypatch, "WIN")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = kernels.decode_attention(q, keys, values, c, 0.125)
+        out = fused_attention(q, keys, values, c, 0.125)
     assert runs == [16] and out is not None
     assert [k[-3:-1] for k, ok in decode._checked.items() if ok] == [(16, 0)]
     ref = reference_attention(q, keys, values, c, 0.125)
@@ -1420,9 +1389,9 @@ def test_window_dispatcher_checks_against_reference(monkeypatch):
 def test_fused_window_matches_reference(km, kb, vm, vb, D, Hq, Hkv, L, S, W, trim, center):
     c, keys, values, q = _windowed_cache(km, kb, vm, vb, Hq, Hkv, L, S, D, W, trim, center)
     mask = "causal" if L > 1 else None
-    p = decode.plan(q, keys, values, c, mask, None, decode.backend())
+    p = planning.plan(q, keys, values, c, mask, None, check.backend())
     assert p is not None
-    out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, decode.backend())
+    out = decode.run_fused(q, keys, values, c, D ** -0.5, mask, p, check.backend())
     ref = reference_attention(q, keys, values, c, D ** -0.5, mask)
     err = mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item()
     assert err < 5e-3, err
@@ -1433,8 +1402,8 @@ def test_encode_forced_returns_none_where_not_covered(monkeypatch):
     """MLX_LM_TURBO_KERNELS=1 with a GPU backend: codecs the encode kernel does not cover
     (prod keys, d=96) fall back to the codec's encode instead of raising, so forcing the
     decode kernels still works for such models; a covered codec runs the kernel."""
-    monkeypatch.setenv(decode.ENV, "1")
-    monkeypatch.setattr(decode, "backend", lambda: "cuda")
+    monkeypatch.setattr(check, "MODE", True)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
     monkeypatch.setattr(encode, "_checked", {})
     ran = []
     monkeypatch.setattr(encode, "run_kernel", lambda codec, x, be: ran.append(1) or codec.encode(x))
@@ -1461,8 +1430,45 @@ def test_decode_steps_reuse_the_plan(monkeypatch):
         kv = [mx.random.normal((1, 2, 1, 64)).astype(mx.float16) for _ in "kv"]
         keys, values = c.update_and_fetch(*kv)
         q = mx.random.normal((1, 8, 1, 64)).astype(mx.float16)
-        out = kernels.decode_attention(q, keys, values, c, 0.125)
+        out = fused_attention(q, keys, values, c, 0.125)
         ref = reference_attention(q, keys, values, c, 0.125)
         assert mx.max(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32))).item() < 2e-3
     assert lengths == [301, 302, 303]
-    assert not any(isinstance(v, mx.array) for v in c._fused_plan[1].values())
+    assert not any(isinstance(v, mx.array) for v in c._fused_plan.plan.values())
+
+
+@pytest.mark.parametrize("name", sorted(source.BODIES))
+@pytest.mark.parametrize("backend_name", ["metal", "cuda"])
+def test_every_kernel_source_assembles(name, backend_name):
+    """Every body expands for both backends: no directive or parameter left, braces
+    balanced, the prelude's indices in front."""
+    header, src = build.full_source(source.body(name), backend_name, (("D", 64),),
+                                    mma=name.startswith("decode_mma"))
+    text = header + src
+    assert "//@" not in text and "${" not in text
+    assert text.count("{") == text.count("}") and text.count("(") == text.count(")")
+    assert src.startswith("constexpr int D = 64;\nconst int kv_tid")
+
+
+def test_kernel_sources_are_package_data():
+    """pyproject.toml ships src/*.h and src/*.inc: every source file is one of those."""
+    assert all(p.suffix in (".h", ".inc") for p in source.SRC.iterdir())
+    assert {n for names in source.BODIES.values() for n in names} <= {
+        p.name for p in source.SRC.iterdir()}
+
+
+def test_directives_expand(tmp_path, monkeypatch):
+    """//@include passes parameters down, //@if keeps one branch, ${key} is replaced and a
+    missing key raises."""
+    (tmp_path / "outer.inc").write_text(
+        "a ${x}\n//@include inner.inc y=2 \"z=p + q\"\n//@if flag\nyes\n//@else\nno\n//@endif\n")
+    (tmp_path / "inner.inc").write_text("b ${x} ${y} ${z}\n")
+    monkeypatch.setattr(source, "SRC", tmp_path)
+    source.read.cache_clear()
+    try:
+        assert source.render("outer.inc", {"x": "1", "flag": "0"}) == "a 1\nb 1 2 p + q\nno\n"
+        assert source.render("outer.inc", {"x": "1", "flag": "1"}).endswith("yes\n")
+        with pytest.raises(KeyError):
+            source.render("inner.inc", {"x": "1"})
+    finally:
+        source.read.cache_clear()

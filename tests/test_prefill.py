@@ -119,12 +119,13 @@ def test_dequantize_kernel_text_equals_the_codec_decode(bits):
     """The fused dequantize's text, run by the CPU emulation on a token slice of a cache
     buffer (read through its strides, as MLX hands it over)."""
     pytest.importorskip("ctypes")
-    from mlx_lm_turbo.kernels import dequant, emulate, source
+    import emulate
+    from mlx_lm_turbo.kernels import dequant, source
 
     c = TurboKVCache("turboquant_mse", bits)
     c.update_and_fetch(mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64)))
     keys, _ = c.keys_and_values()          # slices of 512-token buffers
-    run = emulate.compile_kernel(source.DEQUANT_BODY, dequant.INPUTS,
+    run = emulate.compile_kernel(source.body("dequant"), dequant.INPUTS,
                                  [np.uint32, np.uint16, np.float32], dequant.OUTPUTS,
                                  [("BITS", bits), ("D", 64), ("NTG", dequant.NTG),
                                   ("OutT", "float")])

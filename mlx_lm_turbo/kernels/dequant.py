@@ -1,5 +1,5 @@
 """Fused dequantize for the prefill path: packed ``turboquant_mse`` codes to rotated-domain
-vectors in the model's dtype, one launch per tensor (``source.DEQUANT_BODY``), where the
+vectors in the model's dtype, one launch per tensor (``src/dequant.inc``), where the
 codec's MLX decode takes a dozen ops and float32 intermediates of the whole context.
 
 First use per (backend, bits, dim, dtype): compared with the codec's ``decode_rotated``
@@ -11,8 +11,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import source
-from .decode import active_backend, build_kernel, checked_launch, env_mode
+from . import check, source
+from .build import build_kernel
+from .check import active_backend, checked_launch
 
 INPUTS, OUTPUTS = ["codes", "norm", "cb"], ["out"]
 NTG = 256                     # threads a block
@@ -23,7 +24,7 @@ _checked: dict = {}           # same key -> agreed at first use
 def dequantize(codec, packed: dict, dtype: mx.Dtype) -> Optional[mx.array]:
     """``codec.decode_rotated(packed).astype(dtype)`` in one launch, or None where the
     kernel does not apply (no GPU backend, another method, kernels off, failed check)."""
-    mode = env_mode()
+    mode = check.MODE
     be = active_backend(mode)
     if be is None or getattr(codec, "METHOD", None) != "turboquant_mse" \
             or dtype not in (mx.float16, mx.bfloat16, mx.float32):
@@ -33,7 +34,7 @@ def dequantize(codec, packed: dict, dtype: mx.Dtype) -> Optional[mx.array]:
     key = (be, codec.bits, codec.dim, str(dtype))
     if key not in _kernels:
         template = (("BITS", codec.bits), ("D", codec.dim), ("NTG", NTG), ("OutT", dtype))
-        _kernels[key] = build_kernel(source.DEQUANT_BODY, be, "dequant", INPUTS, OUTPUTS,
+        _kernels[key] = build_kernel(source.body("dequant"), be, "dequant", INPUTS, OUTPUTS,
                                      template)
     n = B * H * T * codec.dim
 

@@ -1,5 +1,5 @@
 """Fused encode for the cache append: normalise, rotate, quantise, correct the norm and pack
-in one launch (``source.ENCODE_BODY``), instead of the dozen small MLX ops of the codecs'
+in one launch (``src/encode.inc``), instead of the dozen small MLX ops of the codecs'
 ``encode``. Covers turboquant_mse and turboquant_rvq with power-of-two head dims 32..1024
 (the randomized-Hadamard rotation), fp16/bf16/fp32 input; ``encode`` returns exactly the
 dict the codec's ``encode`` returns, or None where the kernel does not apply (the caller
@@ -25,16 +25,16 @@ import mlx.core as mx
 
 from ..codecs.common import NORM_DTYPE
 from ..packing import unpack, words_per_vector
-from . import source
-from .decode import (active_backend, build_kernel, checked_launch, device_resident,
-                     env_mode, first_use)
+from . import check, source
+from .build import build_kernel
+from .check import active_backend, checked_launch, first_use
+from .launchers import device_resident
 
 MODES = {"turboquant_mse": 0, "turboquant_rvq": 1}
 # pos/after/kb*/vb*: the in-place launch (``write_pair_in_place``); dummies otherwise.
 INPUTS = ["x", "cst", "x2", "cst2", "pos", "after", "kb1", "kb2", "kbn", "vb1", "vb2", "vbn"]
 OUTPUTS = ["codes1", "codes2", "rho", "codes1b", "codes2b", "rhob"]
-# The in-place launch (INPLACE = 1) outputs one word, ``done`` (source.ENCODE_IN_PLACE_OUTPUTS).
-IN_PLACE_BODY = source.ENCODE_IN_PLACE_OUTPUTS + source.ENCODE_BODY
+# The in-place launch (INPLACE = 1) outputs one word, ``done`` (src/encode_in_place.inc).
 IN_PLACE_OUTPUTS = ["done"]
 MIN_DIM, MAX_DIM = 32, 1024   # one thread per coordinate, whole warps, <= 1024 per block
 MAX_BLOCKS = 4096             # beyond this many vectors, blocks loop over them
@@ -67,11 +67,11 @@ def _kernel(backend_name: str, template: tuple):
     kernel = _kernels.get(key)
     if kernel is None:
         if dict(template)["INPLACE"]:
-            body, name, outputs = IN_PLACE_BODY, "encode_inplace", IN_PLACE_OUTPUTS
+            name, outputs = "encode_inplace", IN_PLACE_OUTPUTS
         else:
-            body, name, outputs = source.ENCODE_BODY, "encode", OUTPUTS
-        kernel = _kernels[key] = build_kernel(body, backend_name, name, INPUTS, outputs,
-                                              template)
+            name, outputs = "encode", OUTPUTS
+        kernel = _kernels[key] = build_kernel(source.body(name), backend_name, name, INPUTS,
+                                              outputs, template)
     return kernel
 
 
@@ -114,7 +114,7 @@ def _dummy() -> mx.array:
 def _buffer_dummies() -> list:
     """Stand-ins for pos, after and the six cache buffers of the in-place launch (with
     their dtypes and ranks: the kernel text is typed by them)."""
-    # (16 bytes each: see decode.device_resident)
+    # (16 bytes each: see launchers.device_resident)
     d = [mx.zeros((4,), mx.int32), mx.zeros((4,), mx.uint32)]
     for _ in range(2):
         d += [mx.zeros((1, 1, 1, 1), mx.uint32), mx.zeros((1, 1, 1, 1), mx.uint32),
@@ -251,7 +251,7 @@ def _checked_launch(key: tuple, mode: Optional[bool], what: str, fallback: str, 
 def encode(codec, x: mx.array) -> Optional[dict]:
     """The codec's ``encode(x)`` in one kernel launch, or None where the kernel does not
     apply (CPU backend, other methods, other head dims, a failed first-use check)."""
-    mode = env_mode()
+    mode = check.MODE
     be = active_backend(mode)
     if be is None:
         return None
@@ -269,7 +269,7 @@ def encode_pair(kc, vc, k: mx.array, v: mx.array) -> Optional[tuple[dict, dict]]
     method, bits and head dim and k, v share shape and dtype (the common K/V setting), else
     None (the caller encodes each: ``encode``). Checked at first use per (backend, method,
     bits, dim, dtype) against the codecs, like ``encode``."""
-    mode = env_mode()
+    mode = check.MODE
     be = active_backend(mode)
     if be is None:
         return None
@@ -293,7 +293,7 @@ _pos_step: dict = {}             # n -> int32 [n, n, 0, 0] in device memory
 
 
 def _device_int4(values: list) -> mx.array:
-    """int32 (4,) in device memory (decode.device_resident)."""
+    """int32 (4,) in device memory (launchers.device_resident)."""
     return device_resident(mx.array(values, mx.int32))
 
 
@@ -328,7 +328,7 @@ def _writer(kc, vc, k: mx.array, v: mx.array, backend_name: str):
     _, kwargs = launch_args(kc, k, vc, v)
     template = tuple(kwargs.pop("template")[:-1]) + (("INPLACE", 1),)
     kwargs.pop("inputs")
-    # done: 16 bytes, in device memory (see decode.device_resident)
+    # done: 16 bytes, in device memory (see launchers.device_resident)
     kwargs["output_shapes"], kwargs["output_dtypes"] = [(4,)], [mx.uint32]
     kernel = _kernel(backend_name, template)
     ck, cv = consts(kc), consts(vc)
@@ -358,7 +358,7 @@ def write_pair_in_place(kc, vc, k: mx.array, v: mx.array, kbuf: dict, vbuf: dict
     MLX). The check, once per (backend, method, bits, dim, dtype), runs the launch on
     zeroed copies of the buffers: the tokens written must agree with the codecs' encode
     (``compare``'s rule) and nothing else may change."""
-    mode = env_mode()
+    mode = check.MODE
     be = active_backend(mode)
     if be is None:
         return None

@@ -4,12 +4,11 @@ per-warp barrier plus scratch for the SIMD reductions). Blocks run one after ano
 block-shared arrays can be ``static``. Slow, but it executes the very text the GPUs
 compile, so layout, masking and split logic are checked without a GPU.
 
-Needs g++ (C++20). ``run_fused_emulated`` mirrors ``decode.run_fused``.
+Needs g++ (C++20). ``run_fused_emulated`` mirrors ``launchers.run_fused``.
 """
 
 import ctypes
 import hashlib
-import math
 import os
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import tempfile
 import mlx.core as mx
 import numpy as np
 
-from . import decode, source
+from mlx_lm_turbo.kernels import build, decode, encode, launchers, source
 
 CPU_HEADER = r"""
 #include <algorithm>
@@ -159,7 +158,7 @@ CPU_PRELUDE = """
 _libs: dict = {}
 _H2F_INPUTS = ("kn", "krn", "vn")   # decode inputs read as raw fp16 bits (KV_H2F)
 # The real run_fused, even where a test replaces decode.run_fused by this emulation.
-_RUN_FUSED = decode.run_fused
+_RUN_FUSED = launchers.run_fused
 
 
 def _ctype(dt) -> str:
@@ -267,12 +266,12 @@ def _captured(fn) -> dict:
             return [mx.zeros(s, mx.float32) for s in output_shapes]
         return call
 
-    orig = decode._kernel
-    decode._kernel = fake_kernel
+    orig = launchers.kernel
+    launchers.kernel = fake_kernel
     try:
         fn()
     finally:
-        decode._kernel = orig
+        launchers.kernel = orig
     return captured
 
 
@@ -303,12 +302,12 @@ def _tpl(t):
 
 
 def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
-    """decode.run_fused with both kernels executed on the CPU (``full``: see
+    """launchers.run_fused with both kernels executed on the CPU (``full``: see
     ``_host_arrays``)."""
     captured = _captured(lambda: _RUN_FUSED(queries, keys, values, cache, scale, mask, p,
                                             "cuda"))
     name = "decode_mma" if "decode_mma" in captured else "decode"
-    body, names, onames = decode.KERNELS[name]
+    body, (names, onames) = source.body(name), build.SIGNATURES[name]
     inputs, template, grid, tg, oshapes = captured[name]
     nt = tg[0]
     arrs = _host_arrays(names, inputs, keys, values, full)
@@ -318,8 +317,8 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
     rin, rtpl, rgrid, rtg, rshapes = captured["reduce"]
     vmul = _np(rin[3])
     out = np.zeros(rshapes[0], np.float32)
-    run2 = compile_kernel(source.REDUCE_BODY, decode.REDUCE_INPUTS, [np.float32] * 4,
-                          decode.REDUCE_OUTPUTS, _tpl(rtpl))
+    run2 = compile_kernel(source.body("reduce"), build.REDUCE_INPUTS, [np.float32] * 4,
+                          build.REDUCE_OUTPUTS, _tpl(rtpl))
     run2([(o, list(o.shape), [s // 4 for s in o.strides]) for o in outs] + [vmul], [out],
          (rgrid[0] // rtg[0], 1), rtg[0])
     o = mx.array(out)
@@ -330,10 +329,10 @@ def run_fused_emulated(queries, keys, values, cache, scale, mask, p, full=None):
 
 def run_folded_emulated(queries, keys, values, cache, scale, p, full=None):
     """The steady decode step's one launch (the mma kernel with the combine folded in,
-    ``decode.fold_launcher``) executed on the CPU -> (output, the counters afterwards)."""
+    ``launchers.fold_launcher``) executed on the CPU -> (output, the counters afterwards)."""
     captured = _captured(lambda: decode._steady(queries, keys, values, cache, scale, p,
                                                 "cuda", fold=True)[0](queries, keys, values))
-    body, names, onames = decode.KERNELS["decode_mma_fold"]
+    body, (names, onames) = source.body("decode_mma_fold"), build.SIGNATURES["decode_mma_fold"]
     inputs, template, grid, tg, oshapes = captured["decode_mma_fold"]
     arrs = _host_arrays(names, inputs, keys, values, full)
     outs = [np.zeros(s, np.float32) for s in oshapes]
@@ -351,7 +350,7 @@ def run_appending_emulated(queries, keys, values, cache, scale, p, knew, vnew):
                                                 fold=True, append=True)[1](
         queries, keys, values, knew, vnew))
     name = "decode_mma_fold_append"
-    body, names, onames = decode.KERNELS[name]
+    body, (names, onames) = source.body(name), build.SIGNATURES[name]
     inputs, template, grid, tg, oshapes = captured[name]
     arrs = _host_arrays(names, inputs, keys, values, None)
     outs = [np.zeros(s, np.float32) for s in oshapes]
@@ -371,7 +370,6 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     (optional): ``x`` is ``base.transpose(axes)``, and the kernel is handed base's buffer
     with the permuted strides, as MLX hands over a transposed view. ``codec2``/``x2``: the
     one-launch pair (encode.run_pair_kernel); returns the two dicts."""
-    from . import encode
 
     x4, kw = encode.launch_args(codec, x, codec2, x2)
     xin, cst, x2in, cst2 = kw["inputs"][:4]
@@ -388,7 +386,7 @@ def run_encode_emulated(codec, x: mx.array, base: mx.array = None, axes=None, co
     outs = [np.zeros(s, np.uint16 if d == np.float16 else d)
             for s, d in zip(kw["output_shapes"], out_dtypes)]
     extra = [_np(a) for a in kw["inputs"][4:]]   # the in-place launch's dummies
-    run = compile_kernel(source.ENCODE_BODY, encode.INPUTS,
+    run = compile_kernel(source.body("encode"), encode.INPUTS,
                          [np.float32] * 4 + [x.dtype.type for x, _, _ in extra],
                          encode.OUTPUTS, _tpl(kw["template"]), out_dtypes)
     nt = kw["threadgroup"][0]
@@ -406,7 +404,6 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
                                  prev: int) -> tuple[dict, dict]:
     """encode.write_pair_in_place with the kernel executed on the CPU: returns copies of
     the buffers ``kbuf``/``vbuf`` (the codecs' packed dicts) as the launch leaves them."""
-    from . import encode
 
     _, kw = encode.launch_args(kc, k, vc, v)
     template = [(n, 1 if n == "INPLACE" else x) for n, x in kw["template"]]
@@ -423,7 +420,7 @@ def run_encode_in_place_emulated(kc, vc, k: mx.array, v: mx.array, kbuf: dict, v
             _np(encode.consts(vc)), (pos, [4], [1]), _np(mx.zeros((4,), mx.uint32))]
            + kb_np + vb_np)
     outs = [np.zeros((4,), np.uint32)]
-    run = compile_kernel(encode.IN_PLACE_BODY, encode.INPUTS,
+    run = compile_kernel(source.body("encode_inplace"), encode.INPUTS,
                          [x.dtype.type for x, _, _ in ins], encode.IN_PLACE_OUTPUTS,
                          _tpl(template), [np.uint32])
     nt = kw["threadgroup"][0]

@@ -3,8 +3,8 @@ JSON and a PNG (µs per call vs sequence length, speedup over fp16 SDPA).
 
     ncu --clock-control none --profile-from-start off \
         --metrics gpu__time_duration.sum,launch__registers_per_thread,smsp__inst_executed.sum \
-        --csv python3 scripts/profile_decode.py --out calls.json > ncu.csv
-    python scripts/ncu_summary.py ncu.csv calls.json --json out.json --png out.png
+        --csv python3 scripts/profile/profile_decode.py --out calls.json > ncu.csv
+    python scripts/profile/ncu_summary.py ncu.csv calls.json --json out.json --png out.png
 
 ncu lists the kernels in launch order and profile_decode.py runs each operation twice,
 synchronised, in the order of ``profiled_calls``: fp16 SDPA is two kernels (cuDNN flash +

@@ -1,11 +1,11 @@
 """GPU time of whole decode steps of the Llama-3.2-3B-shaped model (random bf16 weights):
 the steps run between cudaProfilerStart/Stop, so that Nsight Compute times each of their
-kernels, and the sum is the GPU's share of a step, to set against the host's share
-(``profile_e2e.py``). One cache kind per process:
+kernels, and the sum is the GPU's share of a step, to set against the step's wall time
+(``bench_attention.py --sections e2e``). One cache kind per process:
 
     ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
-        --csv python3 scripts/profile_step_gpu.py --context 32768 --kind bf16 > bf16.csv
-    python3 scripts/profile_step_gpu.py --summarize bf16.csv --steps 2
+        --csv python3 scripts/profile/profile_step_gpu.py --context 32768 --kind bf16 > bf16.csv
+    python3 scripts/profile/profile_step_gpu.py --summarize bf16.csv --steps 2
 
 Kinds as in ``bench_attention.py --sections e2e`` (bf16, mse3, no_attention, ...).
 """
@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # scripts/profile/ and scripts/
 import mlx.core as mx  # noqa: E402
 from bench_attention import filled_caches, llama_3b_shaped, model_attention  # noqa: E402
 from ncu_summary import read_kernels  # noqa: E402
