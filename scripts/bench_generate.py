@@ -16,7 +16,8 @@ fits in ``--memory-gb``.
         --kinds fp32,mse3,mse4 --text book.txt --out reports/generate_cpu
 
 Kinds: ``bf16``/``fp16``/``fp32`` (mlx-lm's KVCache, in the model's dtype), ``mse<b>``
-(``turboquant_mse`` b-bit), ``mse<b>w<W>`` (with a W-token fp16 window), ``affine<b>``
+(``turboquant_mse`` b-bit), ``mse<b>w<W>`` (with a W-token fp16 window), ``k<b>v<c>``
+(``turboquant_mse``, b-bit keys and c-bit values), ``affine<b>``
 (mlx-lm's ``--kv-bits b`` cache, compressed from the first token).
 """
 
@@ -62,6 +63,10 @@ def make_cache(model, kind: str):
     m = re.fullmatch(r"mse(\d)(?:w(\d+))?", kind)
     if m:
         cfg = TurboConfig("turboquant_mse", int(m[1]), fp16_window=int(m[2] or 0))
+        return make_prompt_cache(model, cfg), {}
+    m = re.fullmatch(r"k(\d)v(\d)", kind)
+    if m:
+        cfg = TurboConfig("turboquant_mse", int(m[1]), "turboquant_mse", int(m[2]))
         return make_prompt_cache(model, cfg), {}
     m = re.fullmatch(r"affine(\d)", kind)
     if m:

@@ -370,10 +370,10 @@ def test_mma_cuda_source_compiles(name, included, tmp_path, monkeypatch):
     assert f".maxntid {build.NT}, 1, 1" in ptx and ".minnctapersm 4" in ptx
 
 
-def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0):
+def _filled_cache(km, kb, vm, vb, B=1, Hkv=2, S=300, D=64, seed=0, stats=False):
     mx.random.seed(seed)
-    c = TurboKVCache(km, kb, vm, vb, seed=seed)
-    k = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
+    c = TurboKVCache(km, kb, vm, vb, seed=seed, center_keys=stats, scale_keys=stats)
+    k = mx.random.normal((B, Hkv, S, D)).astype(mx.float16) + (4.0 if stats else 0.0)
     v = mx.random.normal((B, Hkv, S, D)).astype(mx.float16)
     keys, values = c.update_and_fetch(k, v)
     return c, keys, values
@@ -587,8 +587,8 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
     mx.eval(model.parameters())
     prompt = mx.random.randint(0, 512, (240,))
     patch.apply()
-    # raw keys: the appending launch (decode._appends) serves caches without key statistics
-    patch.set_config(TurboConfig("turboquant_mse", 3, center_keys=False, scale_keys=False))
+    # the default key statistics: the pending key is handed to the launch centred and scaled
+    patch.set_config(TurboConfig("turboquant_mse", 3))
     calls = []
     positions = encode.positions      # every in-place append asks for its positions
 
@@ -765,11 +765,12 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
 
 
 @emu
-@pytest.mark.parametrize("kb,vb,Hq,Hkv,S,blocks,dtype", [
-    (3, 3, 12, 4, 1299, 28, mx.bfloat16),   # GQA 3, the token last of a 256-key split
-    (4, 2, 8, 2, 384, 528, mx.float16),     # the token alone in its split (S = 3 * 128)
+@pytest.mark.parametrize("kb,vb,Hq,Hkv,S,blocks,dtype,stats", [
+    (3, 3, 12, 4, 1299, 28, mx.bfloat16, False),   # GQA 3, the token last of a 256-key split
+    (4, 2, 8, 2, 384, 528, mx.float16, False),     # the token alone in its split (S = 3 * 128)
+    (3, 3, 12, 4, 700, 28, mx.bfloat16, True),     # key statistics (the default)
 ])
-def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, dtype,
+def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, dtype, stats,
                                                    monkeypatch):
     """The steady step's appending launch (src/mma_append.inc): the block holding the new
     token codes its key and value into the buffers, bit for bit as the codecs' encode,
@@ -777,8 +778,11 @@ def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, d
     buffers it leaves); the counters end at zero."""
     import emulate
     monkeypatch.setattr(planning, "TARGET_BLOCKS", blocks)
-    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=128, seed=S)
+    c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=128, seed=S,
+                                    stats=stats)
     knew = (3 * mx.random.normal((1, Hkv, 1, 128))).astype(dtype)
+    if stats:   # the key as the cache hands it to the launch: (k - μ)/s
+        knew = c._centred(c._scaled(knew))
     vnew = mx.random.normal((1, Hkv, 1, 128)).astype(dtype)
     q = (2 * mx.random.normal((1, Hq, 1, 128))).astype(dtype)
     scale = 128 ** -0.5

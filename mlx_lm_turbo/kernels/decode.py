@@ -258,10 +258,10 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
 
 def _appends(p: dict, keys: dict, cache) -> bool:
     """Whether the steady step of this call may code the decode step's token itself
-    (mma_append.inc: one query position, a thread per dim, no key centring or fp16
-    window, the norms in the in-place append's dtype); APPEND = False says no."""
+    (mma_append.inc: one query position, a thread per dim, no fp16 window, the norms in
+    the in-place append's dtype); APPEND = False says no. Key statistics need nothing of
+    the launch: the pending key is already held as (k - μ)/s (cache._write_in_place)."""
     return (APPEND and p["L"] == 1 and p["D"] == p["DV"] == NT
-            and not getattr(cache, "center_keys", False)
             and not getattr(cache, "fp16_window", 0) and keys["norm"].dtype == NORM_DTYPE)
 
 
