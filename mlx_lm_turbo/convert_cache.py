@@ -27,18 +27,15 @@ import re
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 # Reading and checking files lives in cache_file (mlx_lm.generate --prompt-cache-file
 # uses the same checks); re-exported here for callers of convert_cache.
-from .cache_file import (FORMAT, META_PREFIX, CacheFile, CacheFileError,  # noqa: F401
-                         _state_nbytes, check_model, check_safetensors, layer_shape,
-                         load_cache_file, model_dims)
+from .cache_file import (FORMAT, META_PREFIX, CacheFile, CacheFileError, _state_nbytes,
+                         check_model, layer_shape, load_cache_file)
 
 PROG = "python -m mlx_lm_turbo.convert-cache"
-SLOW_WRITE_ENV = "MLX_LM_TURBO_TEST_SLOW_WRITE"  # test hook: sleep with the temp file open
 
 
 # ------------------------------------------------------------------ layers
@@ -203,6 +200,15 @@ def clean_stale_temps(folder: Path) -> list[str]:
     return removed
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(out: Path, layers: list, metadata: dict) -> None:
     """save_prompt_cache into a temp file beside ``out``, fsync, rename over ``out``."""
     from mlx_lm.models.cache import save_prompt_cache
@@ -210,14 +216,7 @@ def atomic_save(out: Path, layers: list, metadata: dict) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
     try:
         save_prompt_cache(str(tmp), layers, metadata)
-        delay = os.environ.get(SLOW_WRITE_ENV)
-        if delay:
-            time.sleep(float(delay))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, out)
     except BaseException:
         try:
@@ -226,11 +225,7 @@ def atomic_save(out: Path, layers: list, metadata: dict) -> None:
             pass
         raise
     try:
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync(out.parent)   # the rename itself
     except OSError:
         pass
 
@@ -468,9 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 1
-    except Exception as e:  # never a traceback; MLX_LM_TURBO_DEBUG=1 shows one
-        if os.environ.get("MLX_LM_TURBO_DEBUG"):
-            raise
+    except Exception as e:  # one line, never a traceback
         msg = str(e).splitlines()[0] if str(e) else ""
         print(f"{PROG}: error: {type(e).__name__}: {msg}", file=sys.stderr)
         return 1

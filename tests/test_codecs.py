@@ -18,7 +18,8 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> mx.array:
 
 # Exact Lloyd-Max distortion at d=128 (the paper rounds: 0.36, 0.117, 0.03, 0.009).
 # The quantizer itself is measured with ρ = 1 (the paper's centroid reconstruction); the
-# stored ρ is norm-corrected, which keeps ‖x̂‖ = ‖x‖ and costs 2(1 - √(1-D)) - D ≈ D²/4.
+# stored ρ is plain at 1 bit and norm-corrected above, which keeps ‖x̂‖ = ‖x‖ and costs
+# 2(1 - √(1-D)) - D ≈ D²/4.
 @pytest.mark.parametrize("bits,expected", [(1, 0.361), (2, 0.116), (3, 0.034), (4, 0.0093)])
 def test_mse_distortion_matches_paper(bits, expected):
     u = unit_vectors(20000, 128)
@@ -27,11 +28,32 @@ def test_mse_distortion_matches_paper(bits, expected):
     plain = dict(packed, norm=mx.ones_like(packed["norm"]))
     err = float(((u - c.decode(plain)) ** 2).sum(-1).mean())
     assert abs(err - expected) / expected < 0.05, err
-    corrected = c.decode(packed)
-    err_corrected = float(((u - corrected) ** 2).sum(-1).mean())
+    stored = c.decode(packed)
+    err_stored = float(((u - stored) ** 2).sum(-1).mean())
+    if bits == 1:   # plain scale: the decoded vectors are the centroid reconstruction
+        assert abs(err_stored - err) / err < 1e-3, (err_stored, err)
+        return
     expected_corrected = 2 * (1 - math.sqrt(1 - expected))
-    assert abs(err_corrected - expected_corrected) / expected_corrected < 0.05, err_corrected
-    np.testing.assert_allclose(np.array(mx.linalg.norm(corrected, axis=-1)), 1.0, rtol=2e-3)
+    assert abs(err_stored - expected_corrected) / expected_corrected < 0.05, err_stored
+    np.testing.assert_allclose(np.array(mx.linalg.norm(stored, axis=-1)), 1.0, rtol=2e-3)
+
+
+def test_one_bit_scale_is_the_better_estimator():
+    """At 1 bit the stored (plain) scale gives a lower distortion than the norm-corrected
+    one would, on Gaussian vectors and on vectors with uneven channel scales."""
+    from mlx_lm_turbo.codecs.common import corrected_norm
+
+    channels = mx.exp(mx.random.normal((128,), key=mx.random.key(5)))
+    for x in (mx.random.normal((4000, 128), key=mx.random.key(6)),
+              mx.random.normal((4000, 128), key=mx.random.key(7)) * channels):
+        c = codecs.make("turboquant_mse", bits=1, dim=128, seed=3)
+        packed = c.encode(x)
+        idx = unpack(packed["codes"], 1, 128)
+        norm = mx.linalg.norm(x, axis=-1).astype(mx.float16)
+        other = c.decode(dict(packed, norm=corrected_norm(norm, c.centroids[idx])))
+        stored_err = float(((x - c.decode(packed)) ** 2).sum() / (x * x).sum())
+        other_err = float(((x - other) ** 2).sum() / (x * x).sum())
+        assert stored_err < 0.95 * other_err, (stored_err, other_err)
 
 
 # Paper's inner-product distortion ×d at b = 1..4. The exact value is (π/2)·D_mse(b-1):

@@ -59,6 +59,11 @@ def make(method: str, bits: int, dim: int, seed: int = 0):
     return cls(bits=bits, dim=dim, seed=int(seed))
 
 
+def layer_seed(seed: int, layer: int, is_value: bool) -> int:
+    """Per-layer, per-K/V seed: files store the global seed, never matrices."""
+    return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
+
+
 def packed_nbytes(packed: dict) -> int:
     """Bytes held by a packed dict."""
     return sum(a.nbytes for a in packed.values())
