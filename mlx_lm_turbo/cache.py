@@ -434,13 +434,6 @@ class TurboKVCache(_BaseCache):
         # The window's copies, spread over the tokens held (their codes are counted above).
         return coded + 16 * self.recent_keys.shape[2] / self.offset
 
-    def fp16_nbytes(self) -> int:
-        """What mlx-lm's fp16 KVCache holds for the same tokens (same 256-token steps)."""
-        if self.key_codec is None:
-            return 0
-        b, h = next(iter(self.keys.values())).shape[:2]
-        return 2 * b * h * self.capacity * (self.key_codec.dim + self.value_codec.dim)
-
     def meta(self) -> dict:
         return {
             "format": "mlx_lm_turbo", "version": __version__,

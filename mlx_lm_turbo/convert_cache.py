@@ -147,15 +147,7 @@ def _load_model(model_path: str):
 def ratequant_config(config: Any, model_path: str) -> Any:
     """``config`` with RateQuant's per-layer bits (``--ratequant-target``/``-load``),
     calibrated on the model at ``model_path``."""
-    try:
-        from . import ratequant
-    except ImportError:
-        ratequant = None
-    if ratequant is None or not hasattr(ratequant, "resolve") \
-            or getattr(config, "ratequant_target", None) is None:
-        raise CacheFileError("--ratequant-target is not available yet in this mlx_lm_turbo; "
-                             "use --kv-bits / --kv-key-bits / --kv-value-bits")
-    from . import patch
+    from . import patch, ratequant
 
     patch.apply()  # calibration records queries through the patched attention
     try:
@@ -295,7 +287,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import patch
+    from .config import add_arguments
 
     p = _Parser(
         prog=PROG,
@@ -321,13 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "original: the dtype the cache was made with)")
     p.add_argument("--kv-bits", type=int, default=None,
                    help="bits per coordinate (per stage for turboquant_rvq)")
-    patch.add_arguments(p)
+    add_arguments(p)
     p.add_argument("--model", metavar="PATH",
                    help="model folder: check that the cache matches it (layers, KV heads, "
                         "head_dim)")
-    if "--ratequant-target" not in p._option_string_actions:  # older patch.add_arguments
-        p.add_argument("--ratequant-target", type=float, default=None, metavar="T",
-                       help="RateQuant: average bits/element to spend per layer (needs --model)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return p
 
@@ -346,7 +335,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import mlx.core as mx
     from tqdm import tqdm
 
-    from . import __version__, patch
+    from . import __version__
+    from .config import config_from_args
 
     if args.info:
         if args.input or args.output:
@@ -363,7 +353,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.kv_method is None:
             parser.error("--kv-method is required (or --to fp16)")
         try:
-            config = patch.config_from_args(args)
+            config = config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
     else:

@@ -23,7 +23,11 @@ the codec. Configuration names:
 The model runs in float32 on CPU (dequantized weights: much faster than fp16 there);
 fp16 and affine caches store float16 (scales and biases included) exactly as they would
 for a float16 model, so their bytes and rounding are the real ones.
+
+This module runs the evaluation (``evaluate``, ``main``); ``eval_tasks`` holds the
+configurations and measurements, ``eval_report`` writes the page.
 """
+
 import argparse
 import json
 import math
@@ -37,20 +41,20 @@ import mlx.core as mx
 
 from . import patch, ratequant
 from .eval_report import _fmt, conclusion, markdown_table, plot, write_markdown
-from .eval_tasks import (DEFAULT_CONFIGS, DEFAULT_DATA, DEFAULT_MODEL,  # noqa: F401
+from .eval_tasks import (DEFAULT_CONFIGS, DEFAULT_DATA, DEFAULT_MODEL,
                          PASSPHRASES, REPO, capture_kv, chat_prompts, common_prefix,
                          greedy, haystack_text, kv_bytes_and_speed, load_model,
                          needle_prompt, needle_test, parse_spec,
                          prefill_vs_decode, tqdm, wikitext_windows, window_nll)
 
 
+# ----------------------------------------------------------------------------- driver
+
 def route_attention() -> str:
     """Send attention over TurboKVCache layers to our code (the runtime patch)."""
     patch.apply()
     return "mlx_lm_turbo.patch.apply()"
 
-
-# ----------------------------------------------------------------------------- driver
 
 def platform_name() -> str:
     """The machine the numbers were measured on, as the report names it."""

@@ -44,7 +44,6 @@ DEFAULT_CONFIGS = (
     "mse4,mse3,mse2,mse1,rvq2,rvq1,polar4,polar3,prod4,prod3,"
     "k8v4-mse,k4v3-mse,k4v2-mse,k3v2-mse"
 )
-DEFAULT_NEEDLE_CONFIGS = "fp16,affine4g32,affine3g32,mse4,mse3,k4v2-mse,k3v2-mse,rvq1"
 SHORT_METHODS = {"mse": "turboquant_mse", "prod": "turboquant_prod", "rvq": "turboquant_rvq",
                  "polar": "polar", "qjl": "qjl"}
 KEY_ONLY = ("turboquant_prod", "qjl")

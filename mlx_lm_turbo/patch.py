@@ -10,11 +10,11 @@ import sys
 from typing import Optional
 
 from . import cache_file, distributed, ratequant
-from .batch_cache import BatchTurboKVCache
 from .attention import turbo_attention
+from .batch_cache import BatchTurboKVCache
 from .cache import TurboKVCache
 from .cache import make_prompt_cache as make_turbo_cache
-from .config import (UNSET, TurboConfig, add_arguments, config_from_args,  # noqa: F401
+from .config import (UNSET, TurboConfig, add_arguments, config_from_args,
                      resolve_start, unset_start_default)
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
