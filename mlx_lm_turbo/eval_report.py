@@ -119,8 +119,9 @@ def write_markdown(results: dict, path: Path, command: str) -> str:
         *results.get("commands", [command]),
         "```",
         "",
-        f"Platform: {s.get('platform', '?')}; mlx {s.get('mlx', '?')}, mlx-lm "
-        f"{s.get('mlx_lm', '?')}, device {s.get('device', '?')}. Run from the repository root. "
+        (f"Platform: {s['platform']}; " if s.get("platform") else "")
+        + f"mlx {s.get('mlx', '?')}, mlx-lm {s.get('mlx_lm', '?')}, device "
+        f"{s.get('device', '?')}. Run from the repository root. "
         "Defaults (no flags) run the full protocol: 2 windows, 80 prompts x 128 tokens, "
         "needle at 2k/4k/8k for every config, all configurations. `--quick` is a tiny slice; "
         "`--resume FILE` keeps rows of an earlier run; `--from-json FILE` re-writes this report."
