@@ -137,7 +137,7 @@ class TurboKVCache(_BaseCache):
 
     def _make_codecs(self, k_dim: int, v_dim: int) -> None:
         self.key_codec = codecs.make(self.key_method, self.key_bits, k_dim,
-                                     layer_seed(self.seed, self.layer, False))
+                                     layer_seed(self.seed, self.layer, False), keys=True)
         self.value_codec = codecs.make(self.value_method, self.value_bits, v_dim,
                                        layer_seed(self.seed, self.layer, True))
 

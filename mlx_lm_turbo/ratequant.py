@@ -114,7 +114,8 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
                 if b not in codecs.bits_range(m):
                     row.append(mx.array(float("nan")))
                     continue
-                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, offset + i, is_value))
+                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, offset + i, is_value),
+                                    keys=not is_value)
                 xh = codec.decode(codec.encode(x))
                 kk, vv = (k, xh) if is_value else (xh, v)
                 out = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=scale, mask="causal")

@@ -18,7 +18,7 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> mx.array:
 
 # Exact Lloyd-Max distortion at d=128 (the paper rounds: 0.36, 0.117, 0.03, 0.009).
 # The quantizer itself is measured with ρ = 1 (the paper's centroid reconstruction); the
-# stored ρ is plain at 1 bit and norm-corrected above, which keeps ‖x̂‖ = ‖x‖ and costs
+# stored ρ of values is norm-corrected, which keeps ‖x̂‖ = ‖x‖ and costs
 # 2(1 - √(1-D)) - D ≈ D²/4.
 @pytest.mark.parametrize("bits,expected", [(1, 0.361), (2, 0.116), (3, 0.034), (4, 0.0093)])
 def test_mse_distortion_matches_paper(bits, expected):
@@ -28,32 +28,51 @@ def test_mse_distortion_matches_paper(bits, expected):
     plain = dict(packed, norm=mx.ones_like(packed["norm"]))
     err = float(((u - c.decode(plain)) ** 2).sum(-1).mean())
     assert abs(err - expected) / expected < 0.05, err
-    stored = c.decode(packed)
-    err_stored = float(((u - stored) ** 2).sum(-1).mean())
-    if bits == 1:   # plain scale: the decoded vectors are the centroid reconstruction
-        assert abs(err_stored - err) / err < 1e-3, (err_stored, err)
-        return
+    corrected = c.decode(packed)
+    err_corrected = float(((u - corrected) ** 2).sum(-1).mean())
     expected_corrected = 2 * (1 - math.sqrt(1 - expected))
-    assert abs(err_stored - expected_corrected) / expected_corrected < 0.05, err_stored
-    np.testing.assert_allclose(np.array(mx.linalg.norm(stored, axis=-1)), 1.0, rtol=2e-3)
+    assert abs(err_corrected - expected_corrected) / expected_corrected < 0.05, err_corrected
+    np.testing.assert_allclose(np.array(mx.linalg.norm(corrected, axis=-1)), 1.0, rtol=2e-3)
+    keys = codecs.make("turboquant_mse", bits=bits, dim=128, seed=3, keys=True)
+    stored = keys.decode(keys.encode(u))
+    err_keys = float(((u - stored) ** 2).sum(-1).mean())   # 1 bit: the plain scale
+    assert abs(err_keys - (err if bits == 1 else err_corrected)) < 1e-3 * err, err_keys
+
+
+def _attention_error(k, v, k_hat, v_hat):
+    q = mx.random.normal((64, k.shape[-1]), key=mx.random.key(11))
+    scale = 2 / math.sqrt(float((k * k).sum(-1).mean()))   # logits of spread ~2
+    ref = mx.softmax(scale * q @ k.T, axis=-1) @ v
+    out = mx.softmax(scale * q @ k_hat.T, axis=-1) @ v_hat
+    return float(((out - ref) ** 2).sum() / (ref * ref).sum())
 
 
 def test_one_bit_scale_is_the_better_estimator():
-    """At 1 bit the stored (plain) scale gives a lower distortion than the norm-corrected
-    one would, on Gaussian vectors and on vectors with uneven channel scales."""
+    """At 1 bit the stored scale of each role beats the other rule where it matters:
+    keys (plain scale) in attention over coded keys, values (norm-corrected) in attention
+    over coded values that share a mean, as a layer's values do."""
     from mlx_lm_turbo.codecs.common import corrected_norm
 
-    channels = mx.exp(mx.random.normal((128,), key=mx.random.key(5)))
-    for x in (mx.random.normal((4000, 128), key=mx.random.key(6)),
-              mx.random.normal((4000, 128), key=mx.random.key(7)) * channels):
-        c = codecs.make("turboquant_mse", bits=1, dim=128, seed=3)
-        packed = c.encode(x)
-        idx = unpack(packed["codes"], 1, 128)
+    def decoded_both(codec, x):
+        """(what the codec stores, decoded; the other rule's ρ, decoded)."""
+        packed = codec.encode(x)
+        idx = unpack(packed["codes"], 1, x.shape[-1])
         norm = mx.linalg.norm(x, axis=-1).astype(mx.float16)
-        other = c.decode(dict(packed, norm=corrected_norm(norm, c.centroids[idx])))
-        stored_err = float(((x - c.decode(packed)) ** 2).sum() / (x * x).sum())
-        other_err = float(((x - other) ** 2).sum() / (x * x).sum())
-        assert stored_err < 0.95 * other_err, (stored_err, other_err)
+        other = norm if not codec.plain_scale else corrected_norm(norm, codec.centroids[idx])
+        return codec.decode(packed), codec.decode(dict(packed, norm=other))
+
+    n, d = 4096, 128
+    channels = mx.exp(mx.random.normal((d,), key=mx.random.key(5)))
+    k = mx.random.normal((n, d), key=mx.random.key(6)) * channels
+    v = mx.random.normal((n, d), key=mx.random.key(7)) + 2 * mx.random.normal(
+        (d,), key=mx.random.key(8))
+    key_codec = codecs.make("turboquant_mse", 1, d, seed=3, keys=True)
+    value_codec = codecs.make("turboquant_mse", 1, d, seed=4)
+    assert key_codec.plain_scale and not value_codec.plain_scale
+    stored, other = decoded_both(key_codec, k)
+    assert _attention_error(k, v, stored, v) < 0.9 * _attention_error(k, v, other, v)
+    stored, other = decoded_both(value_codec, v)
+    assert _attention_error(k, v, k, stored) < 0.9 * _attention_error(k, v, k, other)
 
 
 # Paper's inner-product distortion ×d at b = 1..4. The exact value is (π/2)·D_mse(b-1):
