@@ -6,4 +6,6 @@ __version__ = "0.1.0"
 # patch, which imports our cache module. Importing it here, before any of our modules,
 # makes that happen while only this package (not a half-initialised cache module) is
 # being imported, whichever of our modules a program imports first.
-import mlx_lm  # noqa: E402,F401
+import importlib  # noqa: E402
+
+importlib.import_module("mlx_lm")

@@ -28,7 +28,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import kernels
-from .cache import scale_queries
+from .key_statistics import scale_queries
 from .kernels.dequant import dequantize
 
 # float32 scores (batch × query heads × queries × keys) above this go to prefill_attention.

@@ -26,30 +26,16 @@ and ``reference_attention`` take it unchanged: it exposes ``key_codec``, ``value
 and ``key_mean``, and ``update_and_fetch`` returns the packed views.
 """
 
-import copyreg
 import logging
 from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import create_causal_mask, dynamic_roll
 
-from .cache import STATS_TOKENS, TurboKVCache, key_statistics
+from .cache import TurboKVCache
+from .key_statistics import STATS_TOKENS, key_statistics
 
 log = logging.getLogger("mlx_lm_turbo")
-
-
-def _dtype_from_name(name: str) -> mx.Dtype:
-    return getattr(mx, name)
-
-
-def _reduce_dtype(d: mx.Dtype):
-    return _dtype_from_name, (str(d).split(".")[-1],)
-
-
-# mx.Dtype (TurboKVCache.dtype) cannot be deep-copied or pickled, and mlx-lm's
-# LRUPromptCache deep-copies every cache it hands out: teach copy/pickle that a dtype is
-# its name (the dtypes are singletons, so a copy is the same object).
-copyreg.pickle(mx.Dtype, _reduce_dtype)
 
 
 _decode_batch = 0   # batch size of the last decode step (layer 0), for the log

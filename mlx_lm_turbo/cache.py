@@ -15,22 +15,16 @@ graph node, and this is 1 node a layer on CUDA (the attention launch also combin
 splits), 3 on Metal, instead of ~11. The buffers are still the only copy: nothing is
 held twice, ``nbytes`` is unchanged.
 
-Key statistics (``center_keys``, ``scale_keys``; both on by default): the keys of the
-first ``STATS_TOKENS`` tokens fix, per head, the mean key μ and each channel's RMS about
-it, s (geometric mean 1). The cache then works in a scaled key space: every key enters as
-k/s, is centred by ``key_mean`` = μ/s and coded; attention multiplies the queries by s
-(``scale_queries``), so (q·s)·(k/s) = q·k exactly, and softmax ignores the q·μ common to
-a query's scores (attention with sinks adds μ/s back). Both are kept in fp16 per head and
-counted in ``nbytes``. Why: keys such as Qwen2.5's carry a large shared offset (the k bias)
-and a few outlier channels; the codec's error is proportional to the norm of what it
-codes, so without them the offset and outliers set every key's error (Qwen2.5-Coder-0.5B
-at 4 bits: perplexity x25). The statistics depend only on the first STATS_TOKENS keys,
-never on how a prompt is split into blocks: a cache that starts with fewer tokens keeps
-their exact keys (counted) and codes them again with the statistics of the keys so far
-at every update until STATS_TOKENS have arrived; from then on the codes are the same as
-if the first block had brought STATS_TOKENS keys at once. Queries at positions below
-STATS_TOKENS read those exact keys (attention.py), in a block prefill as in token-by-token
-decode, so the whole model's result does not depend on the split either.
+Key statistics (``center_keys``, ``scale_keys``; both on by default; see
+key_statistics.py): the cache works in a scaled key space, every key entering as k/s,
+centred by ``key_mean`` = μ/s, both fixed per head by the first ``STATS_TOKENS`` keys and
+counted in ``nbytes``. The statistics depend only on those keys, never on how a prompt
+is split into blocks: a cache that starts with fewer tokens keeps their exact keys
+(counted) and codes them again with the statistics of the keys so far at every update
+until STATS_TOKENS have arrived; from then on the codes are the same as if the first
+block had brought STATS_TOKENS keys at once. Queries at positions below STATS_TOKENS read
+those exact keys (attention.py), in a block prefill as in token-by-token decode, so the
+whole model's result does not depend on the split either.
 
 Optional fp16 window (``fp16_window`` W, ``--kv-fp16-window``): every token is coded, and
 the newest W tokens are *also* kept uncompressed (fp16, or bf16 for bf16 models) and
@@ -39,15 +33,14 @@ copies and older ones from the codes, the same rule in a prefill block as in a d
 step, so block prefill still equals token-by-token decode. ``update_and_fetch`` hands
 attention the copies it needs (the W-1 tokens before the block, then the block) under
 the key ``"recent"`` of the returned dicts; the cache itself keeps only the last W.
-On SmolLM2-135M (WikiText-2, 2048 tokens, 3 bits) W=16 takes perplexity from +36% to
-+11% of fp16 for +0.06 bits/element at 4k tokens: the few nearest tokens carry much of
-a small model's attention, and their coding error costs the most.
+The few nearest tokens carry much of a small model's attention, so their coding error
+costs the most.
 """
 
 import copy
+import copyreg
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -55,77 +48,25 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, create_attention_mask
 
 from . import __version__, codecs
+from .codecs import layer_seed
+from .config import TurboConfig
 from .kernels import decode as fused_decode
 from .kernels import encode as fused_encode
+from .key_statistics import STATS_TOKENS, key_statistics
 
 
-@dataclass(frozen=True)
-class TurboConfig:
-    """What the flags ask for. Values default to the key method and bits (to
-    turboquant_mse for the key-only methods). ``layer_bits`` (RateQuant) overrides bits
-    per layer as a list of (key_bits, value_bits)."""
+def _dtype_from_name(name: str) -> mx.Dtype:
+    return getattr(mx, name)
 
-    key_method: str = "turboquant_mse"
-    key_bits: int = 4
-    value_method: Optional[str] = None
-    value_bits: Optional[int] = None
-    seed: int = 0
-    quantized_kv_start: int = 0
-    layer_bits: Optional[tuple] = None
-    # RateQuant request (resolved into layer_bits once the model is loaded).
-    ratequant_target: Optional[float] = None
-    ratequant_solver: str = "greedy"
-    ratequant_save: Optional[str] = None
-    ratequant_load: Optional[str] = None
-    ratequant_calibration: Optional[str] = None
-    center_keys: bool = True
-    scale_keys: bool = True
-    fp16_window: int = 0
 
-    def __post_init__(self):
-        if self.fp16_window < 0:
-            raise ValueError(f"fp16 window must be >= 0 tokens, got {self.fp16_window}")
-        key_method = codecs.canonical_name(self.key_method)
-        if self.value_method is None:
-            default = key_method if key_method in codecs.VALUE_METHODS else "turboquant_mse"
-            object.__setattr__(self, "value_method", default)
-        value_method = codecs.canonical_name(self.value_method)
-        if self.value_bits is None:
-            bits = self.key_bits if self.key_bits in codecs.bits_range(value_method) else 4
-            object.__setattr__(self, "value_bits", bits)
-        if value_method not in codecs.VALUE_METHODS:
-            raise ValueError(
-                f"{value_method} is a key-only method (an inner-product estimator); values "
-                f"need one of {', '.join(codecs.VALUE_METHODS)}"
-            )
-        object.__setattr__(self, "key_method", key_method)
-        object.__setattr__(self, "value_method", value_method)
-        for method, bits in ((key_method, self.key_bits), (value_method, self.value_bits)):
-            if bits not in codecs.bits_range(method):
-                r = codecs.bits_range(method)
-                raise ValueError(
-                    f"bits={bits} is out of range for {method}: allowed {r.start}..{r.stop - 1}"
-                )
+def _reduce_dtype(d: mx.Dtype):
+    return _dtype_from_name, (str(d).split(".")[-1],)
 
-    def bits_for_layer(self, layer: int) -> tuple[int, int]:
-        if self.layer_bits is not None and layer < len(self.layer_bits) \
-                and self.layer_bits[layer] is not None:
-            return tuple(self.layer_bits[layer])
-        return self.key_bits, self.value_bits
 
-    def describe(self) -> str:
-        if self.ratequant_target is not None:
-            text = f"{self.key_method} RateQuant {self.ratequant_target:g} bits/element"
-        elif self.key_method == self.value_method and self.key_bits == self.value_bits:
-            text = f"{self.key_method} {self.key_bits}-bit"
-        else:
-            text = (f"K {self.key_method} {self.key_bits}-bit / "
-                    f"V {self.value_method} {self.value_bits}-bit")
-        # (the key statistics are named only where they differ from the default, both on)
-        text += {(True, True): "", (True, False): ", centred keys",
-                 (False, True): ", scaled keys", (False, False): ", raw keys"}[
-            (self.center_keys, self.scale_keys)]
-        return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
+# mx.Dtype (TurboKVCache.dtype) cannot be deep-copied or pickled, and mlx-lm's
+# LRUPromptCache deep-copies every cache it hands out: teach copy/pickle that a dtype is
+# its name (the dtypes are singletons, so a copy is the same object).
+copyreg.pickle(mx.Dtype, _reduce_dtype)
 
 
 # Elements (batch × heads × head dim × tokens) coded or decoded at a time when a whole
@@ -137,43 +78,6 @@ HANDOVER_ELEMENTS = 1 << 21
 def handover_block(shape: tuple) -> int:
     """Tokens a hand-over step takes for keys/values of ``shape`` (B, H, S, D)."""
     return max(256, HANDOVER_ELEMENTS // (shape[0] * shape[1] * shape[-1]))
-
-
-def layer_seed(seed: int, layer: int, is_value: bool) -> int:
-    """Per-layer, per-K/V seed: files store the global seed, never matrices."""
-    return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
-
-
-STATS_TOKENS = 64   # the first tokens whose keys fix the key mean and channel scales
-SCALE_POWER = 0.5   # s = RMS^p: p = 1 evens the channels out fully
-
-
-def key_statistics(keys: mx.array, center: bool, scale: bool) -> tuple:
-    """(s, μ/s) in fp16, shape (B, H, 1, D), from keys (B, H, T, D): s is each channel's
-    RMS about the mean (1 without ``scale``), normalised to geometric mean 1; μ the mean
-    key (0 without ``center``). Dividing by s evens out the channels' energy, so outlier
-    channels no longer set the coding error of every key."""
-    k = keys.astype(mx.float32)
-    mu = k.mean(axis=2, keepdims=True) if center else mx.zeros_like(k[:, :, :1])
-    if scale:
-        rms = mx.sqrt(((k - mu) ** 2).mean(axis=2, keepdims=True))
-        # channels that barely move are not blown up: s >= 1/64 of the largest
-        rms = mx.maximum(rms, rms.max(axis=-1, keepdims=True) / 64 + 1e-6)
-        s = rms ** SCALE_POWER
-        s = (s / mx.exp(mx.log(s).mean(axis=-1, keepdims=True))).astype(mx.float16)
-    else:
-        s = mx.ones_like(mu).astype(mx.float16)
-    return s, (mu / s.astype(mx.float32)).astype(mx.float16)
-
-
-def scale_queries(queries: mx.array, key_scale: Optional[mx.array]) -> mx.array:
-    """q·s for keys held as k/s: key_scale (B, Hkv, 1, D) serves Hq/Hkv query heads."""
-    if key_scale is None:
-        return queries
-    B, Hq, L, D = queries.shape
-    Hkv = key_scale.shape[1]
-    q = queries.reshape(B, Hkv, Hq // Hkv, L, D) * key_scale[:, :, None].astype(queries.dtype)
-    return q.reshape(B, Hq, L, D)
 
 
 def _slice_tokens(packed: dict, start: int, stop: int) -> dict:
@@ -233,7 +137,7 @@ class TurboKVCache(_BaseCache):
 
     def _make_codecs(self, k_dim: int, v_dim: int) -> None:
         self.key_codec = codecs.make(self.key_method, self.key_bits, k_dim,
-                                     layer_seed(self.seed, self.layer, False))
+                                     layer_seed(self.seed, self.layer, False), keys=True)
         self.value_codec = codecs.make(self.value_method, self.value_bits, v_dim,
                                        layer_seed(self.seed, self.layer, True))
 
@@ -497,12 +401,13 @@ class TurboKVCache(_BaseCache):
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
 
+    # The batch form (batch_cache.BatchTurboKVCache, a subclass): set by patch.apply().
+    batch_class = None
+
     @classmethod
     def merge(cls, caches: list):
         """Batch per-request caches for mlx-lm's BatchGenerator (server batching)."""
-        from .batch_cache import BatchTurboKVCache
-
-        return BatchTurboKVCache.merge(caches)
+        return cls.batch_class.merge(caches)
 
     def empty(self) -> bool:
         return self.keys is None
@@ -529,13 +434,6 @@ class TurboKVCache(_BaseCache):
             return coded
         # The window's copies, spread over the tokens held (their codes are counted above).
         return coded + 16 * self.recent_keys.shape[2] / self.offset
-
-    def fp16_nbytes(self) -> int:
-        """What mlx-lm's fp16 KVCache holds for the same tokens (same 256-token steps)."""
-        if self.key_codec is None:
-            return 0
-        b, h = next(iter(self.keys.values())).shape[:2]
-        return 2 * b * h * self.capacity * (self.key_codec.dim + self.value_codec.dim)
 
     def meta(self) -> dict:
         return {
@@ -688,43 +586,3 @@ def make_prompt_cache(model: Any, config: TurboConfig, max_kv_size: Optional[int
         elif isinstance(c, RotatingKVCache):
             _warn_rotating_once()
     return caches
-
-
-def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -> None:
-    """Convert fp16 KVCache layers in place once their offset reaches the start."""
-    for i, c in enumerate(caches):
-        if type(c) is KVCache and c.offset >= quantized_kv_start:
-            caches[i] = TurboKVCache.from_kv_cache(c, config, i)
-
-
-def cache_summary(caches: list) -> str:
-    """One line: method, bits/element, KV bytes for the tokens held vs what fp16 would
-    take for the same tokens (not the buffers' 256-token steps, which both round up)."""
-    turbo = [c for c in caches if isinstance(c, TurboKVCache) and not c.empty()]
-    if not turbo:
-        return "KV cache: fp16 (no layer compressed yet; see --quantized-kv-start)"
-    elts = []
-    for c in turbo:
-        b, h = next(iter(c.keys.values())).shape[:2]
-        elts.append(b * h * c.offset * (c.key_codec.dim + c.value_codec.dim))
-    held = sum(c.bits_per_element * e for c, e in zip(turbo, elts)) / 8
-    fp16 = 2 * sum(elts)
-    bits = 8 * held / max(sum(elts), 1)
-    c0 = turbo[0]
-    if c0.key_method == c0.value_method and c0.key_bits == c0.value_bits:
-        method = f"{c0.key_method} {c0.key_bits}-bit"
-    else:
-        method = f"K {c0.key_method} {c0.key_bits}-bit / V {c0.value_method} {c0.value_bits}-bit"
-    if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
-        method = f"K {c0.key_method} / V {c0.value_method} with per-layer bits (RateQuant)"
-    tokens = max(c.offset for c in turbo)
-    note = ""
-    if c0.fp16_window:
-        # Every token is coded and the newest W are also kept in fp16: a window as long as
-        # the context costs its full 16 bits on top of the codes.
-        note = (f" (the {c0.fp16_window}-token fp16 window holds all {tokens} tokens, "
-                "each also coded)" if c0.fp16_window >= tokens
-                else f" (incl. the {c0.fp16_window}-token fp16 window)")
-    return (f"KV cache: {method}, {bits:.3f} bits/element{note}, {tokens} tokens, "
-            f"{held / 2**20:.2f} MiB held vs {fp16 / 2**20:.2f} MiB as fp16 "
-            f"({fp16 / max(held, 1):.2f}x smaller), {len(turbo)}/{len(caches)} layers compressed")

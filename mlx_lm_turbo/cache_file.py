@@ -20,7 +20,6 @@ from typing import Any, Optional
 FORMAT = "mlx_lm_turbo"
 META_PREFIX = "mlx_lm_turbo_"  # our keys in the file's user metadata (no dots: mlx-lm
 # unflattens metadata keys on ".")
-SLOW_WRITE_ENV = "MLX_LM_TURBO_TEST_SLOW_WRITE"  # test hook: sleep with the temp file open
 SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
                       "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
                       "U64": 8, "I64": 8, "F64": 8, "C64": 8}

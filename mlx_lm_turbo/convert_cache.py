@@ -27,18 +27,15 @@ import re
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 # Reading and checking files lives in cache_file (mlx_lm.generate --prompt-cache-file
 # uses the same checks); re-exported here for callers of convert_cache.
-from .cache_file import (FORMAT, META_PREFIX, CacheFile, CacheFileError,  # noqa: F401
-                         _state_nbytes, check_model, check_safetensors, layer_shape,
-                         load_cache_file, model_dims)
+from .cache_file import (FORMAT, META_PREFIX, CacheFile, CacheFileError, _state_nbytes,
+                         check_model, layer_shape, load_cache_file)
 
 PROG = "python -m mlx_lm_turbo.convert-cache"
-SLOW_WRITE_ENV = "MLX_LM_TURBO_TEST_SLOW_WRITE"  # test hook: sleep with the temp file open
 
 
 # ------------------------------------------------------------------ layers
@@ -150,15 +147,7 @@ def _load_model(model_path: str):
 def ratequant_config(config: Any, model_path: str) -> Any:
     """``config`` with RateQuant's per-layer bits (``--ratequant-target``/``-load``),
     calibrated on the model at ``model_path``."""
-    try:
-        from . import ratequant
-    except ImportError:
-        ratequant = None
-    if ratequant is None or not hasattr(ratequant, "resolve") \
-            or getattr(config, "ratequant_target", None) is None:
-        raise CacheFileError("--ratequant-target is not available yet in this mlx_lm_turbo; "
-                             "use --kv-bits / --kv-key-bits / --kv-value-bits")
-    from . import patch
+    from . import patch, ratequant
 
     patch.apply()  # calibration records queries through the patched attention
     try:
@@ -203,6 +192,15 @@ def clean_stale_temps(folder: Path) -> list[str]:
     return removed
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(out: Path, layers: list, metadata: dict) -> None:
     """save_prompt_cache into a temp file beside ``out``, fsync, rename over ``out``."""
     from mlx_lm.models.cache import save_prompt_cache
@@ -210,14 +208,7 @@ def atomic_save(out: Path, layers: list, metadata: dict) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
     try:
         save_prompt_cache(str(tmp), layers, metadata)
-        delay = os.environ.get(SLOW_WRITE_ENV)
-        if delay:
-            time.sleep(float(delay))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, out)
     except BaseException:
         try:
@@ -226,11 +217,7 @@ def atomic_save(out: Path, layers: list, metadata: dict) -> None:
             pass
         raise
     try:
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync(out.parent)   # the rename itself
     except OSError:
         pass
 
@@ -300,7 +287,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import patch
+    from .config import add_arguments
 
     p = _Parser(
         prog=PROG,
@@ -326,13 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "original: the dtype the cache was made with)")
     p.add_argument("--kv-bits", type=int, default=None,
                    help="bits per coordinate (per stage for turboquant_rvq)")
-    patch.add_arguments(p)
+    add_arguments(p)
     p.add_argument("--model", metavar="PATH",
                    help="model folder: check that the cache matches it (layers, KV heads, "
                         "head_dim)")
-    if "--ratequant-target" not in p._option_string_actions:  # older patch.add_arguments
-        p.add_argument("--ratequant-target", type=float, default=None, metavar="T",
-                       help="RateQuant: average bits/element to spend per layer (needs --model)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return p
 
@@ -351,7 +335,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import mlx.core as mx
     from tqdm import tqdm
 
-    from . import __version__, patch
+    from . import __version__
+    from .config import config_from_args
 
     if args.info:
         if args.input or args.output:
@@ -368,7 +353,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.kv_method is None:
             parser.error("--kv-method is required (or --to fp16)")
         try:
-            config = patch.config_from_args(args)
+            config = config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
     else:
@@ -468,9 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 1
-    except Exception as e:  # never a traceback; MLX_LM_TURBO_DEBUG=1 shows one
-        if os.environ.get("MLX_LM_TURBO_DEBUG"):
-            raise
+    except Exception as e:  # one line, never a traceback
         msg = str(e).splitlines()[0] if str(e) else ""
         print(f"{PROG}: error: {type(e).__name__}: {msg}", file=sys.stderr)
         return 1

@@ -14,10 +14,8 @@ mlx-lm shards a model two ways (``mlx_lm.utils.sharded_load``, used by ``mlx_lm.
   needs an array; our caches hold a dict of packed arrays, so the model's module gets an
   ``mx`` whose ``depends`` maps over a dict.
 
-RateQuant: every rank calibrates what it holds (the forward pass needs all ranks anyway),
-``merge_calibration`` sums the per-layer statistics over ranks into the whole model's,
-rank 0 allocates and ``computed_once`` hands its allocation to every rank.
-``check_same_config`` verifies that all ranks hold the same method, bits and seed.
+RateQuant over ranks is ratequant's (``resolve_on_ranks``); ``check_same_config`` verifies
+that all ranks hold the same method, bits and seed.
 
 Prompt-cache files are per rank: a rank saves and loads its own heads (tensor) or layers
 (pipeline); ``rank_file`` names them. The stored ``layer`` is global, so seeds survive.
@@ -26,13 +24,13 @@ Prompt-cache files are per rank: a rank saves and loads its own heads (tensor) o
 import sys
 import types
 import zlib
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from .cache import TurboConfig, TurboKVCache
+from .cache import TurboKVCache
+from .config import TurboConfig
 
 
 def world() -> Optional[mx.distributed.Group]:
@@ -101,60 +99,6 @@ def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -
             caches[i] = TurboKVCache.from_kv_cache(c, config, layer)
 
 
-def merge_calibration(cal, model, group: mx.distributed.Group):
-    """The whole model's RateQuant calibration from each rank's own.
-
-    Per global layer, every rank adds its row (zeros for layers it does not hold) and a
-    count of 1: statistics are averaged over the ranks holding the layer (tensor: all,
-    with their own heads; pipeline: one, exact), KV heads are summed (the heads of a
-    layer are split over its ranks).
-    """
-    from .ratequant import Calibration
-
-    offset = layer_offset(model)
-    n = int(mx.distributed.all_max(mx.array(offset + cal.n_cache_layers), group=group).item())
-    choices = sorted(cal.measured)
-    table = np.zeros((n, 2 + 2 * len(choices) + 4), np.float32)
-    for j, i in enumerate(cal.layers):
-        measured = [x for b in choices for x in cal.measured[b][j]]
-        table[offset + i] = [*cal.proxy[j], *measured, cal.kv_heads[j], *cal.head_dims[j], 1]
-    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
-    count = total[:, -1]
-    rows = np.flatnonzero(count > 0)
-    mean = total[rows] / count[rows, None]
-    measured = {b: mean[:, 2 + 2 * k:4 + 2 * k].astype(np.float64)
-                for k, b in enumerate(choices)}
-    return Calibration(
-        layers=[int(r) for r in rows],
-        head_dims=[(int(round(k)), int(round(v))) for k, v in mean[:, -3:-1]],
-        kv_heads=[int(round(h)) for h in total[rows, -4]],
-        n_cache_layers=n, proxy=mean[:, :2].astype(np.float64), measured=measured,
-        seconds=float(mx.distributed.all_max(mx.array(cal.seconds), group=group).item()))
-
-
-def computed_once(allocate: Callable[[], list], n_layers: int,
-                  group: Optional[mx.distributed.Group]) -> list:
-    """``allocate()`` on rank 0 only, its (key_bits, value_bits) per layer broadcast to
-    every rank (an all_sum of a table that is zero elsewhere). A ValueError on rank 0
-    reaches every rank (rank 0 raises it, the others say so) instead of a hang."""
-    if group is None:
-        return allocate()
-    table = np.zeros((n_layers + 1, 2), np.int32)  # row 0: ok flag
-    error = None
-    if group.rank() == 0:
-        try:
-            table[1:] = np.array(allocate(), np.int32).reshape(n_layers, 2)
-            table[0, 0] = 1
-        except ValueError as e:
-            error = e
-    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
-    if error is not None:
-        raise error
-    if total[0, 0] != 1:
-        raise ValueError("RateQuant allocation failed on rank 0 (its error says why)")
-    return [(int(k), int(v)) for k, v in total[1:]]
-
-
 def _fingerprint(config: TurboConfig) -> list:
     text = repr((config.key_method, config.key_bits, config.value_method, config.value_bits,
                  config.seed, config.center_keys, config.layer_bits,
@@ -172,18 +116,6 @@ def check_same_config(config: TurboConfig, group: mx.distributed.Group) -> None:
         raise ValueError("the ranks were started with different --kv-* / RateQuant settings "
                          "(method, bits, seed or allocation differ); give every rank the "
                          "same flags")
-
-
-def prepare_config(model, tokenizer, config: TurboConfig) -> TurboConfig:
-    """After ``sharded_load``: resolve RateQuant over all ranks, check they agree."""
-    group = world()
-    if config.ratequant_target is not None and config.layer_bits is None:
-        from . import ratequant
-
-        config = ratequant.resolve(model, tokenizer, config, group=group)
-    if group is not None:
-        check_same_config(config, group)
-    return config
 
 
 def rank_file(path: str, group: Optional[mx.distributed.Group] = None) -> str:

@@ -78,7 +78,6 @@ def unpack(words: mx.array, bits: int, n: int) -> mx.array:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     mask = mx.array((1 << bits) - 1, dtype=mx.uint32)
     if 32 % bits == 0:
-        per = 32 // bits
         shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
         codes = (words[..., None] >> shifts) & mask
         return codes.reshape(*words.shape[:-1], -1)[..., :n]

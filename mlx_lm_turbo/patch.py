@@ -9,14 +9,15 @@ import importlib
 import sys
 from typing import Optional
 
-from . import cache_file, codecs, distributed
+from . import cache_file, distributed, ratequant
 from .attention import turbo_attention
-from .cache import TurboConfig, TurboKVCache, cache_summary
+from .batch_cache import BatchTurboKVCache
+from .cache import TurboKVCache
 from .cache import make_prompt_cache as make_turbo_cache
+from .config import (UNSET, TurboConfig, add_arguments, config_from_args,
+                     resolve_start, unset_start_default)
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
-DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
-                "polar": 4, "qjl": 3}
 
 _config: Optional[TurboConfig] = None
 _last_caches: Optional[list] = None
@@ -120,8 +121,6 @@ def load(*args, **kwargs):
         _check_loaded_file(args[0] if args else kwargs.get("path_or_hf_repo"), result[2])
     if _config is not None and _config.ratequant_target is not None \
             and _config.layer_bits is None:
-        from . import ratequant
-
         try:
             set_config(ratequant.resolve(result[0], result[1], _config))
         except ValueError as e:
@@ -135,7 +134,7 @@ def sharded_load(*args, **kwargs):
     result = _originals["sharded_load"](*args, **kwargs)
     if _config is not None:
         try:
-            set_config(distributed.prepare_config(result[0], result[1], _config))
+            set_config(ratequant.resolve_on_ranks(result[0], result[1], _config))
         except ValueError as e:
             sys.exit(f"error: {e}")
     return result
@@ -171,6 +170,39 @@ def check_loaded_cache(caches: list, config: TurboConfig) -> None:
                 "to continue with the file's settings")
 
 
+def cache_summary(caches: list) -> str:
+    """One line: method, bits/element, KV bytes for the tokens held vs what fp16 would
+    take for the same tokens (not the buffers' 256-token steps, which both round up)."""
+    turbo = [c for c in caches if isinstance(c, TurboKVCache) and not c.empty()]
+    if not turbo:
+        return "KV cache: fp16 (no layer compressed yet; see --quantized-kv-start)"
+    elts = []
+    for c in turbo:
+        b, h = next(iter(c.keys.values())).shape[:2]
+        elts.append(b * h * c.offset * (c.key_codec.dim + c.value_codec.dim))
+    held = sum(c.bits_per_element * e for c, e in zip(turbo, elts)) / 8
+    fp16 = 2 * sum(elts)
+    bits = 8 * held / max(sum(elts), 1)
+    c0 = turbo[0]
+    if c0.key_method == c0.value_method and c0.key_bits == c0.value_bits:
+        method = f"{c0.key_method} {c0.key_bits}-bit"
+    else:
+        method = f"K {c0.key_method} {c0.key_bits}-bit / V {c0.value_method} {c0.value_bits}-bit"
+    if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
+        method = f"K {c0.key_method} / V {c0.value_method} with per-layer bits (RateQuant)"
+    tokens = max(c.offset for c in turbo)
+    note = ""
+    if c0.fp16_window:
+        # Every token is coded and the newest W are also kept in fp16: a window as long as
+        # the context costs its full 16 bits on top of the codes.
+        note = (f" (the {c0.fp16_window}-token fp16 window holds all {tokens} tokens, "
+                "each also coded)" if c0.fp16_window >= tokens
+                else f" (incl. the {c0.fp16_window}-token fp16 window)")
+    return (f"KV cache: {method}, {bits:.3f} bits/element{note}, {tokens} tokens, "
+            f"{held / 2**20:.2f} MiB held vs {fp16 / 2**20:.2f} MiB as fp16 "
+            f"({fp16 / max(held, 1):.2f}x smaller), {len(turbo)}/{len(caches)} layers compressed")
+
+
 def generate(model, tokenizer, prompt, verbose=False, **kwargs):
     global _last_caches
     _last_caches = None
@@ -190,122 +222,6 @@ def generate(model, tokenizer, prompt, verbose=False, **kwargs):
     return text
 
 
-# ---------------------------------------------------------------- CLI flags
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    names = list(codecs.METHODS) + list(codecs.ALIASES)
-    g = parser.add_argument_group("mlx-lm-turbo KV cache compression")
-    g.add_argument("--kv-method", choices=names, default=None,
-                   help="Compress the KV cache with this method; --kv-bits then sets its "
-                        "bits (per stage for turboquant_rvq) instead of mlx-lm's affine "
-                        "quantization.")
-    g.add_argument("--kv-key-bits", type=int, default=None, help="Bits for keys (overrides --kv-bits).")
-    g.add_argument("--kv-value-bits", type=int, default=None, help="Bits for values (overrides --kv-bits).")
-    g.add_argument("--kv-value-method", choices=names, default=None,
-                   help="Method for values (default: --kv-method, or turboquant_mse for "
-                        "the key-only methods turboquant_prod and qjl).")
-    g.add_argument("--kv-seed", type=int, default=0, help="Seed of the rotations and sketches.")
-    g.add_argument("--kv-center-keys", action=argparse.BooleanOptionalAction, default=None,
-                   help="Subtract each head's mean key (of the first 64 tokens) before "
-                        "coding; exact for attention (default: on).")
-    g.add_argument("--kv-scale-keys", action=argparse.BooleanOptionalAction, default=None,
-                   help="Divide each key channel by a scale fixed from the first 64 tokens "
-                        "(queries multiplied by it: exact for attention), so outlier "
-                        "channels do not set every key's coding error (default: on).")
-    g.add_argument("--kv-fp16-window", type=int, default=0, metavar="N",
-                   help="Also keep the N newest tokens uncompressed (fp16, counted in the "
-                        "bytes held): each query reads its N nearest keys/values exactly. "
-                        "16-64 removes most of the quality loss at 2-3 bits for ~0.1 "
-                        "bits/element (default 0: codes only).")
-    g.add_argument("--ratequant-target", type=float, default=None,
-                   help="RateQuant: average bits/element (metadata counted) to spend, "
-                        "allocated per layer and K/V after a short calibration.")
-    g.add_argument("--ratequant-solver", choices=("greedy", "waterfill"), default="greedy",
-                   help="greedy: marginal gains on measured attention errors; waterfill: "
-                        "closed form on the key/value norm proxy.")
-    g.add_argument("--ratequant-calibration", default=None, metavar="FILE",
-                   help="Text file to calibrate on (default: a built-in ~500-token text).")
-    g.add_argument("--ratequant-save", default=None, metavar="FILE",
-                   help="Save the allocation as JSON (a restart can --ratequant-load it).")
-    g.add_argument("--ratequant-load", default=None, metavar="FILE",
-                   help="Use a saved allocation instead of calibrating.")
-
-
-def config_from_args(args: argparse.Namespace) -> Optional[TurboConfig]:
-    """Read our flags; raise ValueError with a user-facing message on bad input."""
-    method = getattr(args, "kv_method", None)
-    if method is None:
-        if getattr(args, "kv_fp16_window", 0):
-            raise ValueError("--kv-fp16-window needs --kv-method")
-        for flag in ("kv_center_keys", "kv_scale_keys"):   # (given, either way)
-            if getattr(args, flag, None) is not None:
-                raise ValueError(f"--[no-]{flag.replace('_', '-')} needs --kv-method")
-        for flag in ("kv_key_bits", "kv_value_bits", "kv_value_method", "ratequant_target",
-                     "ratequant_load", "ratequant_save", "ratequant_calibration"):
-            if getattr(args, flag, None) is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} needs --kv-method")
-        return None
-    key_method = codecs.canonical_name(method)
-    if args.kv_value_method is not None:
-        value_method = codecs.canonical_name(args.kv_value_method)
-    else:
-        value_method = key_method if key_method in codecs.VALUE_METHODS else "turboquant_mse"
-    bits = getattr(args, "kv_bits", None)
-    key_bits = args.kv_key_bits if args.kv_key_bits is not None else bits
-    value_bits = args.kv_value_bits if args.kv_value_bits is not None else bits
-    key_bits = DEFAULT_BITS[key_method] if key_bits is None else key_bits
-    if value_bits is None:
-        value_bits = DEFAULT_BITS[value_method]
-    elif value_bits not in codecs.bits_range(value_method) and bits == value_bits \
-            and args.kv_value_bits is None and value_method != key_method:
-        value_bits = DEFAULT_BITS[value_method]  # e.g. qjl 1-bit keys, default values
-    if getattr(args, "kv_group_size", 64) != 64:
-        raise ValueError("--kv-group-size applies to mlx-lm's affine cache, not --kv-method")
-    target = getattr(args, "ratequant_target", None)
-    if (args.ratequant_save or args.ratequant_calibration) and target is None:
-        raise ValueError("--ratequant-save/--ratequant-calibration need --ratequant-target")
-    if target is not None:  # here, not after loading the model and calibrating
-        from . import ratequant
-
-        ratequant.check_target(target)
-        ratequant.check_save_path(args.ratequant_save)
-    if args.ratequant_load and target is None:
-        target = -1.0  # the saved allocation decides
-    return TurboConfig(key_method, key_bits, value_method, value_bits,
-                       seed=args.kv_seed,
-                       quantized_kv_start=getattr(args, "quantized_kv_start", 0) or 0,
-                       ratequant_target=target, ratequant_solver=args.ratequant_solver,
-                       ratequant_save=args.ratequant_save, ratequant_load=args.ratequant_load,
-                       ratequant_calibration=args.ratequant_calibration,
-                       center_keys=getattr(args, "kv_center_keys", None) is not False,
-                       scale_keys=getattr(args, "kv_scale_keys", None) is not False,
-                       fp16_window=getattr(args, "kv_fp16_window", 0) or 0)
-
-
-# The default of mlx-lm's --quantized-kv-start while parsing: tells "not given" from any value.
-_UNSET = object()
-
-
-def _unset_start_default(parser: argparse.ArgumentParser) -> Optional[int]:
-    """Make --quantized-kv-start default to _UNSET; return mlx-lm's default (None if the
-    parser has no such flag)."""
-    if not any(a.dest == "quantized_kv_start" for a in parser._actions):
-        return None
-    default = parser.get_default("quantized_kv_start")
-    if default is _UNSET:  # parsed before: mlx-lm's default was kept then
-        return parser._turbo_start_default
-    parser._turbo_start_default = default
-    parser.set_defaults(quantized_kv_start=_UNSET)
-    return default
-
-
-def _resolve_start(args: argparse.Namespace, default: Optional[int]) -> None:
-    """Asking for a compressed cache (--kv-method) compresses from the first token unless
-    --quantized-kv-start was given: mlx-lm's default (5000) would leave most prompts fp16."""
-    if getattr(args, "quantized_kv_start", None) is not _UNSET:
-        return
-    args.quantized_kv_start = 0 if getattr(args, "kv_method", None) is not None else default
-
-
 def _patch_parser_factory(module) -> None:
     original = module.setup_arg_parser
     if getattr(original, "_turbo", False):
@@ -314,12 +230,12 @@ def _patch_parser_factory(module) -> None:
     def setup_arg_parser():
         parser = original()
         add_arguments(parser)
-        default_start = _unset_start_default(parser)
+        default_start = unset_start_default(parser)
         parse_args = parser.parse_args
 
         def parse_and_configure(*a, **kw):
             args = parse_args(*a, **kw)
-            _resolve_start(args, default_start)
+            resolve_start(args, default_start)
             try:
                 config = config_from_args(args)
             except ValueError as e:
@@ -359,9 +275,12 @@ def apply() -> None:
     base.scaled_dot_product_attention = scaled_dot_product_attention
     _rebind(_originals["sdpa"], scaled_dot_product_attention, "scaled_dot_product_attention")
     mlx_cache.make_prompt_cache = make_prompt_cache
+    make_prompt_cache.__wrapped__ = _originals["make_prompt_cache"]   # (RateQuant's calibration)
     _rebind(_originals["make_prompt_cache"], make_prompt_cache, "make_prompt_cache")
     # load_prompt_cache rebuilds caches with globals()[class_name] in mlx_lm.models.cache.
     mlx_cache.TurboKVCache = TurboKVCache
+    # mlx-lm's BatchGenerator (server) batches caches through merge of the first's class.
+    TurboKVCache.batch_class = BatchTurboKVCache
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
     gen.load = load
@@ -396,12 +315,12 @@ class _ServerArgumentParser(argparse.ArgumentParser):
         add_arguments(self)
 
     def parse_args(self, args=None, namespace=None):
-        default_start = _unset_start_default(self)
+        default_start = unset_start_default(self)
         ns = super().parse_args(args, namespace)
-        start = getattr(ns, "quantized_kv_start", _UNSET)
-        _resolve_start(ns, default_start)
+        start = getattr(ns, "quantized_kv_start", UNSET)
+        resolve_start(ns, default_start)
         try:
-            if getattr(ns, "kv_method", None) is not None and start is not _UNSET and start:
+            if getattr(ns, "kv_method", None) is not None and start is not UNSET and start:
                 raise ValueError(
                     f"--quantized-kv-start {start} does not apply to mlx_lm.server with "
                     "--kv-method: every request's cache is compressed from its first "
@@ -428,7 +347,6 @@ def apply_server() -> None:
     import types
 
     apply()
-    from . import batch_cache  # noqa: F401  (also makes TurboKVCache deep-copyable)
     from . import server_guard
 
     server = importlib.import_module("mlx_lm.server")

@@ -13,22 +13,30 @@ values. Two sensitivities per (layer, K/V):
 
 Both spend exactly the budget the integer choices allow: the mean bits/element
 (metadata counted, from the codecs) is the largest reachable value <= target.
+
+Over several ranks (``mlx.launch``): every rank calibrates what it holds (the forward pass
+needs all ranks anyway), ``merge_calibration`` sums the per-layer statistics over ranks
+into the whole model's, rank 0 allocates and ``computed_once`` hands its allocation to
+every rank.
 """
 
+import inspect
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models import base as mlx_base
+from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 
 from . import codecs, distributed
-from .cache import TurboConfig, layer_seed
+from .codecs import layer_seed
+from .config import TurboConfig, check_save_path, check_target
 
 DEFAULT_CHOICES = (1, 2, 3, 4, 8)
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
@@ -62,19 +70,22 @@ def model_signature(n_cache_layers: int, layers: Sequence[int], kv_heads: Sequen
 def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CHOICES,
               text: Optional[str] = None, max_tokens: int = 256, seed: int = 0,
               value_method: Optional[str] = None) -> Calibration:
-    """One forward pass, then per-layer codec trials on the recorded K/V."""
+    """One forward pass, then per-layer codec trials on the recorded K/V. Needs mlx-lm
+    patched (``patch.apply()``, which the start-up hook and every command run): the
+    patched attention shows each CalibrationCache its queries."""
     from tqdm import tqdm
 
-    from . import patch
-
-    patch.apply()
+    if not getattr(mlx_base, "_mlx_lm_turbo_patched", False):
+        raise RuntimeError("RateQuant calibration records queries through the patched "
+                           "attention: call mlx_lm_turbo.patch.apply() first")
     t0 = time.perf_counter()
     method = codecs.canonical_name(method)
     value_method = codecs.canonical_name(value_method or (
         method if method in codecs.VALUE_METHODS else "turboquant_mse"))
     text = text if text is not None else CALIBRATION_TEXT.read_text()
     tokens = mx.array(tokenizer.encode(text)[:max_tokens])
-    caches = patch._originals["make_prompt_cache"](model)  # mlx-lm's own, never turbo
+    # mlx-lm's own factory (the patched one keeps it as __wrapped__), never turbo caches
+    caches = inspect.unwrap(mlx_cache.make_prompt_cache)(model)
     layers = [i for i, c in enumerate(caches) if type(c) is KVCache]
     offset = distributed.layer_offset(model)  # pipeline rank: global layer of caches[0]
     for i in layers:
@@ -103,7 +114,8 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
                 if b not in codecs.bits_range(m):
                     row.append(mx.array(float("nan")))
                     continue
-                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, offset + i, is_value))
+                codec = codecs.make(m, b, x.shape[-1], layer_seed(seed, offset + i, is_value),
+                                    keys=not is_value)
                 xh = codec.decode(codec.encode(x))
                 kk, vv = (k, xh) if is_value else (xh, v)
                 out = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=scale, mask="causal")
@@ -137,32 +149,12 @@ def _slots(cal: Calibration, method: str, value_method: str, choices: Sequence[i
     return slots, costs, weights
 
 
-def check_target(target: float) -> None:
-    """What any model refuses (the reachable range needs the model: ``check_budget``)."""
-    if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
-        raise ValueError(f"--ratequant-target must be a finite number > 0, got {target}")
-
-
 def check_budget(cal: Calibration, method: str, value_method: str, target: float,
                  choices: Sequence[int] = DEFAULT_CHOICES) -> None:
     """Refuse a target the bit choices cannot reach on these layers (needs only their
     shapes, so a 4-token probe is enough: no one waits for a calibration to hear it)."""
     check_target(target)
     _budget_check(*_slots(cal, method, value_method, choices)[1:], target)
-
-
-def check_save_path(path: Optional[str]) -> None:
-    """--ratequant-save must be writable before calibrating: a failed save would lose it."""
-    if not path:
-        return
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise ValueError(f"--ratequant-save {path}: is a folder; give a file name")
-    if not folder.is_dir():
-        raise ValueError(f"--ratequant-save {path}: no such folder {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"--ratequant-save {path}: not writable")
 
 
 def _budget_check(costs: list, weights: np.ndarray, target: float) -> None:
@@ -321,7 +313,7 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
     """Calibrate and allocate (or load a saved allocation) for ``config``'s target:
     the returned config carries per-layer bits. With a distributed ``group`` (sharded
     model) every rank calibrates its share, the statistics are merged, and rank 0's
-    allocation is broadcast (see ``distributed``)."""
+    allocation is broadcast (``merge_calibration``, ``computed_once``)."""
     import dataclasses
 
     lead = group is None or group.rank() == 0
@@ -330,10 +322,10 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
         probe = calibrate(model, tokenizer, config.key_method, choices=(), max_tokens=4,
                           seed=config.seed, value_method=config.value_method)
         if group is not None:
-            probe = distributed.merge_calibration(probe, model, group)
+            probe = merge_calibration(probe, model, group)
         signature = model_signature(probe.n_cache_layers, probe.layers, probe.kv_heads,
                                     probe.head_dims)
-        bits = distributed.computed_once(
+        bits = computed_once(
             lambda: load(config.ratequant_load, signature, config), len(probe.layers), group)
         cal = probe
     else:
@@ -347,13 +339,13 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
         probe = calibrate(model, tokenizer, config.key_method, choices=(), max_tokens=4,
                           seed=config.seed, value_method=config.value_method)
         if group is not None:
-            probe = distributed.merge_calibration(probe, model, group)
+            probe = merge_calibration(probe, model, group)
         check_budget(probe, config.key_method, config.value_method, config.ratequant_target)
         cal = calibrate(model, tokenizer, config.key_method, seed=config.seed, text=text,
                         value_method=config.value_method)
         if group is not None:
-            cal = distributed.merge_calibration(cal, model, group)
-        bits = distributed.computed_once(
+            cal = merge_calibration(cal, model, group)
+        bits = computed_once(
             lambda: allocate(cal, config.key_method, config.ratequant_target,
                              solver=config.ratequant_solver, value_method=config.value_method),
             len(cal.layers), group)
@@ -365,3 +357,66 @@ def resolve(model, tokenizer, config: TurboConfig, verbose: bool = True,
     if config.ratequant_save and not config.ratequant_load and lead:
         save(config.ratequant_save, cal, config, config.ratequant_target, bits)
     return dataclasses.replace(config, layer_bits=layer_bits_for_cache(cal, bits))
+
+
+# ---------------------------------------------------------------- over ranks (mlx.launch)
+def merge_calibration(cal, model, group: mx.distributed.Group):
+    """The whole model's RateQuant calibration from each rank's own.
+
+    Per global layer, every rank adds its row (zeros for layers it does not hold) and a
+    count of 1: statistics are averaged over the ranks holding the layer (tensor: all,
+    with their own heads; pipeline: one, exact), KV heads are summed (the heads of a
+    layer are split over its ranks).
+    """
+    offset = distributed.layer_offset(model)
+    n = int(mx.distributed.all_max(mx.array(offset + cal.n_cache_layers), group=group).item())
+    choices = sorted(cal.measured)
+    table = np.zeros((n, 2 + 2 * len(choices) + 4), np.float32)
+    for j, i in enumerate(cal.layers):
+        measured = [x for b in choices for x in cal.measured[b][j]]
+        table[offset + i] = [*cal.proxy[j], *measured, cal.kv_heads[j], *cal.head_dims[j], 1]
+    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
+    count = total[:, -1]
+    rows = np.flatnonzero(count > 0)
+    mean = total[rows] / count[rows, None]
+    measured = {b: mean[:, 2 + 2 * k:4 + 2 * k].astype(np.float64)
+                for k, b in enumerate(choices)}
+    return Calibration(
+        layers=[int(r) for r in rows],
+        head_dims=[(int(round(k)), int(round(v))) for k, v in mean[:, -3:-1]],
+        kv_heads=[int(round(h)) for h in total[rows, -4]],
+        n_cache_layers=n, proxy=mean[:, :2].astype(np.float64), measured=measured,
+        seconds=float(mx.distributed.all_max(mx.array(cal.seconds), group=group).item()))
+
+
+def computed_once(allocate: Callable[[], list], n_layers: int,
+                  group: Optional[mx.distributed.Group]) -> list:
+    """``allocate()`` on rank 0 only, its (key_bits, value_bits) per layer broadcast to
+    every rank (an all_sum of a table that is zero elsewhere). A ValueError on rank 0
+    reaches every rank (rank 0 raises it, the others say so) instead of a hang."""
+    if group is None:
+        return allocate()
+    table = np.zeros((n_layers + 1, 2), np.int32)  # row 0: ok flag
+    error = None
+    if group.rank() == 0:
+        try:
+            table[1:] = np.array(allocate(), np.int32).reshape(n_layers, 2)
+            table[0, 0] = 1
+        except ValueError as e:
+            error = e
+    total = np.array(mx.distributed.all_sum(mx.array(table), group=group))
+    if error is not None:
+        raise error
+    if total[0, 0] != 1:
+        raise ValueError("RateQuant allocation failed on rank 0 (its error says why)")
+    return [(int(k), int(v)) for k, v in total[1:]]
+
+
+def resolve_on_ranks(model, tokenizer, config: TurboConfig) -> TurboConfig:
+    """After ``sharded_load``: resolve RateQuant over all ranks, check they agree."""
+    group = distributed.world()
+    if config.ratequant_target is not None and config.layer_bits is None:
+        config = resolve(model, tokenizer, config, group=group)
+    if group is not None:
+        distributed.check_same_config(config, group)
+    return config

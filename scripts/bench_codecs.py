@@ -62,7 +62,7 @@ def main() -> None:
     n_tok = args.tokens * args.heads
     rows = []
     for method, bits in CONFIGS:
-        c = codecs.make(method, bits=bits, dim=args.dim, seed=0)
+        c = codecs.make(method, bits=bits, dim=args.dim, seed=0, keys=True)
         pk, t = timed(c.encode, k)
         kh = c.decode(pk)
         vh = kh if method in codecs.VALUE_METHODS else None
@@ -70,7 +70,8 @@ def main() -> None:
         # Attention output error with K through this codec (V through it too when the
         # method can carry values, else V exact): relative L2 error of the output.
         if vh is not None:
-            vh = c.decode(c.encode(v))
+            vc = codecs.make(method, bits=bits, dim=args.dim, seed=0)
+            vh = vc.decode(vc.encode(v))
         out = attention(q, kh, vh if vh is not None else v.astype(mx.float32))
         att = float(mx.linalg.norm(out - ref_out) / mx.linalg.norm(ref_out))
         rows.append(dict(method=method, bits=bits, bits_per_element=c.bits_per_element,

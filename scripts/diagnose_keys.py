@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_lm_turbo import codecs, patch  # noqa: E402
-from mlx_lm_turbo.cache import STATS_TOKENS, key_statistics, layer_seed  # noqa: E402
+from mlx_lm_turbo.codecs import layer_seed  # noqa: E402
+from mlx_lm_turbo.key_statistics import STATS_TOKENS, key_statistics  # noqa: E402
 from mlx_lm_turbo.codebooks import lloyd_max, quantize  # noqa: E402
 from mlx_lm_turbo.eval import load_model, wikitext_windows, DEFAULT_DATA  # noqa: E402
 from mlx_lm_turbo.ratequant import CalibrationCache  # noqa: E402

@@ -9,13 +9,13 @@ so every row of the table comes from one run.
 """
 
 import argparse
-import dataclasses
 import json
 import time
 
-from mlx_lm_turbo import eval as ev
+from mlx_lm_turbo import eval_tasks as ev
 from mlx_lm_turbo import patch, ratequant
-from mlx_lm_turbo.cache import TurboConfig, make_prompt_cache
+from mlx_lm_turbo.cache import make_prompt_cache
+from mlx_lm_turbo.config import TurboConfig
 
 
 def bits_per_element(model, spec) -> float:

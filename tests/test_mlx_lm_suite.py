@@ -13,7 +13,7 @@ Offline adjustments, each one checked to fail identically on pristine mlx-lm (pa
   (MODEL_SPECIFIC).
 - Metal-only kernels (bitnet, gated delta) are deselected where Metal is unavailable.
 - Three batch-generation tests that take 20-105 s each on 2 CPU cores are deselected unless
-  MLX_LM_TURBO_FULL_SUITE=1 (SLOW).
+  pytest runs with ``--full-mlx-lm-suite`` (SLOW).
 
 Run time: about 1.5 min on 2 CPU cores after the one-off sdist download.
 """
@@ -133,7 +133,7 @@ def suite_dir(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FILES))
-def test_mlx_lm_suite_with_patch(suite_dir, name):
+def test_mlx_lm_suite_with_patch(suite_dir, name, request):
     import mlx.core as mx
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLX_LM_TURBO_DISABLE")}
@@ -144,7 +144,7 @@ def test_mlx_lm_suite_with_patch(suite_dir, name):
 
         env["MLX_LM_SUITE_LOCAL_MODEL"] = str(LOCAL_MODEL or smollm2_path())
         deselect += MODEL_SPECIFIC
-        if os.environ.get("MLX_LM_TURBO_FULL_SUITE") != "1":
+        if not request.config.getoption("full_mlx_lm_suite"):
             deselect += SLOW
     if not mx.metal.is_available():
         deselect += METAL_ONLY

@@ -9,8 +9,6 @@ from mlx_lm_turbo import patch
 from mlx_lm_turbo.attention import reference_attention
 from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache, make_prompt_cache
 
-from conftest import MODEL_DIR
-
 patch.apply()
 
 

@@ -46,8 +46,9 @@ def bits_range(method: str) -> range:
     return _CODECS[canonical_name(method)].BITS
 
 
-def make(method: str, bits: int, dim: int, seed: int = 0):
-    """Build the codec ``method`` at ``bits`` for head vectors of size ``dim``."""
+def make(method: str, bits: int, dim: int, seed: int = 0, keys: bool = False):
+    """Build the codec ``method`` at ``bits`` for head vectors of size ``dim``; ``keys``:
+    it codes keys (turboquant_mse picks its stored scale by role: see codecs/mse.py)."""
     cls = _CODECS[canonical_name(method)]
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in cls.BITS:
         raise ValueError(
@@ -56,7 +57,13 @@ def make(method: str, bits: int, dim: int, seed: int = 0):
         )
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
         raise ValueError(f"dim must be an even integer >= 2, got {dim!r}")
-    return cls(bits=bits, dim=dim, seed=int(seed))
+    role = {"keys": keys} if cls is MSECodec else {}
+    return cls(bits=bits, dim=dim, seed=int(seed), **role)
+
+
+def layer_seed(seed: int, layer: int, is_value: bool) -> int:
+    """Per-layer, per-K/V seed: files store the global seed, never matrices."""
+    return (seed * 1_000_003 + 2 * layer + int(is_value)) & 0x7FFFFFFF
 
 
 def packed_nbytes(packed: dict) -> int:
