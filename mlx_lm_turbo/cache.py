@@ -46,7 +46,6 @@ a small model's attention, and their coding error costs the most.
 
 import copy
 import json
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -249,14 +248,18 @@ class TurboKVCache(_BaseCache):
             live = self._write_in_place(keys, values)
             if live is not None:
                 return live
+        self._start(keys, values)
+        self._write(keys, values, self.offset)
+        self.offset += keys.shape[2]
+        return self._with_first(*self._fetch(keys, values))
+
+    def _start(self, keys: mx.array, values: mx.array) -> None:
+        """Codecs, dtype and a zero key mean at the first update."""
         if self.key_codec is None:
             self._make_codecs(keys.shape[-1], values.shape[-1])
             self.dtype = keys.dtype
             if self.key_mean is None:   # statistics not fixed yet: μ = 0 (s = 1)
                 self.key_mean = mx.zeros_like(keys[:, :, :1]).astype(mx.float16)
-        self._write(keys, values, self.offset)
-        self.offset += keys.shape[2]
-        return self._with_first(*self._fetch(keys, values))
 
     def _with_first(self, k: dict, v: dict) -> tuple:
         """Attention's dicts plus, while the block holds positions below STATS_TOKENS, the
@@ -378,19 +381,7 @@ class TurboKVCache(_BaseCache):
         """Encode a block and write its codes at token ``prev``, growing the buffers in
         steps of ``step`` tokens (shared with the batch cache)."""
         self._settle()
-        # Without centring key_mean is zero: skip the subtraction on the per-token path.
-        kx = self._centred(keys)
-        # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
-        # K and V in one launch when their codecs match, else one each; otherwise the
-        # codecs' MLX encode. All give the same packed dicts.
-        pair = fused_encode.encode_pair(self.key_codec, self.value_codec, kx, values)
-        if pair is not None:
-            k, v = pair
-        else:
-            k = fused_encode.encode(self.key_codec, kx)
-            k = self.key_codec.encode(kx) if k is None else k
-            v = fused_encode.encode(self.value_codec, values)
-            v = self.value_codec.encode(values) if v is None else v
+        k, v = self._encode(keys, values)
         n = keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step
@@ -409,6 +400,22 @@ class TurboKVCache(_BaseCache):
             for name, a in fresh.items():
                 store[name][:, :, prev:prev + n] = a
         self._inplace = True   # slice_update's outputs: nothing else holds them
+
+    def _encode(self, keys: mx.array, values: mx.array) -> tuple:
+        """(key codes, value codes) of a block of keys (as held, k/s) and values."""
+        # Without centring key_mean is zero: skip the subtraction on the per-token path.
+        kx = self._centred(keys)
+        # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
+        # K and V in one launch when their codecs match, else one each; otherwise the
+        # codecs' MLX encode. All give the same packed dicts.
+        pair = fused_encode.encode_pair(self.key_codec, self.value_codec, kx, values)
+        if pair is not None:
+            return pair
+        k = fused_encode.encode(self.key_codec, kx)
+        k = self.key_codec.encode(kx) if k is None else k
+        v = fused_encode.encode(self.value_codec, values)
+        v = self.value_codec.encode(values) if v is None else v
+        return k, v
 
     def _fetch(self, keys: mx.array, values: mx.array):
         """What attention reads after an update: the packed views, plus (fp16 window) the
@@ -663,37 +670,33 @@ class TurboKVCache(_BaseCache):
         return kv
 
 
-_warned_rotating = False
-
-
-def _warn_rotating_once() -> None:
-    global _warned_rotating
-    if not _warned_rotating:
-        _warned_rotating = True
-        warnings.warn(
-            "mlx_lm_turbo: sliding-window layers (RotatingKVCache) stay in fp16; only "
-            "full-attention KVCache layers are compressed.", stacklevel=3)
-
-
 def make_prompt_cache(model: Any, config: TurboConfig, max_kv_size: Optional[int] = None,
                       make_base=None) -> list:
-    """mlx-lm's cache for ``model`` with every plain ``KVCache`` layer replaced by a
-    TurboKVCache (or left fp16 until ``config.quantized_kv_start`` tokens)."""
+    """mlx-lm's cache for ``model`` with every ``KVCache`` layer replaced by a
+    TurboKVCache and every ``RotatingKVCache`` layer by a TurboRotatingKVCache (or left
+    fp16 until ``config.quantized_kv_start`` tokens)."""
+    from .rotating_cache import TurboRotatingKVCache   # (it builds on this module)
+
     make_base = make_base or mlx_cache.make_prompt_cache
     caches = make_base(model, max_kv_size)
+    if config.quantized_kv_start:
+        return caches
     for i, c in enumerate(caches):
-        if type(c) is KVCache and config.quantized_kv_start == 0:
+        if type(c) is KVCache:
             caches[i] = TurboKVCache.from_config(config, i)
-        elif isinstance(c, RotatingKVCache):
-            _warn_rotating_once()
+        elif type(c) is RotatingKVCache:
+            caches[i] = TurboRotatingKVCache.from_config(config, i, c.max_size, c.keep)
     return caches
 
 
 def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -> None:
-    """Convert fp16 KVCache layers in place once their offset reaches the start."""
+    """Convert fp16 KVCache and RotatingKVCache layers in place once their offset
+    reaches the start."""
+    from .rotating_cache import compress_layer
+
     for i, c in enumerate(caches):
-        if type(c) is KVCache and c.offset >= quantized_kv_start:
-            caches[i] = TurboKVCache.from_kv_cache(c, config, i)
+        if type(c) in (KVCache, RotatingKVCache) and c.offset >= quantized_kv_start:
+            caches[i] = compress_layer(c, config, i)
 
 
 def cache_summary(caches: list) -> str:
@@ -705,7 +708,7 @@ def cache_summary(caches: list) -> str:
     elts = []
     for c in turbo:
         b, h = next(iter(c.keys.values())).shape[:2]
-        elts.append(b * h * c.offset * (c.key_codec.dim + c.value_codec.dim))
+        elts.append(b * h * c.size() * (c.key_codec.dim + c.value_codec.dim))
     held = sum(c.bits_per_element * e for c, e in zip(turbo, elts)) / 8
     fp16 = 2 * sum(elts)
     bits = 8 * held / max(sum(elts), 1)

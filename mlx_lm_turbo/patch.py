@@ -13,6 +13,7 @@ from . import cache_file, codecs, distributed
 from .attention import turbo_attention
 from .cache import TurboConfig, TurboKVCache, cache_summary
 from .cache import make_prompt_cache as make_turbo_cache
+from .rotating_cache import TurboRotatingKVCache
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
 DEFAULT_BITS = {"turboquant_mse": 4, "turboquant_prod": 4, "turboquant_rvq": 2,
@@ -362,6 +363,7 @@ def apply() -> None:
     _rebind(_originals["make_prompt_cache"], make_prompt_cache, "make_prompt_cache")
     # load_prompt_cache rebuilds caches with globals()[class_name] in mlx_lm.models.cache.
     mlx_cache.TurboKVCache = TurboKVCache
+    mlx_cache.TurboRotatingKVCache = TurboRotatingKVCache
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
     gen.load = load

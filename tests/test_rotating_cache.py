@@ -1,0 +1,200 @@
+"""TurboRotatingKVCache: mlx-lm's RotatingKVCache semantics over packed codes."""
+
+import mlx.core as mx
+import pytest
+from conftest import random_llama
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import RotatingKVCache
+
+from mlx_lm_turbo import patch
+from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
+from mlx_lm_turbo.cache import make_prompt_cache as make_turbo_cache
+from mlx_lm_turbo.rotating_cache import TurboRotatingKVCache
+
+WINDOW = 32
+CONFIG8 = TurboConfig("turboquant_mse", 8)
+
+
+def sliding_llama(window: int = WINDOW):
+    """A random llama whose first layer is a sliding-window layer (mlx-lm's layer_types)."""
+    model = random_llama(layers=2)
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2,
+                           intermediate_size=256, num_attention_heads=4, rms_norm_eps=1e-5,
+                           vocab_size=256, num_key_value_heads=2, sliding_window=window,
+                           layer_types=["sliding_attention", "full_attention"])
+    sliding = llama.Model(args)
+    sliding.update(model.parameters())
+    return sliding
+
+
+def gemma3(window: int = WINDOW):
+    from mlx_lm.models import gemma3_text
+
+    args = gemma3_text.ModelArgs(model_type="gemma3_text", hidden_size=64,
+                                 num_hidden_layers=2, intermediate_size=128,
+                                 num_attention_heads=2, head_dim=32, num_key_value_heads=1,
+                                 vocab_size=256, sliding_window=window,
+                                 sliding_window_pattern=2)
+    mx.random.seed(0)
+    model = gemma3_text.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def gpt_oss(window: int = WINDOW):
+    from mlx_lm.models import gpt_oss as oss
+
+    args = oss.ModelArgs(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                         vocab_size=256, hidden_size=64, intermediate_size=64, head_dim=32,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                         layer_types=["sliding_attention", "full_attention"])
+    mx.random.seed(0)
+    model = oss.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def greedy(model, caches, prompt: mx.array, steps: int) -> list:
+    y = model(prompt[None], cache=caches)[:, -1].argmax(-1)
+    out = []
+    for _ in range(steps):
+        out.append(y.item())
+        y = model(y[None], cache=caches)[:, -1].argmax(-1)
+    return out
+
+
+def turbo_caches(model, config=CONFIG8, max_kv_size=None):
+    return make_turbo_cache(model, config, max_kv_size)
+
+
+def prompt(n: int) -> mx.array:
+    mx.random.seed(1)
+    return mx.random.randint(0, 256, (n,))
+
+
+def lockstep(model, fp16: list, turbo: list, prompt: mx.array, steps: int) -> tuple:
+    """Greedy decoding on the fp16 caches, the turbo caches fed the same tokens: (the
+    fraction of steps whose greedy token is the same, the 95th percentile of the
+    largest logit difference per step relative to fp16's largest logit)."""
+    a, b = model(prompt[None], cache=fp16)[0, -1], model(prompt[None], cache=turbo)[0, -1]
+    same, diffs = 0, []
+    for _ in range(steps):
+        same += a.argmax().item() == b.argmax().item()
+        diffs.append((mx.abs(a - b).max() / mx.abs(a).max()).item())
+        y = a.argmax()[None, None]
+        a, b = model(y, cache=fp16)[0, -1], model(y, cache=turbo)[0, -1]
+    return same / steps, sorted(diffs)[int(0.95 * steps)]
+
+
+# 8-bit codes move these random models' logits by ~1% of their range; keys read from
+# the wrong ring slots or under the wrong mask move them by tens of percent. Random
+# models have near ties (and gpt_oss's expert choice flips on them): a few steps differ.
+LOGIT_ERROR = 0.03
+SAME = 0.95
+
+
+@pytest.mark.parametrize("build", [sliding_llama, gemma3, gpt_oss])
+def test_greedy_tokens_past_the_window_equal_fp16(build):
+    model = build()
+    fp16 = mlx_cache.make_prompt_cache(model)
+    turbo = turbo_caches(model)
+    assert any(type(c) is RotatingKVCache for c in fp16)
+    assert all(isinstance(c, TurboKVCache) for c in turbo)
+    p = prompt(2 * WINDOW + 5)   # the prefill itself spans more than the window
+    same, error = lockstep(model, fp16, turbo, p, 300)
+    print(build.__name__, same, error)
+    assert same >= SAME and error < LOGIT_ERROR
+    assert turbo[0].offset == fp16[0].offset == p.size + 300
+    assert turbo[0].capacity == fp16[0].keys.shape[2] and turbo[0]._idx == fp16[0]._idx
+
+
+@pytest.mark.parametrize("keep", [0, 4])
+def test_ring_layout_follows_mlx_lm(keep):
+    """Every update returns the same slots as mlx-lm's RotatingKVCache (codes decoded
+    within 8-bit error; a wrong slot would be off by the keys' own size): blocks before
+    and after the ring wrapped, single tokens, a trim before it filled."""
+    fp16 = RotatingKVCache(WINDOW, keep)
+    turbo = TurboRotatingKVCache("turboquant_mse", 8, max_size=WINDOW, keep=keep)
+    mx.random.seed(2)
+    for n in (10, -3, 1, 1, 15, *[1] * 30, 12, *[1] * 40, 40, 1, 1):
+        if n < 0:
+            assert fp16.is_trimmable() and turbo.is_trimmable()
+            assert turbo.trim(-n) == fp16.trim(-n)
+            continue
+        k, v = mx.random.normal((1, 2, n, 32)), mx.random.normal((1, 2, n, 32))
+        rk, rv = fp16.update_and_fetch(k, v)
+        tk, tv = turbo.update_and_fetch(k, v)
+        assert (turbo.offset, turbo._idx, turbo.size()) == (fp16.offset, fp16._idx, fp16.size())
+        assert mx.abs(turbo.key_codec.decode(tk) - rk).max().item() < 0.05
+        assert mx.abs(turbo.value_codec.decode(tv) - rv).max().item() < 0.05
+        assert turbo.is_trimmable() == fp16.is_trimmable()
+    for n in (1, 5):
+        for window in (None, WINDOW // 2):
+            want = fp16.make_mask(n, window_size=window)
+            got = turbo.make_mask(n, window_size=window)
+            assert type(got) is type(want)
+            assert not isinstance(want, mx.array) or mx.array_equal(got, want)
+
+
+def test_keep_tokens_and_blocks_after_the_ring_wrapped():
+    """mlx-lm's default for --max-kv-size (keep=4), a prefill after decode steps wrapped
+    the ring, then more decode steps: the same next-token logits as fp16."""
+    model = random_llama(layers=2)
+    fp16 = [RotatingKVCache(WINDOW, keep=4) for _ in range(2)]
+    turbo = [TurboRotatingKVCache.from_config(CONFIG8, i, WINDOW, 4) for i in range(2)]
+    for caches in (fp16, turbo):
+        greedy(model, caches, prompt(20), 40)
+    block = prompt(12)
+    ref, got = model(block[None], cache=fp16), model(block[None], cache=turbo)
+    assert mx.abs(got - ref).max().item() < LOGIT_ERROR * mx.abs(ref).max().item()
+    same, error = lockstep(model, fp16, turbo, block[:3], 50)
+    assert same >= SAME and error < LOGIT_ERROR
+    assert turbo[0]._idx == fp16[0]._idx and turbo[0].capacity == fp16[0].keys.shape[2]
+
+
+def test_bytes_stay_bounded_by_the_window():
+    model = sliding_llama()
+    caches = turbo_caches(model, TurboConfig("turboquant_mse", 4))
+    held = []
+    y = model(prompt(8)[None], cache=caches)[:, -1].argmax(-1)
+    for step in range(6 * WINDOW):
+        y = model(y[None], cache=caches)[:, -1].argmax(-1)
+        if step % WINDOW == WINDOW - 1:
+            mx.eval(y)
+            held.append(caches[0].nbytes)
+    assert held[1] == held[-1] and held[-1] > 0   # flat once the ring is full
+    assert caches[1].nbytes > 4 * held[-1]         # the full-attention layer grows
+    fp16 = mlx_cache.make_prompt_cache(model)
+    greedy(model, fp16, prompt(8), 6 * WINDOW)
+    assert held[-1] < 0.35 * fp16[0].nbytes
+
+
+def test_fp16_window_and_statistics_below_the_ring():
+    """An fp16 window (attention reads the ring in temporal order) and key statistics
+    that wait for their 64 tokens inside a 96-token ring."""
+    model = gemma3(window=96)
+    fp16 = mlx_cache.make_prompt_cache(model)
+    config = TurboConfig("turboquant_mse", 8, fp16_window=8)
+    turbo = turbo_caches(model, config)
+    assert turbo[0].center_keys and turbo[0].fp16_window == 8
+    same, error = lockstep(model, fp16, turbo, prompt(20), 200)
+    assert same >= SAME and error < LOGIT_ERROR
+
+
+def test_prompt_cache_file_round_trip(tmp_path):
+    model = gemma3()
+    caches = turbo_caches(model, TurboConfig("turboquant_mse", 4))
+    p = prompt(50)
+    greedy(model, caches, p, 30)
+    path = str(tmp_path / "c.safetensors")
+    mlx_cache.save_prompt_cache(path, caches)
+    patch.apply()   # (load_prompt_cache finds our classes in mlx-lm's cache module)
+    loaded = mlx_cache.load_prompt_cache(path)
+    assert type(loaded[0]) is TurboRotatingKVCache and type(loaded[1]) is TurboKVCache
+    a, b = loaded[0], caches[0]
+    assert (a.offset, a.max_size, a.keep, a._idx) == (b.offset, b.max_size, b.keep, b._idx)
+    assert a.nbytes == b.nbytes
+    y = mx.array([7])
+    assert mx.array_equal(model(y[None], cache=loaded), model(y[None], cache=caches))
