@@ -198,3 +198,28 @@ def test_prompt_cache_file_round_trip(tmp_path):
     assert a.nbytes == b.nbytes
     y = mx.array([7])
     assert mx.array_equal(model(y[None], cache=loaded), model(y[None], cache=caches))
+
+
+def test_convert_cache_reads_and_writes_rotating_layers(tmp_path, capsys):
+    """mlx-lm's fp16 file with a sliding-window layer -> ours -> fp16 again: the layer
+    classes, offsets and the next logits follow (8 bits: close to fp16)."""
+    from mlx_lm_turbo.convert_cache import main
+
+    model = sliding_llama()
+    fp16 = mlx_cache.make_prompt_cache(model)
+    greedy(model, fp16, prompt(50), 20)
+    src, out, back = (str(tmp_path / f"{n}.safetensors") for n in ("in", "out", "back"))
+    mlx_cache.save_prompt_cache(src, fp16, {"model": "tiny"})
+    assert main([src, out, "--kv-method", "turboquant_mse", "--kv-bits", "8"]) in (0, None)
+    assert main([out, back, "--to", "fp16"]) in (0, None)
+    capsys.readouterr()
+    patch.apply()
+    turbo, restored = mlx_cache.load_prompt_cache(out), mlx_cache.load_prompt_cache(back)
+    assert [type(c).__name__ for c in turbo] == ["TurboRotatingKVCache", "TurboKVCache"]
+    assert [type(c).__name__ for c in restored] == ["RotatingKVCache", "KVCache"]
+    assert turbo[0].offset == restored[0].offset == fp16[0].offset == 70
+    assert turbo[0].nbytes < 0.6 * fp16[0].nbytes
+    y = mx.array([[3]])
+    ref = model(y, cache=fp16)
+    for caches in (turbo, restored):
+        assert mx.abs(model(y, cache=caches) - ref).max().item() < LOGIT_ERROR * mx.abs(ref).max().item()
