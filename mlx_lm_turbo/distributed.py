@@ -91,7 +91,8 @@ def use_global_layers(model, caches: list, config: TurboConfig) -> None:
         if isinstance(c, TurboKVCache):  # still empty: rebuilt for its global layer
             ring = (c.max_size, c.keep) if isinstance(c, TurboRotatingKVCache) else ()
             caches[i] = type(c).from_config(config, layer, *ring)
-        elif type(c) in (KVCache, RotatingKVCache):  # compressed later (--quantized-kv-start): remember
+        elif type(c) in (KVCache, RotatingKVCache):
+            # compressed later (--quantized-kv-start): remember
             c.turbo_layer = layer
 
 

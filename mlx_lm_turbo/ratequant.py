@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import codecs, distributed
 from .cache import TurboConfig, layer_seed
@@ -75,7 +75,9 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
     text = text if text is not None else CALIBRATION_TEXT.read_text()
     tokens = mx.array(tokenizer.encode(text)[:max_tokens])
     caches = patch._originals["make_prompt_cache"](model)  # mlx-lm's own, never turbo
-    layers = [i for i, c in enumerate(caches) if type(c) is KVCache]
+    # Sliding-window layers too: the model's window mask applies to a plain cache as well
+    # (the reference below is causal, the same while the text is within the window).
+    layers = [i for i, c in enumerate(caches) if type(c) in (KVCache, RotatingKVCache)]
     offset = distributed.layer_offset(model)  # pipeline rank: global layer of caches[0]
     for i in layers:
         caches[i] = CalibrationCache()
@@ -268,7 +270,7 @@ def mean_bits_per_element(cal: Calibration, method: str, value_method: str, bits
 
 
 def layer_bits_for_cache(cal: Calibration, bits: list) -> tuple:
-    """Per cache-list index (key_bits, value_bits); non-KVCache layers get None."""
+    """Per cache-list index (key_bits, value_bits); layers not calibrated get None."""
     out = [None] * cal.n_cache_layers
     for i, b in zip(cal.layers, bits):
         out[i] = tuple(b)

@@ -223,3 +223,19 @@ def test_convert_cache_reads_and_writes_rotating_layers(tmp_path, capsys):
     ref = model(y, cache=fp16)
     for caches in (turbo, restored):
         assert mx.abs(model(y, cache=caches) - ref).max().item() < LOGIT_ERROR * mx.abs(ref).max().item()
+
+
+def test_ratequant_allocates_over_sliding_window_layers():
+    from mlx_lm_turbo import ratequant
+
+    class ByteTokenizer:
+        def encode(self, text: str) -> list:
+            return list(text.encode("utf-8"))
+
+    model = sliding_llama()
+    config = ratequant.resolve(model, ByteTokenizer(), TurboConfig(
+        "turboquant_mse", 4, ratequant_target=3.0), verbose=False)
+    assert all(b is not None for b in config.layer_bits) and len(config.layer_bits) == 2
+    caches = turbo_caches(model, config)
+    assert type(caches[0]) is TurboRotatingKVCache
+    assert (caches[0].key_bits, caches[0].value_bits) == config.layer_bits[0]
