@@ -534,7 +534,7 @@ class TurboKVCache(_BaseCache):
         if self.recent_keys is None or not self.offset:
             return coded
         # The window's copies, spread over the tokens held (their codes are counted above).
-        return coded + 16 * self.recent_keys.shape[2] / self.offset
+        return coded + 16 * self.recent_keys.shape[2] / self.size()
 
     def fp16_nbytes(self) -> int:
         """What mlx-lm's fp16 KVCache holds for the same tokens (same 256-token steps)."""

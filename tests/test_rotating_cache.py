@@ -1,5 +1,7 @@
 """TurboRotatingKVCache: mlx-lm's RotatingKVCache semantics over packed codes."""
 
+import shutil
+
 import mlx.core as mx
 import pytest
 from conftest import random_llama
@@ -239,3 +241,63 @@ def test_ratequant_allocates_over_sliding_window_layers():
     caches = turbo_caches(model, config)
     assert type(caches[0]) is TurboRotatingKVCache
     assert (caches[0].key_bits, caches[0].value_bits) == config.layer_bits[0]
+
+
+def test_server_batches_sliding_window_requests():
+    """mlx-lm's BatchGenerator (the server's batching) over our caches: the full-attention
+    layer batches compressed, the sliding-window layer in fp16 (one warning); each
+    request's tokens are mostly those of its own run with mlx-lm's fp16 caches."""
+    from mlx_lm.generate import BatchGenerator, generate_step
+
+    from mlx_lm_turbo import rotating_cache
+    from mlx_lm_turbo.batch_cache import BatchTurboKVCache
+
+    model = sliding_llama()
+    prompts = [prompt(40).tolist(), [3, 5], prompt(7).tolist()]
+    n = WINDOW + 8
+    plain = []
+    for p in prompts:
+        steps = generate_step(mx.array(p), model, prompt_cache=mlx_cache.make_prompt_cache(model))
+        plain.append([int(y) for (y, _), _ in zip(steps, range(n))])
+    patch.apply()
+    patch.set_config(CONFIG8)
+    rotating_cache._warned_batch = False
+    gen = BatchGenerator(model, max_tokens=n)
+    uids = gen.insert(prompts, max_tokens=[n] * len(prompts))
+    out, kinds = {u: [] for u in uids}, set()
+    with pytest.warns(UserWarning, match="batched sliding-window layers"):
+        while True:
+            prompt_responses, responses = gen.next()
+            if not prompt_responses and not responses:
+                break
+            if gen._generation_batch is not None and len(gen._generation_batch):
+                kinds.add(tuple(type(c) for c in gen._generation_batch.prompt_cache))
+            for r in responses:
+                out[r.uid].append(r.token)
+    assert (mlx_cache.BatchRotatingKVCache, BatchTurboKVCache) in kinds
+    same = sum(a == b for u, p in zip(uids, plain) for a, b in zip(out[u], p))
+    assert all(len(out[u]) == n for u in uids) and same >= SAME * n * len(prompts)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ (C++20) not available")
+@pytest.mark.parametrize("window", [None, WINDOW // 2])
+def test_fused_decode_kernel_reads_the_ring(window):
+    """The CUDA decode kernel's text (run by the CPU emulation) over a wrapped ring, as
+    update_and_fetch returns it, with the mask mlx-lm gives (rolled where the attention
+    window is shorter than the ring): the reference's result."""
+    from mlx_lm_turbo.attention import reference_attention
+    from mlx_lm_turbo.kernels import decode, emulate
+
+    c = TurboRotatingKVCache("turboquant_mse", 4, max_size=WINDOW, keep=0)
+    mx.random.seed(3)
+    for n in (20, *[1] * 25):
+        k, v = (mx.random.normal((1, 2, n, 64)).astype(mx.float16) for _ in range(2))
+        mask = c.make_mask(n, window_size=window)
+        keys, values = c.update_and_fetch(k, v)
+    assert c._idx < c.capacity == WINDOW   # wrapped: the newest token is mid-buffer
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    assert p is not None
+    out = emulate.run_fused_emulated(q, keys, values, c, 0.125, mask, p)
+    ref = reference_attention(q, keys, values, c, 0.125, mask)
+    assert mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item() < 2e-3
