@@ -6,8 +6,8 @@ them exactly as mlx-lm's ``RotatingKVCache`` moves fp16 keys: a single-token upd
 written at the ring index ``_idx`` (wrapping to ``keep`` once ``max_size`` tokens are
 held); a multi-token update puts the ring in temporal order, drops all but the newest
 ``max_size - 1`` tokens after the first ``keep``, and appends the block, so that every
-query of the block sees ``max_size`` keys. ``make_mask``, ``trim`` and ``is_trimmable``
-are mlx-lm's own. Attention reads the ring as it lies: RoPE was applied before caching
+query of the block sees ``max_size`` keys. ``make_mask`` is mlx-lm's own; ``trim`` and
+``is_trimmable`` follow it (trimmable until the ring first fills). Attention reads the ring as it lies: RoPE was applied before caching
 and softmax does not depend on the order of the keys, so the fused decode kernels and
 the reference take the ring buffer with the mask mlx-lm gives for it.
 
@@ -124,7 +124,8 @@ class TurboRotatingKVCache(TurboKVCache):
             self.keys, self.values = self._temporal(self.keys), self._temporal(self.values)
             self._idx = self.capacity
             trim = self._idx - self.max_size + 1
-            self.keys, self.values = self._trim(trim, self.keys, k), self._trim(trim, self.values, v)
+            self.keys = self._trim(trim, self.keys, k)
+            self.values = self._trim(trim, self.values, v)
         self._idx = self.capacity
 
     def _trim(self, trim: int, packed: dict, append: Optional[dict] = None) -> dict:

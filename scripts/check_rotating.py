@@ -30,8 +30,8 @@ WINDOW = 512
 
 def continuation(model, prompt: mx.array, caches: list, n: int) -> tuple:
     t0 = time.perf_counter()
-    tokens = [t for t, _ in zip((int(t) for t, _ in generate_step(
-        prompt, model, prompt_cache=caches, max_tokens=n)), range(n))]
+    steps = generate_step(prompt, model, prompt_cache=caches, max_tokens=n)
+    tokens = [int(y) for y, _ in steps]
     return tokens, time.perf_counter() - t0
 
 
