@@ -153,14 +153,18 @@ class TurboKVCache(_BaseCache):
             live = self._write_in_place(keys, values)
             if live is not None:
                 return live
+        self._start(keys, values)
+        self._write(keys, values, self.offset)
+        self.offset += keys.shape[2]
+        return self._with_first(*self._fetch(keys, values))
+
+    def _start(self, keys: mx.array, values: mx.array) -> None:
+        """Codecs, dtype and a zero key mean at the first update."""
         if self.key_codec is None:
             self._make_codecs(keys.shape[-1], values.shape[-1])
             self.dtype = keys.dtype
             if self.key_mean is None:   # statistics not fixed yet: μ = 0 (s = 1)
                 self.key_mean = mx.zeros_like(keys[:, :, :1]).astype(mx.float16)
-        self._write(keys, values, self.offset)
-        self.offset += keys.shape[2]
-        return self._with_first(*self._fetch(keys, values))
 
     def _with_first(self, k: dict, v: dict) -> tuple:
         """Attention's dicts plus, while the block holds positions below STATS_TOKENS, the
@@ -283,19 +287,7 @@ class TurboKVCache(_BaseCache):
         """Encode a block and write its codes at token ``prev``, growing the buffers in
         steps of ``step`` tokens (shared with the batch cache)."""
         self._settle()
-        # Without centring key_mean is zero: skip the subtraction on the per-token path.
-        kx = self._centred(keys)
-        # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
-        # K and V in one launch when their codecs match, else one each; otherwise the
-        # codecs' MLX encode. All give the same packed dicts.
-        pair = fused_encode.encode_pair(self.key_codec, self.value_codec, kx, values)
-        if pair is not None:
-            k, v = pair
-        else:
-            k = fused_encode.encode(self.key_codec, kx)
-            k = self.key_codec.encode(kx) if k is None else k
-            v = fused_encode.encode(self.value_codec, values)
-            v = self.value_codec.encode(values) if v is None else v
+        k, v = self._encode(keys, values)
         n = keys.shape[2]
         if self.keys is None or prev + n > self.capacity:
             new = (self.step + n - 1) // self.step * self.step
@@ -314,6 +306,22 @@ class TurboKVCache(_BaseCache):
             for name, a in fresh.items():
                 store[name][:, :, prev:prev + n] = a
         self._inplace = True   # slice_update's outputs: nothing else holds them
+
+    def _encode(self, keys: mx.array, values: mx.array) -> tuple:
+        """(key codes, value codes) of a block of keys (as held, k/s) and values."""
+        # Without centring key_mean is zero: skip the subtraction on the per-token path.
+        kx = self._centred(keys)
+        # Fused kernel launches where they apply (GPU, mse/rvq, power-of-two head dims):
+        # K and V in one launch when their codecs match, else one each; otherwise the
+        # codecs' MLX encode. All give the same packed dicts.
+        pair = fused_encode.encode_pair(self.key_codec, self.value_codec, kx, values)
+        if pair is not None:
+            return pair
+        k = fused_encode.encode(self.key_codec, kx)
+        k = self.key_codec.encode(kx) if k is None else k
+        v = fused_encode.encode(self.value_codec, values)
+        v = self.value_codec.encode(values) if v is None else v
+        return k, v
 
     def _fetch(self, keys: mx.array, values: mx.array):
         """What attention reads after an update: the packed views, plus (fp16 window) the
@@ -433,7 +441,7 @@ class TurboKVCache(_BaseCache):
         if self.recent_keys is None or not self.offset:
             return coded
         # The window's copies, spread over the tokens held (their codes are counted above).
-        return coded + 16 * self.recent_keys.shape[2] / self.offset
+        return coded + 16 * self.recent_keys.shape[2] / self.size()
 
     def meta(self) -> dict:
         return {
@@ -562,27 +570,20 @@ class TurboKVCache(_BaseCache):
         return kv
 
 
-_warned_rotating = False
-
-
-def _warn_rotating_once() -> None:
-    global _warned_rotating
-    if not _warned_rotating:
-        _warned_rotating = True
-        warnings.warn(
-            "mlx_lm_turbo: sliding-window layers (RotatingKVCache) stay in fp16; only "
-            "full-attention KVCache layers are compressed.", stacklevel=3)
-
-
 def make_prompt_cache(model: Any, config: TurboConfig, max_kv_size: Optional[int] = None,
                       make_base=None) -> list:
-    """mlx-lm's cache for ``model`` with every plain ``KVCache`` layer replaced by a
-    TurboKVCache (or left fp16 until ``config.quantized_kv_start`` tokens)."""
+    """mlx-lm's cache for ``model`` with every ``KVCache`` layer replaced by a
+    TurboKVCache and every ``RotatingKVCache`` layer by a TurboRotatingKVCache (or left
+    fp16 until ``config.quantized_kv_start`` tokens)."""
+    from .rotating_cache import TurboRotatingKVCache   # (it builds on this module)
+
     make_base = make_base or mlx_cache.make_prompt_cache
     caches = make_base(model, max_kv_size)
+    if config.quantized_kv_start:
+        return caches
     for i, c in enumerate(caches):
-        if type(c) is KVCache and config.quantized_kv_start == 0:
+        if type(c) is KVCache:
             caches[i] = TurboKVCache.from_config(config, i)
-        elif isinstance(c, RotatingKVCache):
-            _warn_rotating_once()
+        elif type(c) is RotatingKVCache:
+            caches[i] = TurboRotatingKVCache.from_config(config, i, c.max_size, c.keep)
     return caches

@@ -107,9 +107,10 @@ def _check_version(path: Path, where: str, version: Any) -> None:
             f"{__version__} cannot read; upgrade mlx-lm-turbo")
 
 
-def _turbo_from_state(path: Path, layer: int, state: Any):
+def _turbo_from_state(path: Path, layer: int, state: Any, cls: str = "TurboKVCache"):
     from . import codecs
     from .cache import TurboKVCache
+    from .rotating_cache import TurboRotatingKVCache
 
     if not isinstance(state, list) or len(state) not in (5, 7) or not isinstance(state[3], str):
         raise _not_a_cache(path, f"layer {layer}: malformed TurboKVCache state")
@@ -123,15 +124,16 @@ def _turbo_from_state(path: Path, layer: int, state: Any):
                      (meta["value_method"], meta["value_bits"])):
             if b not in codecs.bits_range(m):
                 raise ValueError(f"bits {b} out of range for {m}")
-        c = TurboKVCache.from_state(tuple(state))
+        klass = TurboRotatingKVCache if cls == "TurboRotatingKVCache" else TurboKVCache
+        c = klass.from_state(tuple(state))
     except CacheFileError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise _not_a_cache(path, f"layer {layer}: bad TurboKVCache state: {e}") from None
     if c.keys is not None:
         n = next(iter(c.keys.values())).shape
-        if n[2] < c.offset:
-            raise _not_a_cache(path, f"layer {layer}: offset {c.offset} > {n[2]} stored tokens")
+        if n[2] < c.size():
+            raise _not_a_cache(path, f"layer {layer}: {c.size()} tokens > {n[2]} stored")
     return c
 
 
@@ -182,8 +184,8 @@ def load_cache_file(path: str | os.PathLike) -> CacheFile:
 
     layers, layer_bytes = [], []
     for i, (cls, state) in enumerate(zip(classes, states)):
-        if cls == "TurboKVCache":
-            c = _turbo_from_state(path, i, state)
+        if cls in ("TurboKVCache", "TurboRotatingKVCache"):
+            c = _turbo_from_state(path, i, state, cls)
         else:
             klass = getattr(mlx_cache, cls, None)
             if not (isinstance(klass, type) and issubclass(klass, mlx_cache._BaseCache)):
@@ -227,7 +229,7 @@ def _state_nbytes(state: Any) -> int:
 def layer_shape(c: Any) -> Optional[tuple[int, int, int, int, int]]:
     """(batch, kv_heads, tokens, key_dim, value_dim) of a KV layer; None if empty or not
     a KV layer we know."""
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     from .cache import TurboKVCache
 
@@ -235,9 +237,9 @@ def layer_shape(c: Any) -> Optional[tuple[int, int, int, int, int]]:
         if c.keys is None:
             return None
         b, h = next(iter(c.keys.values())).shape[:2]
-        return b, h, c.offset, c.key_codec.dim, c.value_codec.dim
-    if type(c) is KVCache and c.keys is not None:
-        return (*c.keys.shape[:2], c.offset, c.keys.shape[-1], c.values.shape[-1])
+        return b, h, c.size(), c.key_codec.dim, c.value_codec.dim
+    if type(c) in (KVCache, RotatingKVCache) and c.keys is not None:
+        return (*c.keys.shape[:2], c.size(), c.keys.shape[-1], c.values.shape[-1])
     if type(c) is QuantizedKVCache and c.keys is not None:
         return (*c.keys[0].shape[:2], c.offset, c.keys[0].shape[-1] * 32 // c.bits,
                 c.values[0].shape[-1] * 32 // c.bits)

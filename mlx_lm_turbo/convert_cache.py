@@ -41,12 +41,16 @@ PROG = "python -m mlx_lm_turbo.convert-cache"
 # ------------------------------------------------------------------ layers
 def to_kv_cache(c: Any) -> Any:
     """A plain KVCache holding exactly ``offset`` tokens (model dtype) for a KVCache,
-    QuantizedKVCache or TurboKVCache layer; other layers are returned unchanged."""
+    QuantizedKVCache or TurboKVCache layer, mlx-lm's fp16 RotatingKVCache for a
+    TurboRotatingKVCache; other layers are returned unchanged."""
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
     from .cache import TurboKVCache
+    from .rotating_cache import TurboRotatingKVCache
 
+    if isinstance(c, TurboRotatingKVCache):
+        return c.to_fp16()
     if isinstance(c, TurboKVCache):
         if c.keys is None or not c.offset:
             return KVCache()
@@ -72,11 +76,12 @@ def to_kv_cache(c: Any) -> Any:
 
 
 def is_kv_layer(c: Any) -> bool:
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     from .cache import TurboKVCache
 
-    return isinstance(c, TurboKVCache) or type(c) in (KVCache, QuantizedKVCache)
+    return isinstance(c, TurboKVCache) or type(c) in (KVCache, QuantizedKVCache,
+                                                      RotatingKVCache)
 
 
 def same_settings(c: Any, config: Any, layer: int) -> bool:
@@ -92,18 +97,18 @@ def same_settings(c: Any, config: Any, layer: int) -> bool:
 
 def convert_layer(c: Any, layer: int, to: str, config: Any = None, dtype: Any = None) -> Any:
     """One layer of OUT: a TurboKVCache (``to == 'turbo'``, kept as is when it already
-    has these settings) or a plain KVCache (``to == 'fp16'``, cast to ``dtype``)."""
+    has these settings) or a plain KVCache (``to == 'fp16'``, cast to ``dtype``);
+    sliding-window layers become a TurboRotatingKVCache or mlx-lm's RotatingKVCache."""
     import mlx.core as mx
 
-    from .cache import TurboKVCache
+    from .rotating_cache import compress_layer
 
     if not is_kv_layer(c):
-        return c  # sliding-window and other layers pass through unchanged
+        return c  # hybrid and other layers pass through unchanged
     if to == "turbo":
         if same_settings(c, config, layer):
             return c
-        kv = to_kv_cache(c)
-        out = TurboKVCache.from_kv_cache(kv, config, layer)
+        out = compress_layer(to_kv_cache(c), config, layer)
         if out.keys is not None:
             mx.eval(out.keys, out.values, out.key_mean)
         return out
@@ -131,7 +136,7 @@ def describe_layer(c: Any) -> str:
     if type(c).__name__ == "QuantizedKVCache":
         return f"affine {c.bits}-bit, group {c.group_size}"
     keys = getattr(c, "keys", None)
-    if type(c).__name__ == "KVCache" and keys is not None:
+    if type(c).__name__ in ("KVCache", "RotatingKVCache") and keys is not None:
         return str(keys.dtype).split(".")[-1]
     return "-"
 

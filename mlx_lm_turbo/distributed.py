@@ -27,10 +27,11 @@ import zlib
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .cache import TurboKVCache
 from .config import TurboConfig
+from .rotating_cache import TurboRotatingKVCache, compress_layer
 
 
 def world() -> Optional[mx.distributed.Group]:
@@ -86,17 +87,19 @@ def use_global_layers(model, caches: list, config: TurboConfig) -> None:
     for i, c in enumerate(caches):
         layer = stage.start_idx + i
         if isinstance(c, TurboKVCache):  # still empty: rebuilt for its global layer
-            caches[i] = type(c).from_config(config, layer)
-        elif type(c) is KVCache:  # compressed later (--quantized-kv-start): remember
+            ring = (c.max_size, c.keep) if isinstance(c, TurboRotatingKVCache) else ()
+            caches[i] = type(c).from_config(config, layer, *ring)
+        elif type(c) in (KVCache, RotatingKVCache):
+            # compressed later (--quantized-kv-start): remember
             c.turbo_layer = layer
 
 
 def maybe_compress(caches: list, config: TurboConfig, quantized_kv_start: int) -> None:
-    """``cache.maybe_compress`` that keeps a pipeline rank's global layer numbers."""
+    """Compress fp16 layers (plain and sliding-window) in place once their offset reaches
+    ``quantized_kv_start``, keeping a pipeline rank's global layer numbers."""
     for i, c in enumerate(caches):
-        if type(c) is KVCache and c.offset >= quantized_kv_start:
-            layer = getattr(c, "turbo_layer", i)
-            caches[i] = TurboKVCache.from_kv_cache(c, config, layer)
+        if type(c) in (KVCache, RotatingKVCache) and c.offset >= quantized_kv_start:
+            caches[i] = compress_layer(c, config, getattr(c, "turbo_layer", i))
 
 
 def _fingerprint(config: TurboConfig) -> list:

@@ -16,6 +16,7 @@ from .cache import TurboKVCache
 from .cache import make_prompt_cache as make_turbo_cache
 from .config import (UNSET, TurboConfig, add_arguments, config_from_args,
                      resolve_start, unset_start_default)
+from .rotating_cache import TurboRotatingKVCache
 
 SUPPORTED_MLX_LM = ((0, 32, 0), (0, 33, 0))  # [min, max)
 
@@ -179,7 +180,7 @@ def cache_summary(caches: list) -> str:
     elts = []
     for c in turbo:
         b, h = next(iter(c.keys.values())).shape[:2]
-        elts.append(b * h * c.offset * (c.key_codec.dim + c.value_codec.dim))
+        elts.append(b * h * c.size() * (c.key_codec.dim + c.value_codec.dim))
     held = sum(c.bits_per_element * e for c, e in zip(turbo, elts)) / 8
     fp16 = 2 * sum(elts)
     bits = 8 * held / max(sum(elts), 1)
@@ -281,6 +282,7 @@ def apply() -> None:
     mlx_cache.TurboKVCache = TurboKVCache
     # mlx-lm's BatchGenerator (server) batches caches through merge of the first's class.
     TurboKVCache.batch_class = BatchTurboKVCache
+    mlx_cache.TurboRotatingKVCache = TurboRotatingKVCache
     gen.maybe_quantize_kv_cache = maybe_quantize_kv_cache
     gen.generate = generate
     gen.load = load

@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import base as mlx_base
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from . import codecs, distributed
 from .codecs import layer_seed
@@ -86,7 +86,9 @@ def calibrate(model, tokenizer, method: str, choices: Sequence[int] = DEFAULT_CH
     tokens = mx.array(tokenizer.encode(text)[:max_tokens])
     # mlx-lm's own factory (the patched one keeps it as __wrapped__), never turbo caches
     caches = inspect.unwrap(mlx_cache.make_prompt_cache)(model)
-    layers = [i for i, c in enumerate(caches) if type(c) is KVCache]
+    # Sliding-window layers too: the model's window mask applies to a plain cache as well
+    # (the reference below is causal, the same while the text is within the window).
+    layers = [i for i, c in enumerate(caches) if type(c) in (KVCache, RotatingKVCache)]
     offset = distributed.layer_offset(model)  # pipeline rank: global layer of caches[0]
     for i in layers:
         caches[i] = CalibrationCache()
@@ -260,7 +262,7 @@ def mean_bits_per_element(cal: Calibration, method: str, value_method: str, bits
 
 
 def layer_bits_for_cache(cal: Calibration, bits: list) -> tuple:
-    """Per cache-list index (key_bits, value_bits); non-KVCache layers get None."""
+    """Per cache-list index (key_bits, value_bits); layers not calibrated get None."""
     out = [None] * cal.n_cache_layers
     for i, b in zip(cal.layers, bits):
         out[i] = tuple(b)

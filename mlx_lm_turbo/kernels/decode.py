@@ -262,7 +262,8 @@ def _appends(p: dict, keys: dict, cache) -> bool:
     the in-place append's dtype); APPEND = False says no. Key statistics need nothing of
     the launch: the pending key is already held as (k - μ)/s (cache._write_in_place)."""
     return (APPEND and p["L"] == 1 and p["D"] == p["DV"] == NT
-            and not getattr(cache, "fp16_window", 0) and keys["norm"].dtype == NORM_DTYPE)
+            and not getattr(cache, "fp16_window", 0) and keys["norm"].dtype == NORM_DTYPE
+            and not getattr(cache.key_codec, "plain_scale", False))
 
 
 def _append_check(queries: mx.array, keys: dict, values: dict, cache, scale: float,

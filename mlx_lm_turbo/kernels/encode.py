@@ -54,6 +54,8 @@ def supported(codec, x: mx.array) -> bool:
     """Whether the kernel covers this codec and input (backend aside)."""
     if getattr(codec, "METHOD", None) not in MODES or codec.rotation.signs is None:
         return False
+    if getattr(codec, "plain_scale", False):   # (the kernel stores the corrected scale)
+        return False
     d = codec.dim
     if d < MIN_DIM or d > MAX_DIM or d & (d - 1):
         return False
