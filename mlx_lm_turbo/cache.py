@@ -40,7 +40,6 @@ costs the most.
 import copy
 import copyreg
 import json
-import warnings
 from typing import Any, Optional
 
 import mlx.core as mx

