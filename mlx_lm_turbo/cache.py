@@ -40,11 +40,10 @@ costs the most.
 import copy
 import copyreg
 import json
-from typing import Any, Optional
+from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, RotatingKVCache, _BaseCache, create_attention_mask
+from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from . import __version__, codecs
 from .codecs import layer_seed
@@ -568,21 +567,3 @@ class TurboKVCache(_BaseCache):
         kv.offset = self.offset
         return kv
 
-
-def make_prompt_cache(model: Any, config: TurboConfig, max_kv_size: Optional[int] = None,
-                      make_base=None) -> list:
-    """mlx-lm's cache for ``model`` with every ``KVCache`` layer replaced by a
-    TurboKVCache and every ``RotatingKVCache`` layer by a TurboRotatingKVCache (or left
-    fp16 until ``config.quantized_kv_start`` tokens)."""
-    from .rotating_cache import TurboRotatingKVCache   # (it builds on this module)
-
-    make_base = make_base or mlx_cache.make_prompt_cache
-    caches = make_base(model, max_kv_size)
-    if config.quantized_kv_start:
-        return caches
-    for i, c in enumerate(caches):
-        if type(c) is KVCache:
-            caches[i] = TurboKVCache.from_config(config, i)
-        elif type(c) is RotatingKVCache:
-            caches[i] = TurboRotatingKVCache.from_config(config, i, c.max_size, c.keep)
-    return caches

@@ -11,6 +11,8 @@ the codec. Configuration names:
     affine{b}g{g}        mlx-lm QuantizedKVCache(group_size=g, bits=b) from the first token
     {method}{b}          ours, keys and values at b bits (mse, rvq, polar; prod/qjl keys
                          pair with mse values at the same bits)
+    kv{b}                ours as ``--kv-method turboquant_mse --kv-bits b`` gives it (keys
+                         b+1 and values b-1 bits for b in 2..7: config.split_bits)
     k{kb}v{vb}-{method}  ours with separate key/value bits (k4v2-mse, k8v4-mse, ...);
     k{kb}v{vb}-{km}-{vm} separate key and value methods (k3v3-prod-mse)
     rq{t}                turboquant_mse with RateQuant bits at target t (rq2.9; calibrated

@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 
-from .cache import TurboKVCache, make_prompt_cache
-from .config import TurboConfig
+from .cache import TurboKVCache
+from .prompt_cache import make_prompt_cache
+from .config import TurboConfig, split_bits
 
 try:
     from tqdm import tqdm
@@ -35,9 +36,8 @@ except ImportError:  # progress bars are a nicety
             pass
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_MODEL = str(SHARED / "models" / "smollm2-135m-instruct-4bit")
-DEFAULT_DATA = str(SHARED / "data")
+DEFAULT_MODEL = str(REPO / "models" / "smollm2-135m")   # python -m mlx_lm_turbo.smollm2 ...
+DEFAULT_DATA = str(REPO.parent / "shared" / "data")     # wikitext2_test.raw, books, prompts
 DEFAULT_CONFIGS = (
     "fp16,"
     "affine8g64,affine8g32,affine4g64,affine4g32,affine3g64,affine3g32,affine2g64,affine2g32,"
@@ -91,6 +91,8 @@ class Spec:
             f" + fp16 window {t.fp16_window}" if t.fp16_window else "")
         if t.ratequant_target is not None:
             return f"RateQuant ({km})" + window
+        if re.match(r"kv\d", self.name):
+            return "--kv-bits (keys +1, values -1)" + window
         if self.name.startswith("k") and re.match(r"k\d+v\d+", self.name):
             return (f"K/V split ({km}/{vm})" if km != vm else f"K/V split ({km})") + window
         return km + window
@@ -131,6 +133,11 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
     if m:
         return Spec(n, "turbo", turbo=TurboConfig("turboquant_mse", 4, seed=seed,
                                                   ratequant_target=float(m.group(1))))
+    m = re.fullmatch(r"kv(\d)", n)
+    if m:   # what --kv-method turboquant_mse --kv-bits b gives
+        kb, vb = split_bits("turboquant_mse", int(m.group(1)))
+        return Spec(n, "turbo", turbo=TurboConfig("turboquant_mse", kb, "turboquant_mse", vb,
+                                                  seed=seed))
     m = re.fullmatch(r"k(\d)v(\d)-([a-z_]+)(?:-([a-z_]+))?", n)
     if m:
         kb, vb, km, vm = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
@@ -144,7 +151,7 @@ def parse_spec(name: str, seed: int = 0) -> Spec:
         return Spec(n, "turbo", turbo=TurboConfig(method, bits, vm, bits, seed=seed))
     raise ValueError(
         f"unknown configuration {name!r}: use fp16, affine{{b}}g{{g}}, "
-        "{mse,rvq,polar,prod,qjl}{b}, rq{target} or k{kb}v{vb}-{method}[-{value method}], "
+        "{mse,rvq,polar,prod,qjl}{b}, kv{b}, rq{target} or k{kb}v{vb}-{method}[-{value method}], "
         "optionally followed by -c (centred keys) and -w{n} (fp16 window)")
 
 

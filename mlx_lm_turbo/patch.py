@@ -13,7 +13,7 @@ from . import cache_file, distributed, ratequant
 from .attention import turbo_attention
 from .batch_cache import BatchTurboKVCache
 from .cache import TurboKVCache
-from .cache import make_prompt_cache as make_turbo_cache
+from .prompt_cache import make_prompt_cache as make_turbo_cache
 from .config import (UNSET, TurboConfig, add_arguments, config_from_args,
                      resolve_start, unset_start_default)
 from .rotating_cache import TurboRotatingKVCache

@@ -39,7 +39,8 @@ from mlx_lm.models import cache as mlx_cache  # noqa: E402
 
 from bench_attention import llama_3b_shaped  # noqa: E402  (scripts/, beside this one)
 from mlx_lm_turbo import patch  # noqa: E402
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache  # noqa: E402
+from mlx_lm_turbo.cache import TurboConfig, TurboKVCache  # noqa: E402
+from mlx_lm_turbo.prompt_cache import make_prompt_cache  # noqa: E402
 
 
 def load(args):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache  # noqa: E402
-from mlx_lm_turbo.cache import make_prompt_cache as make_turbo_cache  # noqa: E402
+from mlx_lm_turbo.prompt_cache import make_prompt_cache as make_turbo_cache  # noqa: E402
 
 LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 5
 WINDOW = 512

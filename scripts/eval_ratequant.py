@@ -14,7 +14,7 @@ import time
 
 from mlx_lm_turbo import eval_tasks as ev
 from mlx_lm_turbo import patch, ratequant
-from mlx_lm_turbo.cache import make_prompt_cache
+from mlx_lm_turbo.prompt_cache import make_prompt_cache
 from mlx_lm_turbo.config import TurboConfig
 
 

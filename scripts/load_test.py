@@ -18,7 +18,7 @@ another request's sequence is counted as mixed up. Half of the requests stream (
         --out reports/server_load                     # writes .md and .json
 
 The model defaults to a float32 copy (weights dequantized once, cached under the temp dir)
-of ``../shared/models/smollm2-135m-instruct-4bit``: mlx-lm's quantized matmul is slow on a
+of ``models/smollm2-135m`` (``python -m mlx_lm_turbo.smollm2 models/smollm2-135m``): mlx-lm's quantized matmul is slow on a
 CPU and does not get faster with batch size; ``--quantized-weights`` serves the folder as is.
 The helpers (free_port, Server, post, stream, fp32_model) are used by tests/test_server.py.
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct-4bit"
+DEFAULT_MODEL = ROOT / "models" / "smollm2-135m"
 
 
 # ---------------------------------------------------------------- helpers

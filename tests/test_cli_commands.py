@@ -54,7 +54,8 @@ def test_cache_prompt_example_writes_a_compressed_file(tmp_path, fp32_model_dir)
               "--kv-bits", "3", "--prompt", "-", "--prompt-cache-file", str(path), stdin=doc)
     assert r.returncode == 0, r.stderr[-2000:]
     caches = mlx_cache.load_prompt_cache(str(path))
-    assert all(isinstance(c, TurboKVCache) and c.key_bits == 3 for c in caches)
+    assert all(isinstance(c, TurboKVCache) and (c.key_bits, c.value_bits) == (4, 2)
+               for c in caches)   # --kv-bits 3: keys one bit more, values one less
     tokens = caches[0].offset
     assert 1800 <= tokens <= 2600, tokens
     shapes = [layer_shape(c) for c in caches]  # (batch, kv heads, tokens, k dim, v dim)

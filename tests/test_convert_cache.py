@@ -208,7 +208,7 @@ def test_turbo_input_kept_or_reencoded(fp_file, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     assert cli(capsys, a, other, "--kv-method", "mse", "--kv-bits", "4")[0] == 0
     c = load_cache_file(other).layers[0]
-    assert (c.key_method, c.key_bits) == ("turboquant_mse", 4)
+    assert (c.key_method, c.key_bits, c.value_bits) == ("turboquant_mse", 5, 3)
 
 
 def test_out_without_suffix_gets_safetensors(fp_file, tmp_path, capsys):
@@ -358,7 +358,7 @@ def test_refuses_overwrite_and_same_file(fp_file, tmp_path, capsys):
     assert out.read_bytes() == b"precious"
     rc, _, err = cli(capsys, fp_file, out, "--kv-method", "mse", "--kv-bits", "3", "--force")
     assert rc == 0, err
-    assert load_cache_file(out).layers[0].key_bits == 3
+    assert load_cache_file(out).layers[0].key_bits == 4   # --kv-bits 3: K4/V2
     before = digest(fp_file)
     for flags in ([], ["--force"]):
         rc, _, err = cli(capsys, fp_file, fp_file, "--kv-method", "mse", *flags)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mlx_lm_turbo import patch
-from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache, make_prompt_cache
+from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache
+from mlx_lm_turbo.prompt_cache import make_prompt_cache
 
 patch.apply()
 

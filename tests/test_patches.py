@@ -136,3 +136,27 @@ def test_patched_mlx_lm_without_mlx_lm_turbo(patched, tmp_path):
 def test_reverse_applies(patched):
     r = _patch(patched, "-R", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kv_bits_spends_one_more_bit_on_keys():
+    """--kv-bits b with turboquant_mse: keys b+1, values b-1 (2 <= b <= 7); explicit key
+    or value bits, other methods and the ends of the range take b as it is."""
+    import argparse
+
+    from mlx_lm_turbo.config import add_arguments, config_from_args
+
+    def bits(*argv):
+        p = argparse.ArgumentParser()
+        p.add_argument("--kv-bits", type=int, default=None)
+        add_arguments(p)
+        c = config_from_args(p.parse_args(list(argv)))
+        return c.key_bits, c.value_bits
+
+    assert bits("--kv-method", "turboquant_mse") == (5, 3)
+    assert bits("--kv-method", "mse", "--kv-bits", "3") == (4, 2)
+    assert bits("--kv-method", "mse", "--kv-bits", "2") == (3, 1)
+    assert bits("--kv-method", "mse", "--kv-bits", "8") == (8, 8)
+    assert bits("--kv-method", "mse", "--kv-bits", "4", "--kv-key-bits", "4") == (4, 4)
+    assert bits("--kv-method", "mse", "--kv-value-bits", "2") == (4, 2)
+    assert bits("--kv-method", "rvq", "--kv-bits", "2") == (2, 2)
+    assert bits("--kv-method", "polar", "--kv-bits", "3") == (3, 3)

@@ -9,7 +9,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import cache as mlx_cache
 
 from mlx_lm_turbo import attention, patch
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache, make_prompt_cache
+from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
+from mlx_lm_turbo.prompt_cache import make_prompt_cache
 
 from conftest import random_llama
 

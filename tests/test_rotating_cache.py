@@ -10,7 +10,7 @@ from mlx_lm.models.cache import RotatingKVCache
 
 from mlx_lm_turbo import patch
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
-from mlx_lm_turbo.cache import make_prompt_cache as make_turbo_cache
+from mlx_lm_turbo.prompt_cache import make_prompt_cache as make_turbo_cache
 from mlx_lm_turbo.rotating_cache import TurboRotatingKVCache
 
 WINDOW = 32
@@ -286,8 +286,9 @@ def test_fused_decode_kernel_reads_the_ring(window):
     """The CUDA decode kernel's text (run by the CPU emulation) over a wrapped ring, as
     update_and_fetch returns it, with the mask mlx-lm gives (rolled where the attention
     window is shorter than the ring): the reference's result."""
+    import emulate   # (tests/)
     from mlx_lm_turbo.attention import reference_attention
-    from mlx_lm_turbo.kernels import decode, emulate
+    from mlx_lm_turbo.kernels import plan as planning
 
     c = TurboRotatingKVCache("turboquant_mse", 4, max_size=WINDOW, keep=0)
     mx.random.seed(3)
@@ -297,7 +298,7 @@ def test_fused_decode_kernel_reads_the_ring(window):
         keys, values = c.update_and_fetch(k, v)
     assert c._idx < c.capacity == WINDOW   # wrapped: the newest token is mid-buffer
     q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
-    p = decode.plan(q, keys, values, c, mask, None, "cuda")
+    p = planning.plan(q, keys, values, c, mask, None, "cuda")
     assert p is not None
     out = emulate.run_fused_emulated(q, keys, values, c, 0.125, mask, p)
     ref = reference_attention(q, keys, values, c, 0.125, mask)

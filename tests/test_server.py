@@ -98,7 +98,7 @@ def reference(model_path):
     def ref(kind, content, max_tokens=MAX_TOKENS) -> Ref:
         key = (kind, content, max_tokens)
         if key not in memo:
-            patch.set_config(TurboConfig("turboquant_mse", 4, center_keys=False,
+            patch.set_config(TurboConfig("turboquant_mse", 5, value_bits=3, center_keys=False,
                                          scale_keys=False))
             ids, pieces, logprobs = [], [], []
             try:
@@ -252,7 +252,7 @@ def lt_env():
 
 @pytest.mark.slow
 def test_single_requests_equal_generate(server, reference):
-    assert "mlx-lm-turbo: KV cache turboquant_mse 4-bit" in server.log()
+    assert "mlx-lm-turbo: KV cache K turboquant_mse 5-bit / V turboquant_mse 3-bit" in server.log()
     check(reference, server, "text", "The capital of France is")
     check(reference, server, "chat", "Name three colors.")
     check(reference, server, "text", "Water boils at", stream=True)

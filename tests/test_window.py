@@ -7,7 +7,8 @@ from mlx_lm.models import cache as mlx_cache
 
 from mlx_lm_turbo import patch
 from mlx_lm_turbo.attention import reference_attention
-from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache, make_prompt_cache
+from mlx_lm_turbo.cache import STATS_TOKENS, TurboConfig, TurboKVCache
+from mlx_lm_turbo.prompt_cache import make_prompt_cache
 
 patch.apply()
 
