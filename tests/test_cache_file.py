@@ -21,12 +21,12 @@ LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
 def write_cache(path, model_dir, layers=LAYERS, heads=KV_HEADS, dim=HEAD_DIM, **settings):
     """A TurboKVCache file of 6 random tokens that names ``model_dir`` as its model (key
-    statistics on, as the flags default to, unless ``settings`` say otherwise)."""
+    statistics on and K5/V3, as the flags default to, unless ``settings`` say otherwise)."""
     mx.random.seed(0)
     caches = []
     settings = {"center_keys": True, "scale_keys": True, **settings}
     for i in range(layers):
-        c = TurboKVCache("turboquant_mse", 4, "turboquant_mse", 4, layer=i, **settings)
+        c = TurboKVCache("turboquant_mse", 5, "turboquant_mse", 3, layer=i, **settings)
         c.update_and_fetch(mx.random.normal((1, heads, 6, dim)),
                            mx.random.normal((1, heads, 6, dim)))
         caches.append(c)

@@ -105,11 +105,12 @@ def test_compress_loads_in_patched_mlx_lm_and_continues(tiny_model, tiny_ids, fp
     assert meta["model"] == TINY_META["model"]
     assert meta["tokenizer_config"] == TINY_META["tokenizer_config"]
     assert meta[META_PREFIX + "method"] == "turboquant_mse"
-    assert meta[META_PREFIX + "bits"] == "3" and meta[META_PREFIX + "seed"] == "5"
+    assert meta[META_PREFIX + "bits"] == "K4/V2" and meta[META_PREFIX + "seed"] == "5"
     assert meta[META_PREFIX + "version"] == __version__
     # Same logits as compressing the same fp16 cache in memory.
     ref = mlx_cache.load_prompt_cache(str(fp_file))
-    direct = [TurboKVCache.from_kv_cache(c, TurboConfig("turboquant_mse", 3, seed=5), i)
+    direct = [TurboKVCache.from_kv_cache(c, TurboConfig("turboquant_mse", 4, value_bits=2,
+                                                        seed=5), i)   # --kv-bits 3
               for i, c in enumerate(ref)]
     tok = tiny_ids[TOKENS]
     a, b = next_logits(tiny_model, loaded, tok), next_logits(tiny_model, direct, tok)
@@ -489,7 +490,8 @@ def test_real_model_round_trip(tmp_path, model_dir):
           f"{s16} bytes fp16, {s3} bytes 3-bit: {s16 / s3:.2f}x\n{r.stdout}")
     assert s16 / s3 >= 4.5, (s16, s3)
     info = run_ok([py, "-m", "mlx_lm_turbo.convert-cache", "--info", small], env=e, cwd=ROOT)
-    assert "turboquant_mse 3-bit" in info.stdout and "layers: 30" in info.stdout
+    assert "K turboquant_mse 4-bit / V turboquant_mse 2-bit" in info.stdout   # --kv-bits 3
+    assert "layers: 30" in info.stdout
     g = run_ok([py, "-m", "mlx_lm_turbo", "generate", "--prompt-cache-file", small,
                 "--prompt", "\n\nWho is the girl in this story, and what animal did she follow?",
                 "--max-tokens", "40", "--temp", "0"], env=e, cwd=ROOT)
