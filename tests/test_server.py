@@ -1,7 +1,7 @@
 """mlx_lm.server with compressed KV caches, over real HTTP on 127.0.0.1.
 
 A real server subprocess (``python -m mlx_lm_turbo server --kv-method turboquant_mse
---kv-bits 4``) serves SmolLM2-135M (conftest's models/smollm2-135m, weights dequantized to float32
+--kv-key-bits 4 --kv-value-bits 4``) serves SmolLM2-135M (conftest's models/smollm2-135m, weights dequantized to float32
 once: see scripts/load_test.py). Greedy answers must equal mlx-lm's Python API
 (``stream_generate``) with the same TurboConfig: token for token for single requests; for
 concurrent requests of different lengths that the server batches (its BatchTurboKVCache
@@ -29,8 +29,10 @@ MAX_TOKENS = 12
 # Raw keys: with the key statistics (the default) a request that starts in a batch takes
 # them from its first block, a lone cache from its first 64 tokens, so short prompts'
 # answers may differ from stream_generate's by design; these tests check the batching.
-KV_FLAGS = ["--kv-method", "turboquant_mse", "--kv-bits", "4", "--no-kv-center-keys",
-            "--no-kv-scale-keys"]
+# K4/V4: with 3-bit values (--kv-bits 4's split) a 1e-6 batching difference that moves one
+# code moves the output more than the near-tie rule below allows.
+KV_FLAGS = ["--kv-method", "turboquant_mse", "--kv-key-bits", "4", "--kv-value-bits", "4",
+            "--no-kv-center-keys", "--no-kv-scale-keys"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def reference(model_path):
     def ref(kind, content, max_tokens=MAX_TOKENS) -> Ref:
         key = (kind, content, max_tokens)
         if key not in memo:
-            patch.set_config(TurboConfig("turboquant_mse", 5, value_bits=3, center_keys=False,
+            patch.set_config(TurboConfig("turboquant_mse", 4, center_keys=False,
                                          scale_keys=False))
             ids, pieces, logprobs = [], [], []
             try:
@@ -252,7 +254,7 @@ def lt_env():
 
 @pytest.mark.slow
 def test_single_requests_equal_generate(server, reference):
-    assert "mlx-lm-turbo: KV cache K turboquant_mse 5-bit / V turboquant_mse 3-bit" in server.log()
+    assert "mlx-lm-turbo: KV cache turboquant_mse 4-bit" in server.log()
     check(reference, server, "text", "The capital of France is")
     check(reference, server, "chat", "Name three colors.")
     check(reference, server, "text", "Water boils at", stream=True)
