@@ -78,7 +78,8 @@ def handover_block(shape: tuple) -> int:
     return max(256, HANDOVER_ELEMENTS // (shape[0] * shape[1] * shape[-1]))
 
 
-def _slice_tokens(packed: dict, start: int, stop: int) -> dict:
+def _slice_tokens(packed: dict, start: Optional[int] = None,
+                  stop: Optional[int] = None) -> dict:
     return {k: v[:, :, start:stop] for k, v in packed.items()}
 
 

@@ -31,11 +31,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import BatchRotatingKVCache, KVCache, RotatingKVCache
 
-from .cache import TurboConfig, TurboKVCache
-
-
-def _tokens(packed: dict, start: Optional[int] = None, stop: Optional[int] = None) -> dict:
-    return {n: a[:, :, start:stop] for n, a in packed.items()}
+from .cache import TurboConfig, TurboKVCache, _slice_tokens
 
 
 def _concat(parts: list) -> dict:
@@ -129,8 +125,8 @@ class TurboRotatingKVCache(TurboKVCache):
         self._idx = self.capacity
 
     def _trim(self, trim: int, packed: dict, append: Optional[dict] = None) -> dict:
-        parts = [packed] if trim <= 0 else [_tokens(packed, None, self.keep),
-                                            _tokens(packed, trim + self.keep)]
+        parts = [packed] if trim <= 0 else [_slice_tokens(packed, None, self.keep),
+                                            _slice_tokens(packed, trim + self.keep)]
         return _concat(parts + ([append] if append is not None else []))
 
     def _temporal(self, packed: dict) -> dict:
@@ -139,9 +135,9 @@ class TurboRotatingKVCache(TurboKVCache):
         if self._idx == n:
             return packed
         if self._idx < self.offset:
-            return _concat([_tokens(packed, None, self.keep), _tokens(packed, self._idx),
-                            _tokens(packed, self.keep, self._idx)])
-        return _tokens(packed, None, self._idx)
+            return _concat([_slice_tokens(packed, None, self.keep), _slice_tokens(packed, self._idx),
+                            _slice_tokens(packed, self.keep, self._idx)])
+        return _slice_tokens(packed, None, self._idx)
 
     def _view_length(self) -> int:
         return min(self.offset, self.capacity)
@@ -158,7 +154,7 @@ class TurboRotatingKVCache(TurboKVCache):
         """The ring as it lies (the first ``offset`` slots until it fills)."""
         self._settle()
         if self.offset < self.capacity:
-            return _tokens(self.keys, None, self.offset), _tokens(self.values, None, self.offset)
+            return _slice_tokens(self.keys, None, self.offset), _slice_tokens(self.values, None, self.offset)
         return self.keys, self.values
 
     # ------------------------------------------------------------ mlx-lm's interface
