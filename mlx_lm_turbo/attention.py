@@ -62,8 +62,9 @@ def reference_attention(queries: mx.array, keys: dict, values: dict, cache,
 def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: float,
                     mask=None, sinks: Optional[mx.array] = None) -> mx.array:
     # Keys are held as k/s (cache.py, key statistics): (q·s)·(k/s) = q·k.
-    if getattr(cache, "scale_keys", False):
-        queries = scale_queries(queries, cache.key_scale).astype(queries.dtype)
+    if getattr(cache, "scale_keys", False) and cache.key_scale is not None:
+        qs = cache.stats_in(queries.dtype, queries.shape[1]).query_scale
+        queries = scale_queries(queries, qs).astype(queries.dtype)
     if "first" in keys:   # (only blocks with positions below STATS_TOKENS)
         return _with_first_keys(queries, keys, values, cache, scale, mask, sinks)
     out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks,

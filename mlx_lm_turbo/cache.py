@@ -50,7 +50,7 @@ from .codecs import layer_seed
 from .config import TurboConfig
 from .kernels import decode as fused_decode
 from .kernels import encode as fused_encode
-from .key_statistics import STATS_TOKENS, key_statistics
+from .key_statistics import STATS_TOKENS, StatsCast, cast_statistics, key_statistics
 
 
 def _dtype_from_name(name: str) -> mx.Dtype:
@@ -98,6 +98,7 @@ class TurboKVCache(_BaseCache):
     _pending = None
     _coded = None
     _first_span = None   # exact keys below STATS_TOKENS for this update's attention
+    _stats_cast = None   # the key statistics in one dtype (``stats_in``)
 
     def __init__(self, key_method: str = "turboquant_mse", key_bits: int = 4,
                  value_method: Optional[str] = None, value_bits: Optional[int] = None,
@@ -193,13 +194,26 @@ class TurboKVCache(_BaseCache):
         return self._scaled(keys)
 
     def _centred(self, keys: mx.array) -> mx.array:
-        """k - μ in the keys' dtype (μ is fp16: a bf16 key would otherwise become float32,
-        and the decode launch that codes the new token takes it in the queries' dtype).
-        Every path codes this same value: block writes, in-place appends, recoding."""
-        return (keys - self.key_mean).astype(keys.dtype) if self.center_keys else keys
+        """k - μ in the keys' dtype (the decode launch that codes the new token takes it in
+        the queries' dtype). Every path codes this same value: block writes, in-place
+        appends, recoding."""
+        return keys - self.stats_in(keys.dtype).mean if self.center_keys else keys
 
     def _scaled(self, keys: mx.array) -> mx.array:
-        return (keys / self.key_scale).astype(keys.dtype) if self.scale_keys else keys
+        return keys / self.stats_in(keys.dtype).scale if self.scale_keys else keys
+
+    def stats_in(self, dtype: mx.Dtype, n_heads: int = 0) -> StatsCast:
+        """The key statistics cast to ``dtype`` once (each decode step applies them to
+        one token per layer; an fp16 statistic would promote a bf16 token to float32, and
+        every extra op is host time that batch-1 decode waits on), and, for ``n_heads``
+        query heads, s per query head. key_statistics rounds them through bf16 for bf16
+        keys, so the cast is exact."""
+        c = self._stats_cast
+        if c is None or c.of_scale is not self.key_scale or c.of_mean is not self.key_mean \
+                or c.dtype != dtype or (n_heads and c.query_scale is None):
+            c = self._stats_cast = cast_statistics(self.key_scale, self.key_mean, dtype,
+                                                   n_heads)
+        return c
 
     def fix_statistics(self) -> None:
         """Keep the statistics as they are now, with fewer than STATS_TOKENS keys

@@ -88,16 +88,25 @@ class TurboConfig:
     def describe(self) -> str:
         if self.ratequant_target is not None:
             text = f"{self.key_method} RateQuant {self.ratequant_target:g} bits/element"
-        elif self.key_method == self.value_method and self.key_bits == self.value_bits:
-            text = f"{self.key_method} {self.key_bits}-bit"
         else:
-            text = (f"K {self.key_method} {self.key_bits}-bit / "
-                    f"V {self.value_method} {self.value_bits}-bit")
-        # (the key statistics are named only where they differ from the default, both on)
-        text += {(True, True): "", (True, False): ", centred keys",
-                 (False, True): ", scaled keys", (False, False): ", raw keys"}[
+            text = codec_label(self.key_method, self.key_bits, self.value_method,
+                               self.value_bits)
+        return text + self.options_label()
+
+    def options_label(self) -> str:
+        """The key statistics (named only where they differ from the default, both on)
+        and the fp16 window, as a suffix of ``describe``."""
+        text = {(True, True): "", (True, False): ", centred keys",
+                (False, True): ", scaled keys", (False, False): ", raw keys"}[
             (self.center_keys, self.scale_keys)]
         return text + (f" + {self.fp16_window} fp16 tokens" if self.fp16_window else "")
+
+
+def codec_label(key_method: str, key_bits: int, value_method: str, value_bits: int) -> str:
+    """"turboquant_mse 4-bit", or "K turboquant_mse 5-bit / V turboquant_mse 3-bit"."""
+    if key_method == value_method and key_bits == value_bits:
+        return f"{key_method} {key_bits}-bit"
+    return f"K {key_method} {key_bits}-bit / V {value_method} {value_bits}-bit"
 
 
 def check_target(target: float) -> None:

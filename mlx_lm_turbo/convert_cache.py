@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 # uses the same checks); re-exported here for callers of convert_cache.
 from .cache_file import (FORMAT, META_PREFIX, CacheFile, CacheFileError, _state_nbytes,
                          check_model, layer_shape, load_cache_file)
+from .config import codec_label
 
 PROG = "python -m mlx_lm_turbo.convert-cache"
 
@@ -129,10 +130,8 @@ def describe_layer(c: Any) -> str:
     from .cache import TurboKVCache
 
     if isinstance(c, TurboKVCache):
-        if c.key_method == c.value_method and c.key_bits == c.value_bits:
-            return f"{c.key_method} {c.key_bits}-bit (seed {c.seed})"
-        return (f"K {c.key_method} {c.key_bits}-bit / V {c.value_method} {c.value_bits}-bit "
-                f"(seed {c.seed})")
+        return (codec_label(c.key_method, c.key_bits, c.value_method, c.value_bits)
+                + f" (seed {c.seed})")
     if type(c).__name__ == "QuantizedKVCache":
         return f"affine {c.bits}-bit, group {c.group_size}"
     keys = getattr(c, "keys", None)

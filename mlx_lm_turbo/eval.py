@@ -43,7 +43,7 @@ import mlx.core as mx
 
 from . import patch, ratequant
 from .eval_report import _fmt, conclusion, markdown_table, plot, write_markdown
-from .eval_tasks import (DEFAULT_CONFIGS, DEFAULT_DATA, DEFAULT_MODEL,
+from .eval_tasks import (DEFAULT_CONFIGS, DEFAULT_MODEL,
                          PASSPHRASES, REPO, capture_kv, chat_prompts, common_prefix,
                          greedy, haystack_text, kv_bytes_and_speed, load_model,
                          needle_prompt, needle_test, parse_spec,
@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="KV cache quality: perplexity, greedy agreement, needle, bytes, speed.")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--data-dir", default=DEFAULT_DATA)
+    p.add_argument("--data-dir", required=True,
+                   help="a folder holding wikitext2_test.raw, book_war_and_peace.txt and "
+                        "prompts_mt_bench.jsonl")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma list: fp16, affine{b}g{g}, mse{b}, rvq{b}, polar{b}, prod{b}, "
                         "k{kb}v{vb}-{method}")

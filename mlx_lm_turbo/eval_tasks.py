@@ -37,7 +37,6 @@ except ImportError:  # progress bars are a nicety
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(REPO / "models" / "smollm2-135m")   # python -m mlx_lm_turbo.smollm2 ...
-DEFAULT_DATA = str(REPO.parent / "shared" / "data")     # wikitext2_test.raw, books, prompts
 DEFAULT_CONFIGS = (
     "fp16,"
     "affine8g64,affine8g32,affine4g64,affine4g32,affine3g64,affine3g32,affine2g64,affine2g32,"

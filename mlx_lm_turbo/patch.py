@@ -14,7 +14,7 @@ from .attention import turbo_attention
 from .batch_cache import BatchTurboKVCache
 from .cache import TurboKVCache
 from .prompt_cache import make_prompt_cache as make_turbo_cache
-from .config import (UNSET, TurboConfig, add_arguments, config_from_args,
+from .config import (UNSET, TurboConfig, add_arguments, codec_label, config_from_args,
                      resolve_start, unset_start_default)
 from .rotating_cache import TurboRotatingKVCache
 
@@ -185,10 +185,7 @@ def cache_summary(caches: list) -> str:
     fp16 = 2 * sum(elts)
     bits = 8 * held / max(sum(elts), 1)
     c0 = turbo[0]
-    if c0.key_method == c0.value_method and c0.key_bits == c0.value_bits:
-        method = f"{c0.key_method} {c0.key_bits}-bit"
-    else:
-        method = f"K {c0.key_method} {c0.key_bits}-bit / V {c0.value_method} {c0.value_bits}-bit"
+    method = codec_label(c0.key_method, c0.key_bits, c0.value_method, c0.value_bits)
     if any((c.key_bits, c.value_bits) != (c0.key_bits, c0.value_bits) for c in turbo):
         method = f"K {c0.key_method} / V {c0.value_method} with per-layer bits (RateQuant)"
     tokens = max(c.offset for c in turbo)
@@ -303,9 +300,8 @@ def describe(config: TurboConfig) -> str:
     --ratequant-load (its target is then only known once the file is read)."""
     if not config.ratequant_load:
         return config.describe()
-    text = f"{config.key_method} RateQuant allocation from {config.ratequant_load}"
-    text += ", centred keys" if config.center_keys else ""
-    return text + (f" + {config.fp16_window} fp16 tokens" if config.fp16_window else "")
+    return (f"{config.key_method} RateQuant allocation from {config.ratequant_load}"
+            + config.options_label())
 
 
 class _ServerArgumentParser(argparse.ArgumentParser):

@@ -6,8 +6,7 @@ GGUF Q4_1 blocks are MLX affine 4-bit (group 32), the Q8_0 embedding is MLX 8-bi
 Tensors are renamed to mlx-lm's llama names, llama.cpp's Q/K row permutation is undone (rows
 only, exact on packed codes), the tokenizer is rebuilt from the GGUF vocab/merges, and every
 float16 array is upcast to float32 (fp16 arithmetic is 10-30x slower on CPUs; exact).
-The result is bit-identical to ``shared/models/smollm2-135m-instruct-4bit`` (see its
-SOURCES.md). Needs only mlx, mlx-lm and its dependency ``tokenizers``; no model hub.
+Needs only mlx, mlx-lm and its dependency ``tokenizers``; no model hub.
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ def convert_weights(weights: Dict[str, Any],
                     meta: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """GGUF llama tensors (as ``mx.load`` returns them) -> (mlx-lm weights, config dict).
 
-    Weights keep their quantized codes; every float array ends up float32. (The staged shared
-    model's norm weights went fp32 -> fp16 -> fp32; that round trip is exact for this GGUF.)
+    Weights keep their quantized codes; every float array ends up float32.
     """
     import mlx.core as mx
 

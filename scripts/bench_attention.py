@@ -461,10 +461,11 @@ def micro(quick: bool, lengths) -> None:
 
 # ----------------------------------------------------------------- end to end
 
-def llama_3b_shaped():
-    """A Llama-3.2-3B-shaped model with random bf16 weights (28 layers, 24/8 heads, d=128)."""
+def llama_3b_shaped(layers: int = 28):
+    """A Llama-3.2-3B-shaped model with random bf16 weights (28 layers, 24/8 heads, d=128;
+    fewer ``layers`` for a quick try)."""
     from mlx_lm.models import llama
-    args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28,
+    args = llama.ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=layers,
                            intermediate_size=8192, num_attention_heads=24,
                            num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                            vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True)

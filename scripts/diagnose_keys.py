@@ -1,6 +1,6 @@
 """Where a TurboQuant cache's attention error comes from, layer by layer.
 
-    python scripts/diagnose_keys.py --model models/qwen25-coder-0.5b --tokens 1024
+    python scripts/diagnose_keys.py --model models/qwen25-coder-0.5b --data-dir DATA --tokens 1024
 
 One fp32 forward pass records every layer's queries, keys and values (post-RoPE, as the
 cache sees them); the codec is then applied offline under controlled variations, so each
@@ -37,7 +37,7 @@ from mlx_lm_turbo import codecs, patch  # noqa: E402
 from mlx_lm_turbo.codecs import layer_seed  # noqa: E402
 from mlx_lm_turbo.key_statistics import STATS_TOKENS, key_statistics  # noqa: E402
 from mlx_lm_turbo.codebooks import lloyd_max, quantize  # noqa: E402
-from mlx_lm_turbo.eval import load_model, wikitext_windows, DEFAULT_DATA  # noqa: E402
+from mlx_lm_turbo.eval import load_model, wikitext_windows  # noqa: E402
 from mlx_lm_turbo.ratequant import CalibrationCache  # noqa: E402
 
 
@@ -241,7 +241,7 @@ def report(rows: list, bits_list: list, window: int, model: str, tokens: int) ->
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--data-dir", default=DEFAULT_DATA)
+    p.add_argument("--data-dir", required=True, help="a folder holding wikitext2_test.raw")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--queries", type=int, default=128, help="last queries scored per layer")
     p.add_argument("--bits", default="2,3,4,8")

@@ -2,7 +2,7 @@
 ``mlx_lm_turbo.eval`` (WikiText-2 windows of 2048, prefill in blocks of 256 through the
 real cache).
 
-    python scripts/eval_ratequant.py --windows 2 --out reports/ratequant
+    python scripts/eval_ratequant.py --data-dir DATA --windows 2 --out reports/ratequant
 
 Prints a Markdown table and writes JSON. Uniform rows (mse1..mse4) are re-measured here
 so every row of the table comes from one run.
@@ -29,7 +29,7 @@ def bits_per_element(model, spec) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=ev.DEFAULT_MODEL)
-    p.add_argument("--data-dir", default=ev.DEFAULT_DATA)
+    p.add_argument("--data-dir", required=True, help="a folder holding wikitext2_test.raw")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--targets", default="1.5,2.5,3.5")
     p.add_argument("--uniform", default="1,2,3,4")

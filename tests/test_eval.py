@@ -8,10 +8,10 @@ import pytest
 
 from mlx_lm_turbo import eval as ev
 
-from conftest import NEEDS_SHARED_DATA
+from conftest import NEEDS_SHARED_DATA, SHARED
 
 MODEL = Path(ev.DEFAULT_MODEL)
-DATA = Path(ev.DEFAULT_DATA)
+DATA = SHARED / "data"
 
 # The evaluator's protocol is WikiText-2 and the prompts of ../shared/data (and its staged model).
 needs_data = pytest.mark.skipif(
@@ -44,7 +44,7 @@ def test_parse_spec():
 
 @needs_data
 def test_quick_end_to_end(tmp_path):
-    results = ev.main(["--quick", "--configs", "fp16,affine8g64,mse8", "--check", "mse8",
+    results = ev.main(["--quick", "--data-dir", str(DATA), "--configs", "fp16,affine8g64,mse8", "--check", "mse8",
                        "--out-dir", str(tmp_path)])
     rows = {r["name"]: r for r in results["configs"]}
     fp16, mse8, aff8 = rows["fp16"], rows["mse8"], rows["affine8g64"]
@@ -74,14 +74,14 @@ def test_quick_end_to_end(tmp_path):
 @needs_data
 def test_resume_merges_parallel_runs(tmp_path):
     """Rows of runs made in parallel (``--resume a.json,b.json``) are kept, not re-run."""
-    first = ev.main(["--quick", "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
+    first = ev.main(["--quick", "--data-dir", str(DATA), "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
                      "--needle-lengths", "", "--out-dir", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "quality.json").read_text())
     a = dict(saved, configs=[r for r in saved["configs"] if r["name"] != "mse8"])
     b = dict(saved, configs=[r for r in saved["configs"] if r["name"] == "mse8"])
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
-    merged = ev.main(["--quick", "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
+    merged = ev.main(["--quick", "--data-dir", str(DATA), "--configs", "fp16,mse8", "--check", "", "--prompts", "0",
                       "--needle-lengths", "", "--resume",
                       f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
                       "--out-dir", str(tmp_path / "m")])

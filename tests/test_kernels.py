@@ -183,19 +183,28 @@ def _kernel_parts(name, x_dtype=None):
             ["uint32", "uint32", "float16"] * 2)
 
 
+def _input_args(src: str, names, dtypes, array: str, shape: str, strides: str,
+                types: dict) -> list:
+    """The kernel's input parameters as the backend generates them: each array, then its
+    shape and strides where the body reads them (formats take {t} type and {n} name)."""
+    args = []
+    for n, dt in zip(names, dtypes):
+        args.append(array.format(t=types[dt], n=n))
+        if _uses(src, n, "shape"):
+            args.append(shape.format(n=f"{n}_shape"))
+        if _uses(src, n, "strides"):
+            args.append(strides.format(n=f"{n}_strides"))
+    return args
+
+
 def render_metal(template, name="decode", x_dtype=None) -> str:
     """A kernel as mx.fast.metal_kernel would assemble it (signature generated from the
     inputs, the thread attributes the body mentions), the template values baked into the
     body as the kernels are built (build.build_kernel)."""
     body, names, dtypes, outs, out_dtypes = _kernel_parts(name, x_dtype)
     header, src = build.full_source(body, "metal", template, mma=name.startswith("decode_mma"))
-    args = []
-    for n, dt in zip(names, dtypes):
-        args.append(f"const device {METAL_TYPES[dt]}* {n}")
-        if _uses(src, n, "shape"):
-            args.append(f"const constant int* {n}_shape")
-        if _uses(src, n, "strides"):
-            args.append(f"const constant int64_t* {n}_strides")
+    args = _input_args(src, names, dtypes, "const device {t}* {n}", "const constant int* {n}",
+                       "const constant int64_t* {n}", METAL_TYPES)
     args += [f"device {METAL_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     args += [f"{t} {a}" for a, t in METAL_ATTRS if a in src]
     sig = ",\n  ".join(args)
@@ -225,13 +234,8 @@ def render_cuda(template, name="decode", x_dtype=None, included=False) -> str:
     if included:
         header, src = build.included(header, src, names, f"test_{name}")
         assert len(src) < 400
-    args = []
-    for n, dt in zip(names, dtypes):
-        args.append(f"const {CUDA_TYPES[dt]}* {n}")
-        if _uses(src, n, "shape"):
-            args.append(f"const __grid_constant__ Shape {n}_shape")
-        if _uses(src, n, "strides"):
-            args.append(f"const __grid_constant__ Strides {n}_strides")
+    args = _input_args(src, names, dtypes, "const {t}* {n}", "const __grid_constant__ Shape {n}",
+                       "const __grid_constant__ Strides {n}", CUDA_TYPES)
     args += [f"{CUDA_TYPES[dt]}* {n}" for n, dt in zip(outs, out_dtypes)]
     return (CUDA_STUB + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             f"__global__ void turbo_{name}(\n  " + ",\n  ".join(args) + ") {\n"

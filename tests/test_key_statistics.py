@@ -136,3 +136,19 @@ def test_statistics_are_counted_and_saved():
     full = mx.concatenate([keys, more], axis=2).astype(mx.float32)
     err = mx.linalg.norm(fp.keys[:, :, :full.shape[2]].astype(mx.float32) - full)
     assert float(err / mx.linalg.norm(full - full.mean(axis=2, keepdims=True))) < 0.2
+
+
+def test_statistics_of_bf16_keys_cast_exactly():
+    """Every path applies the statistics in the keys' dtype (cache.stats_in): for bf16
+    keys they are bf16 values, so queries (q·s) and keys (k/s - μ/s) use the very same."""
+    from mlx_lm_turbo.key_statistics import key_statistics
+    keys = (mx.random.normal((1, 2, 64, HEAD_DIM), key=mx.random.key(1)) * 3 + 20)
+    for dtype in (mx.bfloat16, mx.float16):
+        s, m = key_statistics(keys.astype(dtype), True, True)
+        for a in (s, m):
+            assert mx.array_equal(a.astype(dtype).astype(mx.float16), a)
+    c = TurboKVCache("turboquant_mse", 4, center_keys=True, scale_keys=True)
+    c.update_and_fetch(keys.astype(mx.bfloat16), keys.astype(mx.bfloat16))
+    q = c.stats_in(mx.bfloat16, 6).query_scale
+    assert q.shape == (1, 6, 1, HEAD_DIM) and q.dtype == mx.bfloat16
+    assert mx.array_equal(q[:, 3], c.key_scale[:, 1].astype(mx.bfloat16))
