@@ -3,9 +3,10 @@
 The keys of the first ``STATS_TOKENS`` tokens fix, per head, the mean key μ and, for a
 *loud* head (a channel's RMS about the mean over ``LOUD_RATIO`` times the median
 channel's), channel scales s = RMS^½ (geometric mean 1); other heads keep s = 1. A cache
-then works in a scaled key space: every key enters as k/s, is centred by μ/s and coded; attention multiplies the queries by
-s (``scale_queries``), so (q·s)·(k/s) = q·k exactly, and softmax ignores the q·μ common
-to a query's scores (attention with sinks adds μ/s back). Both are kept in fp16 per head.
+then works in a scaled key space: every key enters as k/s, is centred by μ/s and coded;
+attention multiplies the queries by s (``scale_queries``), so (q·s)·(k/s) = q·k exactly,
+and softmax ignores the q·μ common to a query's scores (attention with sinks adds μ/s
+back). Both are kept in fp16 per head.
 Why: keys such as Qwen2.5's carry a large shared offset (the k bias) and a few outlier
 channels; the codec's error is proportional to the norm of what it codes, so without
 them the offset and outliers set every key's error.
