@@ -1,6 +1,6 @@
 """Quality report for compressed KV caches (thin wrapper around mlx_lm_turbo.eval).
 
-    python scripts/eval_quality.py --configs fp16,affine4g64,mse4,rvq2,k4v2-mse
+    python scripts/eval_quality.py --data-dir DATA --configs fp16,affine4g64,mse4,rvq2,k4v2-mse
     python scripts/eval_quality.py --help
 """
 
