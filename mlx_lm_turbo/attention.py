@@ -28,7 +28,6 @@ from typing import Optional
 import mlx.core as mx
 
 from . import kernels
-from .key_statistics import scale_queries
 from .kernels.dequant import dequantize
 
 # float32 scores (batch × query heads × queries × keys) above this go to prefill_attention.
@@ -63,8 +62,7 @@ def turbo_attention(queries: mx.array, keys: dict, values: dict, cache, scale: f
                     mask=None, sinks: Optional[mx.array] = None) -> mx.array:
     # Keys are held as k/s (cache.py, key statistics): (q·s)·(k/s) = q·k.
     if getattr(cache, "scale_keys", False) and cache.key_scale is not None:
-        qs = cache.stats_in(queries.dtype, queries.shape[1]).query_scale
-        queries = scale_queries(queries, qs).astype(queries.dtype)
+        queries = queries * cache.stats_in(queries.dtype, queries.shape[1]).query_scale
     if "first" in keys:   # (only blocks with positions below STATS_TOKENS)
         return _with_first_keys(queries, keys, values, cache, scale, mask, sinks)
     out = kernels.decode_attention(queries, keys, values, cache, scale, mask, sinks,

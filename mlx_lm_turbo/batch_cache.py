@@ -370,8 +370,7 @@ class BatchTurboKVCache(TurboKVCache):
                 _decode_batch = keys.shape[0]
                 log.info("mlx-lm-turbo: decoding a batch of %d sequences", _decode_batch)
         self._update_means(keys, prev)
-        if self.scale_keys:   # held as k/s, as in TurboKVCache
-            keys = (keys / self.key_scale).astype(keys.dtype)
+        keys = self._scaled(keys)   # held as k/s, as in TurboKVCache
         self._write(keys, values, prev)
         self.offset = self.offset + n
         self._idx += n

@@ -4,7 +4,7 @@ The keys of the first ``STATS_TOKENS`` tokens fix, per head, the mean key μ and
 *loud* head (a channel's RMS about the mean over ``LOUD_RATIO`` times the median
 channel's), channel scales s = RMS^½ (geometric mean 1); other heads keep s = 1. A cache
 then works in a scaled key space: every key enters as k/s, is centred by μ/s and coded;
-attention multiplies the queries by s (``scale_queries``), so (q·s)·(k/s) = q·k exactly,
+attention multiplies the queries by s (``StatsCast.query_scale``), so (q·s)·(k/s) = q·k exactly,
 and softmax ignores the q·μ common to a query's scores (attention with sinks adds μ/s
 back). Both are kept in fp16 per head.
 Why: keys such as Qwen2.5's carry a large shared offset (the k bias) and a few outlier
@@ -68,7 +68,7 @@ class StatsCast(NamedTuple):
 def cast_statistics(key_scale: Optional[mx.array], key_mean: Optional[mx.array],
                     dtype: mx.Dtype, n_heads: int = 0) -> StatsCast:
     """``StatsCast`` of (s, μ/s) for ``dtype``; with ``n_heads`` query heads,
-    s repeated per query head (B, n_heads, 1, D) for ``scale_queries``."""
+    s repeated per query head (B, n_heads, 1, D): the queries' multiplier."""
     scale = None if key_scale is None else key_scale.astype(dtype)
     mean = None if key_mean is None else key_mean.astype(dtype)
     query_scale = None
@@ -76,15 +76,3 @@ def cast_statistics(key_scale: Optional[mx.array], key_mean: Optional[mx.array],
         query_scale = mx.repeat(scale, n_heads // scale.shape[1], axis=1)
     return StatsCast(scale, mean, query_scale, dtype, key_scale, key_mean)
 
-
-def scale_queries(queries: mx.array, key_scale: Optional[mx.array]) -> mx.array:
-    """q·s for keys held as k/s: key_scale (B, Hkv, 1, D) serves Hq/Hkv query heads
-    (per query head, ``StatsCast.query_scale``: one multiply)."""
-    if key_scale is None:
-        return queries
-    if key_scale.shape[1] == queries.shape[1]:
-        return queries * key_scale
-    B, Hq, L, D = queries.shape
-    Hkv = key_scale.shape[1]
-    q = queries.reshape(B, Hkv, Hq // Hkv, L, D) * key_scale[:, :, None].astype(queries.dtype)
-    return q.reshape(B, Hq, L, D)

@@ -135,7 +135,8 @@ class TurboRotatingKVCache(TurboKVCache):
         if self._idx == n:
             return packed
         if self._idx < self.offset:
-            return _concat([_slice_tokens(packed, None, self.keep), _slice_tokens(packed, self._idx),
+            return _concat([_slice_tokens(packed, None, self.keep),
+                            _slice_tokens(packed, self._idx),
                             _slice_tokens(packed, self.keep, self._idx)])
         return _slice_tokens(packed, None, self._idx)
 
@@ -154,7 +155,8 @@ class TurboRotatingKVCache(TurboKVCache):
         """The ring as it lies (the first ``offset`` slots until it fills)."""
         self._settle()
         if self.offset < self.capacity:
-            return _slice_tokens(self.keys, None, self.offset), _slice_tokens(self.values, None, self.offset)
+            return (_slice_tokens(self.keys, None, self.offset),
+                    _slice_tokens(self.values, None, self.offset))
         return self.keys, self.values
 
     # ------------------------------------------------------------ mlx-lm's interface
