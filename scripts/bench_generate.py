@@ -10,13 +10,15 @@ fits in ``--memory-gb``.
 
     # GPU: a Llama-3.2-3B-shaped model with random bf16 weights
     python scripts/bench_generate.py --shape llama-3b --contexts 4096,32768,131072 \
-        --kinds bf16,mse2,mse3,mse4,mse3w64 --out reports/generate
+        --kinds bf16,kv2,kv3,kv4,kv3w64 --out reports/generate
     # CPU: a real model (weights run in float32), a book as the prompt
     python scripts/bench_generate.py --model models/smollm2-135m --contexts 4096,16384 \
-        --kinds fp32,mse3,mse4 --text book.txt --out reports/generate_cpu
+        --kinds fp32,kv3,kv4 --text book.txt --out reports/generate_cpu
 
-Kinds: ``bf16``/``fp16``/``fp32`` (mlx-lm's KVCache, in the model's dtype), ``mse<b>``
-(``turboquant_mse`` b-bit), ``mse<b>w<W>`` (with a W-token fp16 window), ``k<b>v<c>``
+Kinds: ``bf16``/``fp16``/``fp32`` (mlx-lm's KVCache, in the model's dtype), ``kv<b>``
+(what ``--kv-bits b`` gives: ``turboquant_mse`` with b+1-bit keys and b-1-bit values),
+``mse<b>`` (b-bit keys and values), ``kv<b>w<W>``/``mse<b>w<W>`` (with a W-token fp16
+window), ``k<b>v<c>``
 (``turboquant_mse``, b-bit keys and c-bit values), ``affine<b>``
 (mlx-lm's ``--kv-bits b`` cache, compressed from the first token).
 """
@@ -39,7 +41,8 @@ from mlx_lm.models import cache as mlx_cache  # noqa: E402
 
 from bench_attention import llama_3b_shaped  # noqa: E402  (scripts/, beside this one)
 from mlx_lm_turbo import patch  # noqa: E402
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache  # noqa: E402
+from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
+from mlx_lm_turbo.config import TurboConfig, split_bits  # noqa: E402
 from mlx_lm_turbo.prompt_cache import make_prompt_cache  # noqa: E402
 
 
@@ -59,15 +62,23 @@ def load(args):
     return model, mx.array(ids[:n])
 
 
-def make_cache(model, kind: str):
-    """(cache list, generate_step keyword arguments) for a kind name."""
-    m = re.fullmatch(r"mse(\d)(?:w(\d+))?", kind)
+def kind_config(kind: str):
+    """The TurboConfig of an ``mse``/``kv``/``k<b>v<c>`` kind, or None for other kinds."""
+    m = re.fullmatch(r"(mse|kv)(\d)(?:w(\d+))?", kind)
     if m:
-        cfg = TurboConfig("turboquant_mse", int(m[1]), fp16_window=int(m[2] or 0))
-        return make_prompt_cache(model, cfg), {}
+        kb, vb = split_bits("turboquant_mse", int(m[2])) if m[1] == "kv" else (int(m[2]),) * 2
+        return TurboConfig("turboquant_mse", kb, "turboquant_mse", vb,
+                           fp16_window=int(m[3] or 0))
     m = re.fullmatch(r"k(\d)v(\d)", kind)
     if m:
-        cfg = TurboConfig("turboquant_mse", int(m[1]), "turboquant_mse", int(m[2]))
+        return TurboConfig("turboquant_mse", int(m[1]), "turboquant_mse", int(m[2]))
+    return None
+
+
+def make_cache(model, kind: str):
+    """(cache list, generate_step keyword arguments) for a kind name."""
+    cfg = kind_config(kind)
+    if cfg is not None:
         return make_prompt_cache(model, cfg), {}
     m = re.fullmatch(r"affine(\d)", kind)
     if m:
@@ -180,7 +191,7 @@ def main(argv=None) -> dict:
     src.add_argument("--model", help="an mlx-lm model folder (runs in float32)")
     ap.add_argument("--text", help="prompt text for --model (repeated to length)")
     ap.add_argument("--contexts", default="4096,32768,131072")
-    ap.add_argument("--kinds", default="bf16,mse2,mse3,mse4,mse3w64")
+    ap.add_argument("--kinds", default="bf16,kv2,kv3,kv4,kv3w64")
     ap.add_argument("--rounds", type=int, default=2,
                     help="warm rounds after first use (0: report first use, e.g. for memory)")
     ap.add_argument("--decode-tokens", type=int, default=64)

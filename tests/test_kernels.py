@@ -625,7 +625,8 @@ def test_in_place_generation_equals_slice_writes(monkeypatch):
 @gpu
 @pytest.mark.parametrize("kb,vb,D,Hq,Hkv,L,S", [(3, 3, 128, 32, 8, 1, 4133),
                                                 (2, 4, 128, 24, 8, 2, 999),
-                                                (4, 4, 64, 8, 1, 1, 20000)])
+                                                (4, 4, 64, 8, 1, 1, 20000),
+                                                (5, 3, 128, 24, 8, 1, 33000)])
 def test_mma_and_scalar_kernels_agree(kb, vb, D, Hq, Hkv, L, S, monkeypatch):
     c, keys, values = _filled_cache("mse", kb, "mse", vb, Hkv=Hkv, S=S, D=D)
     q = mx.random.normal((1, Hq, L, D)).astype(mx.bfloat16)
@@ -704,6 +705,8 @@ def _mma_emulated_error(q, keys, values, c, mask) -> float:
     (1, 1, 128, 2, 2, 3, 77, "causal", 528, mx.float32),    # one partial tile, 3 rows
     (3, 4, 128, 12, 4, 2, 1300, "causal", 7, mx.float16),   # GQA 3 x L 2 = 6 rows
     (2, 3, 64, 4, 2, 4, 1024, "causal", 2, mx.float16),     # last tile whole, causal keys
+    (5, 3, 128, 12, 4, 1, 700, None, 28, mx.bfloat16),      # --kv-bits 4: 10-bit pairs
+    (6, 4, 128, 8, 2, 2, 300, "causal", 528, mx.float16),   # --kv-bits 5
 ])
 def test_emulated_mma_kernel_matches_reference(kb, vb, D, Hq, Hkv, L, S, mask, blocks, dtype,
                                                monkeypatch):
@@ -744,6 +747,7 @@ def test_emulated_mma_kernel_rising_scores(monkeypatch):
     (4, 2, 128, 8, 1, 1, 517, 2, mx.bfloat16),     # 8 rows, splits of several tiles
     (3, 3, 128, 2, 2, 3, 300, 528, mx.float32),    # 3 query rows, a partial last split
     (3, 3, 128, 3, 1, 1, 2700, 528, mx.bfloat16),  # 22 splits: two merge levels (16 + 6)
+    (5, 3, 128, 12, 4, 1, 1300, 28, mx.bfloat16),  # 5-bit keys
 ])
 def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, blocks, dtype,
                                                   monkeypatch):
@@ -773,6 +777,7 @@ def test_emulated_folded_decode_matches_reference(kb, vb, D, Hq, Hkv, L, S, bloc
     (3, 3, 12, 4, 1299, 28, mx.bfloat16, False),   # GQA 3, the token last of a 256-key split
     (4, 2, 8, 2, 384, 528, mx.float16, False),     # the token alone in its split (S = 3 * 128)
     (3, 3, 12, 4, 700, 28, mx.bfloat16, True),     # key statistics (the default)
+    (5, 3, 12, 4, 700, 28, mx.bfloat16, True),     # --kv-bits 4 (K5/V3)
 ])
 def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, dtype, stats,
                                                    monkeypatch):
@@ -810,7 +815,7 @@ def test_emulated_appending_decode_codes_the_token(kb, vb, Hq, Hkv, S, blocks, d
 
 
 def test_plan_chooses_mma_kernel(monkeypatch):
-    """mse keys and values at <= 4 bits, <= 8 rows and whole-word key quarters: the mma
+    """mse keys at <= 6 bits and values at <= 4, <= 8 rows and whole-word key quarters: the mma
     kernel (short sequences too); otherwise, or with plan.USE_MMA off, the scalar one."""
     def rep(km, kb, vm, vb, D=128, Hq=8, Hkv=2, L=1, S=300):
         c, keys, values = _filled_cache(km, kb, vm, vb, Hkv=Hkv, S=S, D=D)
@@ -824,7 +829,7 @@ def test_plan_chooses_mma_kernel(monkeypatch):
     assert not planning.mma_aligned(4, 128, 128, 4, 4, cuda)
     assert rep("mse", 3, "mse", 3, D=64) is None       # a 48-bit key quarter
     assert rep("mse", 2, "mse", 3, D=64) is not None
-    assert rep("mse", 5, "mse", 3) is None
+    assert rep("mse", 5, "mse", 3) == 3                # 1024-entry key tables: 8 copies
     assert rep("rvq", 2, "mse", 3) is None
     assert rep("mse", 3, "mse", 3, Hq=8, Hkv=2, L=3) is None   # 12 rows
     monkeypatch.setattr(planning, "USE_MMA", False)

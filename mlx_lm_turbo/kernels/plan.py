@@ -94,12 +94,13 @@ def row_blocking(R: int, D: int, DV: int, nc: int, wv: int, nv: int, vb: int,
 def mma_rep(kc, vc, R: int, D: int, DV: int, kb: int, vb: int,
             budget: int) -> Optional[int]:
     """log2 of the copies of each pair table (key and value alike) of the matrix-unit
-    kernel (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it does
-    not apply: more than 8 rows, bits above 4, a key quarter not whole words, a lane's
-    value bits not within two words, or tables that do not fit ``budget``."""
+    kernel (DECODE_MMA_BODY) for mse keys and values with Hadamard keys, or None where it
+    does not apply: more than 8 rows, keys above 6 bits or values above 4, a key quarter
+    not whole words, a lane's value bits not within two words, or tables that do not fit
+    ``budget``."""
     if kc.METHOD != "turboquant_mse" or vc.METHOD != "turboquant_mse":
         return None
-    if kc.rotation.signs is None or R > 8 or not (1 <= kb <= 4 and 1 <= vb <= 4):
+    if kc.rotation.signs is None or R > 8 or not (1 <= kb <= 6 and 1 <= vb <= 4):
         return None
     if D % 16 or DV % 16 or (D // 4) * kb % 32:
         return None

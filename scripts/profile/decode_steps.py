@@ -1,13 +1,14 @@
 """Per-token decode times right after a real prompt prefill through mlx-lm's
 ``generate_step`` (the Llama-3.2-3B-shaped model of ``bench_attention.py``): bf16 against
-``turboquant_mse`` with and without key statistics, each run's token times kept, first use
+``turboquant_mse`` kinds with and without key statistics, each run's token times kept, first use
 apart. Where ``bench_generate.py`` gives one tok/s per run, this shows how the step time
 moves within and between runs.
 
-    python scripts/profile/decode_steps.py --context 32768 --kinds bf16,mse3,mse3raw --rounds 2
+    python scripts/profile/decode_steps.py --context 32768 --kinds bf16,kv3,kv3raw,kv4 --rounds 2
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -23,18 +24,23 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models import cache as mlx_cache  # noqa: E402
 
 from bench_attention import llama_3b_shaped  # noqa: E402
+from bench_generate import kind_config  # noqa: E402
 from mlx_lm_turbo import patch  # noqa: E402
-from mlx_lm_turbo.config import TurboConfig  # noqa: E402
 from mlx_lm_turbo.prompt_cache import make_prompt_cache  # noqa: E402
 
 
 def make_cache(model, kind: str):
-    """``bf16``, ``mse<b>`` (default key statistics) or ``mse<b>raw`` (none)."""
+    """``bf16``, or a ``bench_generate`` kind (``kv3``, ``mse3``, ``k5v3``, ...) with the
+    default key statistics, or with none when it ends in ``raw``."""
     if kind == "bf16":
         return mlx_cache.make_prompt_cache(model)
-    stats = not kind.endswith("raw")
-    return make_prompt_cache(model, TurboConfig("turboquant_mse", int(kind[3]),
-                                                center_keys=stats, scale_keys=stats))
+    raw = kind.endswith("raw")
+    cfg = kind_config(kind[:-3] if raw else kind)
+    if cfg is None:
+        raise ValueError(f"unknown kind {kind!r}")
+    if raw:
+        cfg = dataclasses.replace(cfg, center_keys=False, scale_keys=False)
+    return make_prompt_cache(model, cfg)
 
 
 def run(model, prompt, kind: str, tokens: int) -> dict:
@@ -58,7 +64,7 @@ def run(model, prompt, kind: str, tokens: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--kinds", default="bf16,mse3,mse3raw")
+    ap.add_argument("--kinds", default="bf16,kv3,kv3raw,kv4")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--layers", type=int, default=28, help="fewer for a quick try")
