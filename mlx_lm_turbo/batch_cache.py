@@ -126,18 +126,7 @@ class BatchTurboKVCache(TurboKVCache):
         padding = [max_length - n for n in lengths]
         src = next((c for c in caches if c.key_codec is not None), caches[0])
         batch = cls.like(src, padding)
-        for c in caches:   # every row's keys must share one s and μ from here on
-            c.fix_statistics()
-        with_mean = [c for c in caches if c.key_mean is not None]
-        if with_mean:
-            m0 = with_mean[0].key_mean
-            zero = mx.zeros((1, *m0.shape[1:]), m0.dtype)
-            batch.key_mean = mx.concatenate(
-                [c.key_mean if c.key_mean is not None else zero for c in caches], axis=0)
-            batch.key_scale = mx.concatenate(
-                [c.key_scale if c.key_scale is not None else zero + 1 for c in caches], axis=0)
-            batch._has_mean = [c.key_scale is not None or (c.key_mean is not None and not (
-                c.center_keys or c.scale_keys)) for c in caches]
+        batch._merge_statistics(caches)
         if max_length == 0:
             batch._log("merge")
             return batch
@@ -164,8 +153,36 @@ class BatchTurboKVCache(TurboKVCache):
         batch._log("merge")
         return batch
 
+    def _merge_statistics(self, caches: List[TurboKVCache]) -> None:
+        """The rows' key statistics (s, μ/s), fixed in each request first: every row's
+        keys share one s and μ from here on."""
+        for c in caches:
+            c.fix_statistics()
+        with_mean = [c for c in caches if c.key_mean is not None]
+        if with_mean:
+            m0 = with_mean[0].key_mean
+            zero = mx.zeros((1, *m0.shape[1:]), m0.dtype)
+            self.key_mean = mx.concatenate(
+                [c.key_mean if c.key_mean is not None else zero for c in caches], axis=0)
+            self.key_scale = mx.concatenate(
+                [c.key_scale if c.key_scale is not None else zero + 1 for c in caches], axis=0)
+            self._has_mean = [c.key_scale is not None or (c.key_mean is not None and not (
+                c.center_keys or c.scale_keys)) for c in caches]
+
     def filter(self, batch_indices: List[int]) -> None:
         """In place: keep the given rows (then drop the common left padding)."""
+        if not self._keep_rows(batch_indices):
+            return
+        min_left = min(self.left_padding.tolist())
+        if min_left > 0:
+            if self.keys is not None:
+                self.keys = {n: a[:, :, min_left:] for n, a in self.keys.items()}
+                self.values = {n: a[:, :, min_left:] for n, a in self.values.items()}
+            self._idx -= min_left
+            self.left_padding = self.left_padding - min_left
+
+    def _keep_rows(self, batch_indices: List[int]) -> bool:
+        """Keep the given rows of every per-row array; False when none is left."""
         idx = mx.array(batch_indices, dtype=mx.int32) if len(batch_indices) else None
         if idx is None:
             self.keys = self.values = self.key_mean = self.key_scale = None
@@ -174,7 +191,7 @@ class BatchTurboKVCache(TurboKVCache):
             self.left_padding = self.left_padding[:0]
             self._has_mean = []
             self._idx = 0
-            return
+            return False
         if self.keys is not None:
             self.keys = {n: a[idx] for n, a in self.keys.items()}
             self.values = {n: a[idx] for n, a in self.values.items()}
@@ -187,24 +204,15 @@ class BatchTurboKVCache(TurboKVCache):
         self.offset = self.offset[idx]
         self.left_padding = self.left_padding[idx]
         self._has_mean = [self._has_mean[i] for i in batch_indices]
-        min_left = min(self.left_padding.tolist())
-        if min_left > 0:
-            if self.keys is not None:
-                self.keys = {n: a[:, :, min_left:] for n, a in self.keys.items()}
-                self.values = {n: a[:, :, min_left:] for n, a in self.values.items()}
-            self._idx -= min_left
-            self.left_padding = self.left_padding - min_left
+        return True
 
-    def extend(self, other: "BatchTurboKVCache") -> None:
-        """In place: append the rows of ``other`` (right-justified to a common index)."""
-        if self.key_codec is not None and other.key_codec is not None \
-                and _codec_key(self) != _codec_key(other):
-            raise ValueError("cannot batch TurboKVCaches of different method/bits/seed/layer")
+    def _extend_statistics(self, other: "BatchTurboKVCache") -> None:
+        """Take other's codecs if this batch has none; stack the rows' key statistics,
+        (μ = 0, s = 1 for rows that have none yet)."""
         if self.key_codec is None and other.key_codec is not None:
             self.key_codec, self.value_codec = other.key_codec, other.value_codec
             self.dtype = other.dtype
         n_self, n_other = self.batch_size, other.batch_size
-        # key means, zeros for rows that have none yet
         if self.key_mean is not None or other.key_mean is not None:
             ref = self.key_mean if self.key_mean is not None else other.key_mean
 
@@ -217,10 +225,18 @@ class BatchTurboKVCache(TurboKVCache):
             self.key_scale = mx.concatenate([rows(self, n_self, "key_scale", 1),
                                              rows(other, n_other, "key_scale", 1)])
         self._has_mean = self._has_mean + other._has_mean
+
+    def extend(self, other: "BatchTurboKVCache") -> None:
+        """In place: append the rows of ``other`` (right-justified to a common index)."""
+        if self.key_codec is not None and other.key_codec is not None \
+                and _codec_key(self) != _codec_key(other):
+            raise ValueError("cannot batch TurboKVCaches of different method/bits/seed/layer")
+        self._extend_statistics(other)
         if self.keys is None and other.keys is None:
             self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
             self.offset = mx.concatenate([self.offset, other.offset])
             return
+        n_self, n_other = self.batch_size, other.batch_size
         max_idx = max(self._idx, other._idx)
         ref = self if self.keys is not None else other
         max_size = max(c.capacity for c in (self, other))

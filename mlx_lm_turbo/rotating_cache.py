@@ -20,17 +20,21 @@ With an fp16 window, attention gets the ring in temporal order (a copy of the co
 per call): the window's copies are the newest tokens, which the window rule reads as
 the last columns.
 
-The batch form (mlx-lm's BatchGenerator, i.e. the server) is mlx-lm's fp16
-BatchRotatingKVCache: ``merge`` decodes the rows (warning once); see the README.
+The batch form (mlx-lm's BatchGenerator, i.e. the server) is BatchTurboRotatingKVCache:
+mlx-lm's ``BatchRotatingKVCache`` over packed codes, with per-row key statistics as in
+BatchTurboKVCache. Requests with an fp16 window or ``keep`` > 0 are batched by mlx-lm's
+fp16 BatchRotatingKVCache from their decoded rows (one warning).
 """
 
 import json
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchRotatingKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchRotatingKVCache, KVCache, RotatingKVCache, dynamic_roll
 
+from .batch_cache import (BatchTurboKVCache, _cat_packed, _codec_key, _pad_tokens,
+                          _zeros_like_rows)
 from .cache import TurboConfig, TurboKVCache, _slice_tokens
 
 
@@ -53,9 +57,9 @@ def _warn_batch_once() -> None:
     global _warned_batch
     if not _warned_batch:
         _warned_batch = True
-        warnings.warn("mlx_lm_turbo: batched sliding-window layers (server) are held in "
-                      "fp16 (mlx-lm's BatchRotatingKVCache); single requests are "
-                      "compressed.", stacklevel=3)
+        warnings.warn("mlx_lm_turbo: batched sliding-window layers with an fp16 window or "
+                      "keep > 0 are held in fp16 (mlx-lm's BatchRotatingKVCache); single "
+                      "requests are compressed.", stacklevel=3)
 
 
 class TurboRotatingKVCache(TurboKVCache):
@@ -181,7 +185,11 @@ class TurboRotatingKVCache(TurboKVCache):
 
     @classmethod
     def merge(cls, caches: list):
-        """mlx-lm's fp16 batch form, from each row decoded (the server's batches)."""
+        """The batch form for the server: BatchTurboRotatingKVCache; mlx-lm's fp16 one from
+        the decoded rows where a request has an fp16 window or keeps tokens."""
+        if all(isinstance(c, TurboRotatingKVCache) and not c.fp16_window and not c.keep
+               for c in caches):
+            return BatchTurboRotatingKVCache.merge(caches)
         _warn_batch_once()
         return BatchRotatingKVCache.merge(
             [c.to_fp16() if isinstance(c, TurboRotatingKVCache) else c for c in caches])
@@ -252,3 +260,267 @@ def compress_layer(c, config: TurboConfig, layer: int):
         return TurboRotatingKVCache.from_rotating(c, config, layer)
     return c
 
+
+
+def _roll(packed: dict, shift: int) -> dict:
+    return {n: mx.roll(a, shift, axis=2) for n, a in packed.items()}
+
+
+def _roll_rows(packed: dict, shifts: mx.array) -> dict:
+    return {n: dynamic_roll(a, shifts[:, None], axis=2) for n, a in packed.items()}
+
+
+def _tokens(packed: dict) -> int:
+    return next(iter(packed.values())).shape[2]
+
+
+class BatchTurboRotatingKVCache(BatchTurboKVCache):
+    """mlx-lm's BatchRotatingKVCache over packed codes: the same ring moves (trim to
+    ``max_size - 1`` before a block, ring writes and rotation of single tokens, rolls of
+    right-padded rows), applied to every packed array along the token axis, and its
+    ``make_mask``. Key statistics per row as in BatchTurboKVCache; no fp16 window."""
+
+    def __init__(self, max_size: int, left_padding: List[int], *args, **kwargs):
+        super().__init__(left_padding, *args, **kwargs)
+        self.max_size = max_size
+        self._offset = 0           # tokens written (padding included)
+        self.rotated = False
+        self._ends = None          # right-padded prefill: each row's last real position
+        self._block_start = None   # rows' positions at the block being coded
+
+    @classmethod
+    def like(cls, c: TurboKVCache, left_padding: List[int]) -> "BatchTurboRotatingKVCache":
+        b = cls(c.max_size, left_padding, c.key_method, c.key_bits, c.value_method,
+                c.value_bits, c.seed, c.layer, c.center_keys, 0, c.scale_keys)
+        b.key_codec, b.value_codec, b.dtype = c.key_codec, c.value_codec, c.dtype
+        return b
+
+    @classmethod
+    def merge(cls, caches: list) -> "BatchTurboRotatingKVCache":
+        """Each request's ring in temporal order, left-padded to the longest."""
+        keys0 = _codec_key(caches[0])
+        if any(_codec_key(c) != keys0 or c.max_size != caches[0].max_size for c in caches):
+            raise ValueError("cannot batch sliding-window caches of different settings")
+        lengths = [c.size() for c in caches]
+        max_length = max(lengths)
+        padding = [max_length - n for n in lengths]
+        src = next((c for c in caches if c.key_codec is not None), caches[0])
+        batch = cls.like(src, padding)
+        batch._merge_statistics(caches)
+        if max_length == 0:
+            return batch
+        kref, vref = next(c.keys_and_values() for c in caches if c.size())
+        kparts, vparts = [], []
+        for c, n, p in zip(caches, lengths, padding):
+            if n == 0:
+                kparts.append(_pad_tokens(_slice_tokens(kref, None, 0), max_length, 0))
+                vparts.append(_pad_tokens(_slice_tokens(vref, None, 0), max_length, 0))
+                continue
+            k, v = (c._temporal(d) for d in c.keys_and_values())
+            kparts.append(_pad_tokens(_slice_tokens(k, _tokens(k) - n), p, 0))
+            vparts.append(_pad_tokens(_slice_tokens(v, _tokens(v) - n), p, 0))
+        batch.keys, batch.values = _cat_packed(kparts, 0), _cat_packed(vparts, 0)
+        batch.offset = mx.array([c.offset for c in caches], dtype=mx.int32)
+        batch._idx = batch._offset = max_length
+        batch._log("merge")
+        return batch
+
+    # ------------------------------------------------------------ updates
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.key_codec is None:
+            self._make_codecs(keys.shape[-1], values.shape[-1])
+            self.dtype = keys.dtype
+        if not all(self._has_mean):
+            self._block_start = self.offset.tolist()
+            self._update_means(keys, 0)
+        keys = self._scaled(keys)   # held as k/s, as in TurboKVCache
+        self._settle()
+        k, v = self._encode(keys, values)
+        if keys.shape[2] == 1:
+            self._write_ring(k, v)
+        else:
+            self._write_block(k, v)
+        return self.keys_and_values()
+
+    def _valid_range(self, i: int, start: int, n: int, left_padding: list) -> tuple:
+        """Columns of the block holding row i's real tokens (positions >= 0 and, in a
+        right-padded prefill, before the row's end)."""
+        at = self._block_start[i]
+        hi = n if self._ends is None else min(n, self._ends[i] - at)
+        return max(0, -at), hi
+
+    def _temporal_order(self) -> None:
+        if self.rotated:
+            self.keys, self.values = _roll(self.keys, -self._idx), _roll(self.values, -self._idx)
+            self._idx = self.capacity
+            self.rotated = False
+
+    def _roll_right_padded(self) -> None:
+        """Rows whose real tokens ended before the block's: their padding moves to the
+        left, where trimming cannot drop real tokens."""
+        shift = mx.maximum(0, self.offset - mx.array(self._ends, dtype=mx.int32))
+        self.keys, self.values = _roll_rows(self.keys, shift), _roll_rows(self.values, shift)
+        self.left_padding = self.left_padding + shift
+        self.offset = self.offset - shift
+
+    def _write_block(self, k: dict, v: dict) -> None:
+        """BatchRotatingKVCache._update_concat: at most max_size - 1 old tokens stay, so
+        each query of the block sees max_size keys."""
+        n = _tokens(k)
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self._temporal_order()
+            if self.capacity > self._idx:
+                self.keys = _slice_tokens(self.keys, None, self._idx)
+                self.values = _slice_tokens(self.values, None, self._idx)
+            if self._ends is not None:
+                self._roll_right_padded()
+            trim = max(0, self._idx - self.max_size + 1)
+            self.left_padding = self.left_padding - trim
+            self.keys = _cat_packed([_slice_tokens(self.keys, trim), k], 2)
+            self.values = _cat_packed([_slice_tokens(self.values, trim), v], 2)
+        self.offset = self.offset + n
+        self._offset += n
+        self._idx = self.capacity
+
+    def _write_ring(self, k: dict, v: dict) -> None:
+        """BatchRotatingKVCache._update_in_place: grow to max_size, then write round."""
+        if self._ends is not None:
+            raise RuntimeError("finalize() must come before decoding")
+        prev = self._offset
+        if self.keys is None or (prev >= self.capacity and self.capacity < self.max_size):
+            grow = min(self.step, self.max_size - prev)
+            zk, zv = _zeros(k, grow), _zeros(v, grow)
+            if self.keys is None:
+                self.keys, self.values = zk, zv
+            else:
+                self.keys = _cat_packed([self.keys, zk], 2)
+                self.values = _cat_packed([self.values, zv], 2)
+            self._idx = prev
+        trim = self.capacity - self.max_size
+        if trim > 0:
+            self.keys = _slice_tokens(self.keys, trim)
+            self.values = _slice_tokens(self.values, trim)
+            self._idx = self.max_size
+            self.left_padding = self.left_padding - trim
+        if self._idx == self.max_size:
+            self.rotated, self._idx = True, 0
+        if self.rotated:
+            self.left_padding = self.left_padding - 1
+        for store, fresh in ((self.keys, k), (self.values, v)):
+            for name, a in fresh.items():
+                store[name][:, :, self._idx:self._idx + 1] = a
+        self._offset += 1
+        self.offset = self.offset + 1
+        self._idx += 1
+
+    def keys_and_values(self):
+        if self._offset < self.capacity:
+            return (_slice_tokens(self.keys, None, self._offset),
+                    _slice_tokens(self.values, None, self._offset))
+        return self.keys, self.values
+
+    # ------------------------------------------------------------ batching
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
+        if left_padding is not None:
+            if self.keys is not None:
+                raise ValueError("Left padding can only be added to an empty batch cache")
+            lp = mx.array(left_padding, dtype=mx.int32)
+            self.left_padding = self.left_padding + lp
+            self.offset = self.offset - lp
+        if right_padding is not None and max(right_padding) > 0:
+            self._ends = (mx.array(lengths, dtype=mx.int32) + self.offset).tolist()
+
+    def finalize(self) -> None:
+        if self._ends is not None:
+            if self.keys is not None:
+                self._roll_right_padded()
+            self._ends = None
+
+    def filter(self, batch_indices: List[int]) -> None:
+        """In place: keep the given rows (the ring keeps its layout)."""
+        if not self._keep_rows(batch_indices):
+            self._offset, self.rotated = 0, False
+
+    def extend(self, other: "BatchTurboRotatingKVCache") -> None:
+        """In place: append other's rows, both rings aligned at one write index."""
+        if self.key_codec is not None and other.key_codec is not None \
+                and (_codec_key(self) != _codec_key(other) or self.max_size != other.max_size):
+            raise ValueError("cannot batch sliding-window caches of different settings")
+        n_self, n_other = self.batch_size, other.batch_size
+        self._extend_statistics(other)
+        if self.keys is None and other.keys is None:
+            self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
+            self.offset = mx.concatenate([self.offset, other.offset])
+            return
+        if self.rotated != other.rotated or self._idx != other._idx:
+            self._temporal_order()
+            other._temporal_order()
+        max_idx = max(self._idx, other._idx)
+        size = max(c.capacity for c in (self, other))
+        ref = self if self.keys is not None else other
+
+        def pad(c, rows):
+            if c.keys is None:   # (rows of the other batch's shape, no tokens)
+                k, v = _zeros_like_rows(ref.keys, rows, 0), _zeros_like_rows(ref.values, rows, 0)
+            else:
+                k, v = c.keys, c.values
+            left = max_idx - c._idx
+            right = size - _tokens(k) - left
+            if right < 0:
+                k, v = _slice_tokens(k, None, right), _slice_tokens(v, None, right)
+                right = 0
+            return _pad_tokens(k, left, right), _pad_tokens(v, left, right), c.left_padding + left
+
+        ks, vs, lp = pad(self, n_self)
+        ko, vo, lo = pad(other, n_other)
+        self.keys, self.values = _cat_packed([ks, ko], 0), _cat_packed([vs, vo], 0)
+        self.left_padding = mx.concatenate([lp, lo])
+        self.offset = mx.concatenate([self.offset, other.offset])
+        self._idx = max_idx
+        self._offset = max(self._offset, other._offset)
+        self._log("extend")
+
+    def extract(self, idx: int) -> TurboRotatingKVCache:
+        """Row ``idx`` as a single-request TurboRotatingKVCache (temporal order)."""
+        c = TurboRotatingKVCache(self.key_method, self.key_bits, self.value_method,
+                                 self.value_bits, self.seed, self.layer, self.center_keys, 0,
+                                 self.scale_keys, max_size=self.max_size)
+        c.key_codec, c.value_codec, c.dtype = self.key_codec, self.value_codec, self.dtype
+        if self.key_mean is not None and self._has_mean[idx]:
+            c.key_mean = mx.contiguous(self.key_mean[idx:idx + 1])
+            if self.center_keys or self.scale_keys:
+                c.key_scale = mx.contiguous(self.key_scale[idx:idx + 1])
+        c.offset = self.offset[idx].item()
+        if self.keys is None:
+            return c
+        pad = max(0, self.left_padding[idx].item())
+        k = {n: a[idx:idx + 1] for n, a in self.keys.items()}
+        v = {n: a[idx:idx + 1] for n, a in self.values.items()}
+        end = self._idx
+        if self.rotated:
+            k, v, end = _roll(k, -self._idx), _roll(v, -self._idx), self.max_size
+        c.keys = {n: mx.contiguous(a[:, :, pad:end]) for n, a in k.items()}
+        c.values = {n: mx.contiguous(a[:, :, pad:end]) for n, a in v.items()}
+        c._idx = _tokens(c.keys)
+        c._inplace = False
+        return c
+
+    # ------------------------------------------------------------ cache API
+    def size(self) -> int:
+        return min(self._offset, self.max_size)
+
+    def is_trimmable(self) -> bool:
+        return self._offset < self.max_size
+
+    def trim(self, n: int) -> int:
+        n = min(self._offset, n)
+        self._offset -= n
+        self._idx -= n
+        self.offset = self.offset - n
+        return n
+
+    def make_mask(self, N: int, window_size: Optional[int] = None,
+                  return_array: bool = False):
+        return BatchRotatingKVCache.make_mask(self, N, window_size, return_array)

@@ -140,6 +140,69 @@ def test_ring_layout_follows_mlx_lm(keep):
             assert not isinstance(want, mx.array) or mx.array_equal(got, want)
 
 
+def _same_batch(fp16, turbo, got=None, want=None) -> None:
+    """The batch ring of codes matches mlx-lm's fp16 one: bookkeeping, slots, masks."""
+    assert (turbo._idx, turbo._offset, turbo.rotated) == (fp16._idx, fp16._offset, fp16.rotated)
+    assert turbo.offset.tolist() == fp16.offset.tolist()
+    assert turbo.left_padding.tolist() == fp16.left_padding.tolist()
+    got = turbo.keys_and_values() if got is None else got
+    want = fp16.keys_and_values() if want is None else want
+    for codec, t, r in zip((turbo.key_codec, turbo.value_codec), got, want):
+        assert mx.abs(codec.decode(t) - r).max().item() < 0.05
+    for n in (1, 5):
+        for window in (None, WINDOW // 2):
+            assert mx.array_equal(turbo.make_mask(n, window_size=window),
+                                  fp16.make_mask(n, window_size=window))
+
+
+def test_batch_ring_follows_mlx_lm():
+    """BatchTurboRotatingKVCache against mlx-lm's BatchRotatingKVCache through what the
+    server does: left-padded and right-padded prefills, decoding past the window,
+    filter, extend with a batch at another ring index, extract and merge."""
+    from mlx_lm.models.cache import BatchRotatingKVCache
+
+    from mlx_lm_turbo.rotating_cache import BatchTurboRotatingKVCache
+
+    mx.random.seed(4)
+
+    def step(pairs, n):
+        k, v = (mx.random.normal((pairs[0][1].batch_size, 2, n, 32)) for _ in range(2))
+        out = [c.update_and_fetch(k, v) for c in pairs[0]]
+        _same_batch(pairs[0][0], pairs[0][1], out[1], out[0])
+
+    a = (BatchRotatingKVCache(WINDOW, [0, 0, 0]),
+         BatchTurboRotatingKVCache(WINDOW, [0, 0, 0], "turboquant_mse", 8))
+    for c in a:
+        c.prepare(left_padding=[3, 0, 5])
+    for n in (10, 1, 1, 15, *[1] * 30, 12, *[1] * 9):
+        step([a], n)
+    b = (BatchRotatingKVCache(WINDOW, [0, 0]),
+         BatchTurboRotatingKVCache(WINDOW, [0, 0], "turboquant_mse", 8))
+    for c in b:   # a right-padded prompt: rows of 7 and 4 tokens
+        c.prepare(lengths=[7, 4], right_padding=[0, 3])
+    step([b], 7)
+    for c in b:
+        c.finalize()
+    step([b], 1)
+    for c in a:
+        c.filter([0, 2])
+    _same_batch(*a)
+    a[0].extend(b[0])
+    a[1].extend(b[1])
+    _same_batch(*a)
+    for n in (1,) * 20:
+        step([a], n)
+    want, got = a[0].extract(3), a[1].extract(3)
+    assert (got.offset, got._idx, got.size()) == (want.offset, want._idx, want.size())
+    assert mx.abs(got.key_codec.decode(got.keys) - want.keys).max().item() < 0.05
+    merged = (BatchRotatingKVCache.merge([a[0].extract(i) for i in (0, 2)]),
+              TurboRotatingKVCache.merge([a[1].extract(i) for i in (0, 2)]))
+    assert type(merged[1]) is BatchTurboRotatingKVCache
+    _same_batch(*merged)
+    step([merged], 3)
+    step([merged], 1)
+
+
 def test_keep_tokens_and_blocks_after_the_ring_wrapped():
     """mlx-lm's default for --max-kv-size (keep=4), a prefill after decode steps wrapped
     the ring, then more decode steps: the same next-token logits as fp16."""
@@ -244,14 +307,14 @@ def test_ratequant_allocates_over_sliding_window_layers():
     assert (caches[0].key_bits, caches[0].value_bits) == config.layer_bits[0]
 
 
-def test_server_batches_sliding_window_requests():
-    """mlx-lm's BatchGenerator (the server's batching) over our caches: the full-attention
-    layer batches compressed, the sliding-window layer in fp16 (one warning); each
-    request's tokens are mostly those of its own run with mlx-lm's fp16 caches."""
+def test_server_batches_sliding_window_requests(recwarn):
+    """mlx-lm's BatchGenerator (the server's batching) over our caches: both layers batch
+    compressed; each request's tokens are mostly those of its own run with mlx-lm's
+    fp16 caches."""
     from mlx_lm.generate import BatchGenerator, generate_step
 
-    from mlx_lm_turbo import rotating_cache
     from mlx_lm_turbo.batch_cache import BatchTurboKVCache
+    from mlx_lm_turbo.rotating_cache import BatchTurboRotatingKVCache
 
     model = sliding_llama()
     prompts = [prompt(40).tolist(), [3, 5], prompt(7).tolist()]
@@ -262,22 +325,34 @@ def test_server_batches_sliding_window_requests():
         plain.append([int(y) for (y, _), _ in zip(steps, range(n))])
     patch.apply()
     patch.set_config(CONFIG8)
-    rotating_cache._warned_batch = False
     gen = BatchGenerator(model, max_tokens=n)
     uids = gen.insert(prompts, max_tokens=[n] * len(prompts))
     out, kinds = {u: [] for u in uids}, set()
-    with pytest.warns(UserWarning, match="batched sliding-window layers"):
-        while True:
-            prompt_responses, responses = gen.next()
-            if not prompt_responses and not responses:
-                break
-            if gen._generation_batch is not None and len(gen._generation_batch):
-                kinds.add(tuple(type(c) for c in gen._generation_batch.prompt_cache))
-            for r in responses:
-                out[r.uid].append(r.token)
-    assert (mlx_cache.BatchRotatingKVCache, BatchTurboKVCache) in kinds
+    while True:
+        prompt_responses, responses = gen.next()
+        if not prompt_responses and not responses:
+            break
+        if gen._generation_batch is not None and len(gen._generation_batch):
+            kinds.add(tuple(type(c) for c in gen._generation_batch.prompt_cache))
+        for r in responses:
+            out[r.uid].append(r.token)
+    assert kinds == {(BatchTurboRotatingKVCache, BatchTurboKVCache)}
+    assert not [w for w in recwarn if "sliding-window" in str(w.message)]
     same = sum(a == b for u, p in zip(uids, plain) for a, b in zip(out[u], p))
     assert all(len(out[u]) == n for u in uids) and same >= SAME * n * len(prompts)
+
+
+def test_batch_with_an_fp16_window_is_fp16_with_one_warning():
+    from mlx_lm_turbo import rotating_cache
+
+    rotating_cache._warned_batch = False
+    caches = [TurboRotatingKVCache.from_config(TurboConfig("turboquant_mse", 4, fp16_window=4),
+                                               0, WINDOW) for _ in range(2)]
+    for c in caches:
+        c.update_and_fetch(*(mx.random.normal((1, 2, 6, 32)) for _ in range(2)))
+    with pytest.warns(UserWarning, match="batched sliding-window layers"):
+        batch = TurboRotatingKVCache.merge(caches)
+    assert type(batch) is mlx_cache.BatchRotatingKVCache and batch.offset.tolist() == [6, 6]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ (C++20) not available")
