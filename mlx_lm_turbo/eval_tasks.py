@@ -200,12 +200,13 @@ def nominal_bits(caches: list) -> float:
 
 # ----------------------------------------------------------------------------- model + data
 
-def load_model(path: str):
-    """Load with mlx-lm, dequantize the weights and run in float32 (fast on CPU)."""
+def load_model(path: str, model_config: Optional[dict] = None):
+    """Load with mlx-lm (``model_config`` overrides config.json entries), dequantize the
+    weights and run in float32 (fast on CPU)."""
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
 
-    model, tokenizer = load(path)
+    model, tokenizer = load(path, model_config=model_config or {})
     model = dequantize_model(model)
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())

@@ -1,79 +1,96 @@
 """Sliding-window layers compressed end to end: SmolLM2 loaded with Gemma-3-style layer
 types (5 sliding-window layers of 512 tokens, then 1 full-attention layer, five times),
-a 2048-token book prompt, the greedy continuation with mlx-lm's fp16 caches and with
-``--kv-method`` compression of every layer.
+a 2048-token prompt from a book, then decoding past the window with mlx-lm's caches and
+with every layer compressed (our flags, weights dequantized, float32).
 
-    python scripts/check_rotating.py [--model models/smollm2-135m] [--bits 4]
+    python scripts/check_rotating.py --model models/smollm2-135m --text book.txt \
+        --kv-method turboquant_mse --kv-bits 4
 
-Prints the cache classes, the KV bytes held by each run's caches, and both continuations.
+Prints the cache classes, the KV bytes held, the mean negative log-likelihood of the
+book's next ``--nll-tokens`` tokens read one at a time through each cache (teacher
+forced: every one past the window), and both greedy continuations.
 """
 
 import argparse
+import math
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.utils import load
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_lm_turbo.cache import TurboConfig, TurboKVCache  # noqa: E402
+from mlx_lm_turbo.cache import TurboKVCache  # noqa: E402
+from mlx_lm_turbo.config import add_arguments, config_from_args  # noqa: E402
+from mlx_lm_turbo.eval_tasks import load_model  # noqa: E402
 from mlx_lm_turbo.prompt_cache import make_prompt_cache as make_turbo_cache  # noqa: E402
 
 LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 5
 WINDOW = 512
 
 
-def continuation(model, prompt: mx.array, caches: list, n: int) -> tuple:
-    t0 = time.perf_counter()
-    steps = generate_step(prompt, model, prompt_cache=caches, max_tokens=n)
-    tokens = [int(y) for y, _ in steps]
-    return tokens, time.perf_counter() - t0
+def greedy(model, prompt: mx.array, caches: list, n: int) -> list:
+    return [int(y) for y, _ in generate_step(prompt, model, prompt_cache=caches, max_tokens=n)]
+
+
+def next_token_nll(model, prompt: mx.array, text: mx.array, caches: list) -> float:
+    """Mean NLL of ``text`` after ``prompt``, the prompt in one block, then a token at a
+    time (the decode path)."""
+    logits = model(prompt[None], cache=caches)[0, -1]
+    total = 0.0
+    for i in range(text.size):
+        total += (mx.logsumexp(logits) - logits[text[i]]).item()
+        logits = model(text[i:i + 1][None], cache=caches)[0, -1]
+    return total / text.size
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
-    p.add_argument("--text", default=str(ROOT.parent / "shared" / "data"
-                                         / "book_pride_and_prejudice.txt"))
-    p.add_argument("--method", default="turboquant_mse")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True, help="a long text (a book)")
+    p.add_argument("--start", type=int, default=20000, help="first prompt token in the text")
     p.add_argument("--prompt-tokens", type=int, default=2048)
-    p.add_argument("--tokens", type=int, default=40)
+    p.add_argument("--nll-tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=40, help="greedy continuation length")
+    p.add_argument("--kv-bits", type=int, default=None, help="as mlx_lm.generate's")
+    add_arguments(p)
     args = p.parse_args(argv)
+    config = config_from_args(args)
+    if config is None:
+        p.error("give --kv-method (and its bits)")
 
-    model, tokenizer = load(args.model, model_config={"sliding_window": WINDOW,
-                                                      "layer_types": LAYER_TYPES})
-    text = Path(args.text).read_text()
-    prompt = mx.array(tokenizer.encode(text)[:args.prompt_tokens])
-
-    fp16 = mlx_cache.make_prompt_cache(model)
-    kinds = {type(c).__name__ for c in fp16}
+    model, tokenizer = load_model(args.model, {"sliding_window": WINDOW,
+                                               "layer_types": LAYER_TYPES})
+    ids = tokenizer.encode(Path(args.text).read_text())
+    end = args.start + args.prompt_tokens
+    prompt, text = mx.array(ids[args.start:end]), mx.array(ids[end:end + args.nll_tokens])
+    runs = {"mlx-lm": lambda: mlx_cache.make_prompt_cache(model),
+            "compressed": lambda: make_turbo_cache(model, config)}
+    fp16 = runs["mlx-lm"]()
     n_rot = sum(type(c) is mlx_cache.RotatingKVCache for c in fp16)
-    print(f"mlx-lm's caches: {n_rot} RotatingKVCache (window {WINDOW}) of {len(fp16)} "
-          f"layers ({', '.join(sorted(kinds))})")
-    ref, t_ref = continuation(model, prompt, fp16, args.tokens)
-
-    config = TurboConfig(args.method, args.bits)
-    turbo = make_turbo_cache(model, config)
-    got, t_got = continuation(model, prompt, turbo, args.tokens)
-    compressed = sum(isinstance(c, TurboKVCache) for c in turbo)
-
-    fp16_bytes = sum(c.nbytes for c in fp16)
-    turbo_bytes = sum(c.nbytes for c in turbo)
-    print(f"{config.describe()}: {compressed}/{len(turbo)} layers compressed")
-    print(f"KV bytes after {prompt.size} + {args.tokens} tokens: fp16 {fp16_bytes / 2**20:.2f}"
-          f" MiB, compressed {turbo_bytes / 2**20:.2f} MiB "
-          f"({100 * turbo_bytes / fp16_bytes:.1f}% of fp16)")
-    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
-    print(f"greedy tokens equal to fp16's for the first {same} of {len(ref)} "
-          f"(fp16 {t_ref:.1f} s, compressed {t_got:.1f} s)")
-    print("fp16      :", repr(tokenizer.decode(ref)))
-    print("compressed:", repr(tokenizer.decode(got)))
+    print(f"mlx-lm's caches: {n_rot} RotatingKVCache (window {WINDOW}) of {len(fp16)} layers")
+    print(f"{config.describe()}: {sum(isinstance(c, TurboKVCache) for c in runs['compressed']())}"
+          f"/{len(fp16)} layers compressed")
+    out = {}
+    for name, make in runs.items():
+        caches = make()
+        nll = next_token_nll(model, prompt, text, caches)
+        out[name] = {"nll": nll, "bytes": sum(c.nbytes for c in caches),
+                     "greedy": greedy(model, prompt, make(), args.tokens)}
+        print(f"{name:10s}: NLL of the next {text.size} tokens {nll:.4f} "
+              f"(perplexity {math.exp(nll):.2f}); KV held after {prompt.size + text.size} "
+              f"tokens {out[name]['bytes'] / 2**20:.2f} MiB")
+    ref, got = out["mlx-lm"], out["compressed"]
+    print(f"compressed KV: {100 * got['bytes'] / ref['bytes']:.1f}% of mlx-lm's; NLL "
+          f"{100 * (math.exp(got['nll'] - ref['nll']) - 1):+.1f}% perplexity")
+    same = next((i for i, (a, b) in enumerate(zip(ref["greedy"], got["greedy"])) if a != b),
+                len(ref["greedy"]))
+    print(f"greedy tokens equal for the first {same} of {len(ref['greedy'])}")
+    for name in runs:
+        print(f"{name:10s}:", repr(tokenizer.decode(out[name]["greedy"])))
     return 0
 
 

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import RotatingKVCache
 
 from mlx_lm_turbo import patch
 from mlx_lm_turbo.cache import TurboConfig, TurboKVCache
+from mlx_lm_turbo.kernels import check
 from mlx_lm_turbo.prompt_cache import make_prompt_cache as make_turbo_cache
 from mlx_lm_turbo.rotating_cache import TurboRotatingKVCache
 
@@ -355,26 +356,57 @@ def test_batch_with_an_fp16_window_is_fp16_with_one_warning():
     assert type(batch) is mlx_cache.BatchRotatingKVCache and batch.offset.tolist() == [6, 6]
 
 
+def wrapped_ring(batch: bool, window):
+    """(cache, keys, values, mask) of a ring that wrapped 25 decode steps after a 20-token
+    prompt: one request, or a batch of two (the second left-padded by 6)."""
+    from mlx_lm_turbo.rotating_cache import BatchTurboRotatingKVCache
+
+    if batch:
+        c = BatchTurboRotatingKVCache(WINDOW, [0, 0], "turboquant_mse", 4)
+        c.prepare(left_padding=[0, 6])
+    else:
+        c = TurboRotatingKVCache("turboquant_mse", 4, max_size=WINDOW, keep=0)
+    mx.random.seed(3)
+    for n in (20, *[1] * 25):
+        k, v = (mx.random.normal((1 + batch, 2, n, 64)).astype(mx.float16) for _ in range(2))
+        mask = c.make_mask(n, window_size=window)
+        keys, values = c.update_and_fetch(k, v)
+    assert c._idx < c.capacity == WINDOW   # wrapped: the newest token is mid-buffer
+    return c, keys, values, mask
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ (C++20) not available")
-@pytest.mark.parametrize("window", [None, WINDOW // 2])
-def test_fused_decode_kernel_reads_the_ring(window):
+@pytest.mark.parametrize("batch,window", [(False, None), (False, WINDOW // 2), (True, None)])
+def test_fused_decode_kernel_reads_the_ring(batch, window):
     """The CUDA decode kernel's text (run by the CPU emulation) over a wrapped ring, as
     update_and_fetch returns it, with the mask mlx-lm gives (rolled where the attention
-    window is shorter than the ring): the reference's result."""
+    window is shorter than the ring; a server batch's with left padding): the
+    reference's result."""
     import emulate   # (tests/)
     from mlx_lm_turbo.attention import reference_attention
     from mlx_lm_turbo.kernels import plan as planning
 
-    c = TurboRotatingKVCache("turboquant_mse", 4, max_size=WINDOW, keep=0)
-    mx.random.seed(3)
-    for n in (20, *[1] * 25):
-        k, v = (mx.random.normal((1, 2, n, 64)).astype(mx.float16) for _ in range(2))
-        mask = c.make_mask(n, window_size=window)
-        keys, values = c.update_and_fetch(k, v)
-    assert c._idx < c.capacity == WINDOW   # wrapped: the newest token is mid-buffer
-    q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    c, keys, values, mask = wrapped_ring(batch, window)
+    q = mx.random.normal((1 + batch, 4, 1, 64)).astype(mx.float16)
     p = planning.plan(q, keys, values, c, mask, None, "cuda")
     assert p is not None
     out = emulate.run_fused_emulated(q, keys, values, c, 0.125, mask, p)
+    ref = reference_attention(q, keys, values, c, 0.125, mask)
+    assert mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item() < 2e-3
+
+
+@pytest.mark.skipif(check.backend() is None, reason="no Metal or CUDA backend")
+@pytest.mark.parametrize("batch,window", [(False, None), (False, WINDOW // 2), (True, None)])
+def test_gpu_decode_kernel_reads_the_ring(batch, window):
+    """The same on the GPU: the decode kernel the patched attention launches."""
+    from mlx_lm_turbo.attention import reference_attention
+    from mlx_lm_turbo.kernels import decode
+    from mlx_lm_turbo.kernels import plan as planning
+
+    c, keys, values, mask = wrapped_ring(batch, window)
+    q = mx.random.normal((1 + batch, 4, 1, 64)).astype(mx.float16)
+    p = planning.plan(q, keys, values, c, mask, None, check.backend())
+    assert p is not None
+    out = decode.run_fused(q, keys, values, c, 0.125, mask, p, check.backend())
     ref = reference_attention(q, keys, values, c, 0.125, mask)
     assert mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max().item() < 2e-3
