@@ -895,6 +895,32 @@ def test_first_use_check_warns_once_and_falls_back(monkeypatch):
     assert len(calls) == 1
 
 
+def test_failed_matrix_unit_kernel_falls_back_to_the_scalar_one(monkeypatch):
+    """A shape whose matrix-unit kernel fails its first-use check goes to the scalar
+    kernel (checked in turn) from the next call on, not to the reference."""
+    c, keys, values = _filled_cache("mse", 2, "mse", 3)   # whole-word key quarters at D 64
+    q = mx.random.normal((1, 4, 1, 64))
+    assert planning.plan(q, keys, values, c, None, None, "cuda")["MMA"] is not None
+    monkeypatch.setattr(check, "MODE", None)
+    monkeypatch.setattr(check, "backend", lambda: "cuda")
+    monkeypatch.setattr(decode, "_checked", {})
+    plans = []
+
+    def run_fused(q, keys, values, c, scale, mask, p, be):
+        plans.append(p["MMA"])
+        if p["MMA"] is not None:
+            raise RuntimeError("nvrtc: compile failed")
+        return reference_attention(q, keys, values, c, scale, mask)
+    monkeypatch.setattr(decode, "run_fused", run_fused)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert fused_attention(q, keys, values, c, 0.125) is None
+        for _ in range(2):
+            assert fused_attention(q, keys, values, c, 0.125) is not None
+    assert len(w) == 1 and "compile failed" in str(w[0].message)
+    assert plans[0] is not None and plans[1:] == [None, None]
+
+
 def test_first_use_check_rejects_wrong_output(monkeypatch):
     c, keys, values = _filled_cache("mse", 3, "mse", 3)   # filled on the CPU path
     monkeypatch.setattr(check, "MODE", None)

@@ -219,6 +219,14 @@ def decode_attention(queries: mx.array, keys: dict, values: dict, cache, scale: 
         return None
     key = _shape_key(p, queries, cache, be)
     state = _checked.get(key)
+    if state is False and p["MMA"] is not None:
+        # The matrix-unit kernel failed its check for this shape: the scalar one
+        # (checked in turn) before the reference.
+        p = planning.plan(queries, keys, values, cache, mask, sinks, be, mma=False)
+        if p is None:
+            return None
+        key = _shape_key(p, queries, cache, be)
+        state = _checked.get(key)
     if state is False:
         if mode:
             raise RuntimeError(f"{ENV}=1 but the fused kernel failed its check for {key}")

@@ -129,8 +129,9 @@ def mma_aligned(rep: int, D: int, DV: int, kb: int, vb: int, budget: int) -> boo
 
 
 def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
-         backend_name: str) -> Optional[dict]:
-    """Static description of the launch, or None when the fused path does not apply."""
+         backend_name: str, mma: bool = True) -> Optional[dict]:
+    """Static description of the launch, or None when the fused path does not apply.
+    ``mma=False``: the scalar kernel even where the matrix-unit one applies."""
     kc, vc = cache.key_codec, cache.value_codec
     if kc is None or vc is None or sinks is not None:
         return None
@@ -172,7 +173,7 @@ def plan(queries: mx.array, keys: dict, values: dict, cache, mask, sinks,
     R = G * L
     nc = sum(1 << b for b, _, _ in ks)
     budget = SHARED_BUDGET.get(backend_name, SHARED_BUDGET["cuda"])
-    use_mma = USE_MMA and not (W or mask_mode == 2)
+    use_mma = mma and USE_MMA and not (W or mask_mode == 2)
     rep = mma_rep(kc, vc, R, D, DV, ks[0][0], vb, budget) if use_mma else None
     talign = int(rep is not None and mma_aligned(rep, D, DV, ks[0][0], vb, budget))
     if rep is not None:
