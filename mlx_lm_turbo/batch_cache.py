@@ -304,13 +304,16 @@ class BatchTurboKVCache(TurboKVCache):
                                             self.recent_values[idx:idx + 1, :, :0])
         return c
 
+    def _add_left_padding(self, left_padding) -> None:
+        if self.keys is not None:
+            raise ValueError("Left padding can only be added to an empty batch cache")
+        lp = mx.array(left_padding, dtype=mx.int32)
+        self.left_padding = self.left_padding + lp
+        self.offset = self.offset - lp
+
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
         if left_padding is not None:
-            if self.keys is not None:
-                raise ValueError("Left padding can only be added to an empty BatchTurboKVCache")
-            lp = mx.array(left_padding, dtype=mx.int32)
-            self.left_padding = self.left_padding + lp
-            self.offset = self.offset - lp
+            self._add_left_padding(left_padding)
         if right_padding is not None and max(right_padding) > 0:
             self._right_padding = mx.array(right_padding, dtype=mx.int32)
             self._prompt_start = self._idx

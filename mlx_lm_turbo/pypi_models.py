@@ -8,6 +8,8 @@ only network client used (no model hub), so a fetcher works wherever pip install
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -164,6 +166,36 @@ def install(out_dir: Path, build: Callable[[Path], None], force: bool = False) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def holds_model(folder: Path, model_type: str) -> bool:
+    """Whether ``folder`` holds a converted mlx-lm model of ``model_type`` (what a second
+    run of a fetcher reuses)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == model_type and all(
+        (folder / f).is_file() for f in ("model.safetensors", "tokenizer.json",
+                                         "tokenizer_config.json"))
+
+
+def fetch_converted(out_dir: Path, force: bool, model_type: str,
+                    build: Callable[[Path], None]) -> Path:
+    """A GGUF fetcher's common frame: the folder at ``out_dir`` if it already holds the
+    converted model (unless ``force``), else ``build(folder)`` installed there atomically.
+    Converting needs the gguf package: that is checked before anything is downloaded."""
+    out = Path(out_dir).expanduser().absolute()
+    if holds_model(out, model_type) and not force:
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ConversionError("converting this model needs the gguf package "
+                              "(pip install gguf)")
+    if is_nonempty_dir(out) and not force:
+        raise ConversionError(f"{out} is not empty and holds no converted model "
+                              "(use --force to replace it)")
+    return install(out, build, force=True)
 
 
 def run_cli(fetch: Callable[[], Path], done: str = "done") -> Path:

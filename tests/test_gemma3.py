@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import fake_converted_model
 
 from mlx_lm_turbo import gemma3
 from mlx_lm_turbo.pypi_models import gguf_tensor_name
@@ -192,16 +193,9 @@ def test_convert_synthetic_gguf(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def _fake_model(folder):
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_text("x")
-
-
 def test_second_run_reuses_the_folder(tmp_path, monkeypatch):
     out = tmp_path / "m"
-    _fake_model(out)
+    fake_converted_model(out, "gemma3_text")
 
     def no_download(*a, **k):
         raise AssertionError("downloaded again")

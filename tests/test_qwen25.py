@@ -1,22 +1,14 @@
 """``python -m mlx_lm_turbo.qwen25``: a folder already converted is reused as it is."""
 
-import json
-
 import pytest
+from conftest import fake_converted_model
 
 from mlx_lm_turbo import qwen25
 
 
-def _fake_model(folder):
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_text("x")
-
-
 def test_second_run_reuses_the_folder(tmp_path, monkeypatch):
     out = tmp_path / "m"
-    _fake_model(out)
+    fake_converted_model(out, "qwen2")
 
     def no_download(*a, **k):
         raise AssertionError("downloaded again")
