@@ -7,9 +7,10 @@ written at the ring index ``_idx`` (wrapping to ``keep`` once ``max_size`` token
 held); a multi-token update puts the ring in temporal order, drops all but the newest
 ``max_size - 1`` tokens after the first ``keep``, and appends the block, so that every
 query of the block sees ``max_size`` keys. ``make_mask`` is mlx-lm's own; ``trim`` and
-``is_trimmable`` follow it (trimmable until the ring first fills). Attention reads the ring as it lies: RoPE was applied before caching
-and softmax does not depend on the order of the keys, so the fused decode kernels and
-the reference take the ring buffer with the mask mlx-lm gives for it.
+``is_trimmable`` follow it (trimmable until the ring first fills). Attention reads the
+ring as it lies: RoPE was applied before caching and softmax does not depend on the order
+of the keys, so the fused decode kernels and the reference take the ring buffer with the
+mask mlx-lm gives for it.
 
 Key statistics (cache.py) work as in TurboKVCache while the ring holds every token so
 far: the keys of the first STATS_TOKENS tokens fix them, and queries below that read

@@ -75,7 +75,7 @@ def main(argv=None):
     prompt = mx.random.randint(0, model.args.vocab_size, (args.context,), key=mx.random.key(0))
     kinds = args.kinds.split(",")
     rows = []
-    for r in range(args.rounds + 1):   # round 0: first use (kernel JIT, checks)
+    for r in range(args.rounds + 1):   # the first pass is first use (kernel JIT, checks)
         for kind in (kinds if r % 2 == 0 else kinds[::-1]):
             row = run(model, prompt, kind, 20 if r == 0 else args.tokens)
             row["round"] = r
